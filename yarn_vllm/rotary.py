@@ -1,0 +1,88 @@
+"""Our replacement for vLLM's `YaRNScalingRotaryEmbedding`.
+
+It subclasses the in-tree layer, so every isinstance check and attribute a
+model expects still holds, and overrides the forwards to call the yarn_vllm
+rotary op. The op computes cos/sin on the fly from `inv_freq`, so the layer
+keeps O(rotary_dim) state instead of vLLM's O(max_position x rotary_dim) table;
+the table is still built, lazily and from the same maths, for any vLLM code
+path that reads `cos_sin_cache` directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+from vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope import (
+    YaRNScalingRotaryEmbedding)
+
+from yarn_vllm import yarn_math
+from yarn_vllm.config import validate_rotary_dim
+from yarn_vllm.ops import rotary_embedding_
+
+
+class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
+    """Static YaRN rotary embedding (same constructor as vLLM's YaRN layer).
+
+    `max_position_embeddings` is the original (trained) context length and
+    `scaling_factor` the YaRN factor s, as vLLM's `get_rope` passes them.
+    """
+
+    def __init__(self, head_size: int, rotary_dim: int, max_position_embeddings: int,
+                 base: float, is_neox_style: bool, scaling_factor: float, dtype: torch.dtype,
+                 *, beta_fast: float = 32, beta_slow: float = 1, mscale: float | None = None,
+                 mscale_all_dim: float | None = None, attention_factor: float | None = None,
+                 truncate: bool = True) -> None:
+        validate_rotary_dim(rotary_dim, head_size)
+        self.scaling_factor = scaling_factor
+        self.beta_fast = beta_fast
+        self.beta_slow = beta_slow
+        self.truncate = truncate
+        self.mscale = yarn_math.yarn_mscale(scaling_factor, mscale, mscale_all_dim,
+                                            attention_factor)
+        RotaryEmbedding.__init__(self, head_size, rotary_dim, max_position_embeddings, base,
+                                 is_neox_style, dtype, init_cache=False)
+        self.register_buffer("inv_freq", self._compute_inv_freq(scaling_factor),
+                             persistent=False)
+        self._tables: dict[tuple, torch.Tensor] = {}
+
+    def _compute_inv_freq(self, scaling_factor: float) -> torch.Tensor:
+        return yarn_math.yarn_inv_freq(self.rotary_dim, self.base, scaling_factor,
+                                       self.max_position_embeddings, self.beta_fast,
+                                       self.beta_slow, self.truncate)
+
+    @property
+    def attention_scale(self) -> float:
+        """The multiplier this layer puts on the attention logits (mscale**2)."""
+        return yarn_math.attention_scale(self.mscale)
+
+    @property
+    def cos_sin_cache(self) -> torch.Tensor:
+        """vLLM's [factor x original, rotary_dim] table (cos | sin, times mscale), built on demand."""
+        key = (self.inv_freq.device, self.dtype)
+        if key not in self._tables:
+            self._tables[key] = self._compute_cos_sin_cache().to(self.inv_freq.device, self.dtype)
+        return self._tables[key]
+
+    @cos_sin_cache.setter
+    def cos_sin_cache(self, table: torch.Tensor) -> None:
+        self._tables[(table.device, table.dtype)] = table
+
+    def forward_native(self, positions: torch.Tensor, query: torch.Tensor,
+                       key: torch.Tensor | None = None):
+        """positions: [T]; query: [T, H_q * head_size]; key: [T, H_k * head_size] or None.
+
+        Rotates in place and returns (query, key), like vLLM's layer.
+        """
+        rotary_embedding_(positions, query, key, self.inv_freq, self.mscale, self.head_size,
+                          self.is_neox_style)
+        return query, key
+
+    forward_cpu = forward_native
+    forward_cuda = forward_native
+    forward_hip = forward_native
+    forward_xpu = forward_native
+    forward_oot = forward_native
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", factor={self.scaling_factor}, mscale={self.mscale:.4f}"
+                ", impl=yarn_vllm")
