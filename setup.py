@@ -32,16 +32,20 @@ def _extensions():
         return [], {}
 
     cpu_arch = os.environ.get("YARN_VLLM_CPU_ARCH", "native")
-    cxx = ["-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", f"-march={cpu_arch}"]
+    # -fopenmp: ATen's parallel_for is header-inline and only forks under OpenMP.
+    # The soname matches torch's bundled libgomp, so one runtime serves both.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", f"-march={cpu_arch}"]
     sources = ["csrc/bindings.cpp", "csrc/rotary_cpu.cpp"]
     with_cuda = _want_cuda(torch, cpp_extension)
     if with_cuda:
         sources += ["csrc/rotary_cuda.cpp", "csrc/rotary_cuda_kernel.cu"]
         ext = cpp_extension.CUDAExtension(
             "yarn_vllm._C", sources,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=["-fopenmp"])
     else:
-        ext = cpp_extension.CppExtension("yarn_vllm._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("yarn_vllm._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
 
 

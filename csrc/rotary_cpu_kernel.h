@@ -36,6 +36,15 @@ inline void store(bf16* p, float v) {
   p->bits = static_cast<uint16_t>((v != v) ? 0x7fc0u : rounded);
 }
 
+}  // namespace yarn
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define YARN_CPU_AVX2 1
+#include "rotary_cpu_avx2.h"
+#endif
+
+namespace yarn {
+
 struct RotaryShape {
   int64_t num_tokens;
   int num_q_heads, num_k_heads;  // num_k_heads == 0: no key
@@ -50,8 +59,18 @@ inline void cos_sin_on_the_fly(int64_t position, const float* inv_freq, int half
   // The angle is rounded to fp32 before cos/sin, the same as an fp32 outer
   // product in the PyTorch reference, so that both agree at large positions.
   const float pos = static_cast<float>(position);
-#pragma omp simd
-  for (int j = 0; j < half; ++j) {
+  int j = 0;
+#ifdef YARN_CPU_AVX2
+  const __m128 ms = _mm_set1_ps(mscale);
+  for (; j + 4 <= half; j += 4) {
+    const __m128 angle = _mm_mul_ps(_mm_set1_ps(pos), _mm_loadu_ps(inv_freq + j));
+    __m128 s, c;
+    avx2::sincos4(_mm256_cvtps_pd(angle), &s, &c);
+    _mm_storeu_ps(cos_out + j, _mm_mul_ps(c, ms));
+    _mm_storeu_ps(sin_out + j, _mm_mul_ps(s, ms));
+  }
+#endif
+  for (; j < half; ++j) {
     const float angle = pos * inv_freq[j];
     cos_out[j] = std::cos(angle) * mscale;
     sin_out[j] = std::sin(angle) * mscale;
@@ -69,10 +88,19 @@ inline void cos_sin_from_table(int64_t position, const float* table, int half, f
 }
 
 template <typename T>
-inline void rotate_head_neox(T* x, const float* c, const float* s, int half) {
+inline void rotate_head_neox(T* __restrict__ x, const float* __restrict__ c,
+                             const float* __restrict__ s, int half) {
   T* x2p = x + half;
-#pragma omp simd
-  for (int j = 0; j < half; ++j) {
+  int j = 0;
+#ifdef YARN_CPU_AVX2
+  for (; j + 8 <= half; j += 8) {
+    const __m256 x1 = avx2::load8(x + j), x2 = avx2::load8(x2p + j);
+    const __m256 cj = _mm256_load_ps(c + j), sj = _mm256_load_ps(s + j);
+    avx2::store8(x + j, _mm256_fmsub_ps(x1, cj, _mm256_mul_ps(x2, sj)));
+    avx2::store8(x2p + j, _mm256_fmadd_ps(x2, cj, _mm256_mul_ps(x1, sj)));
+  }
+#endif
+  for (; j < half; ++j) {
     const float x1 = load(x[j]), x2 = load(x2p[j]);
     store(x + j, x1 * c[j] - x2 * s[j]);
     store(x2p + j, x2 * c[j] + x1 * s[j]);

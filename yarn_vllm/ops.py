@@ -8,6 +8,7 @@ without a compiler. The fake (meta) twin lets torch.compile trace the op.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -22,13 +23,19 @@ except ImportError as e:  # pragma: no cover - exercised by YARN_VLLM_SKIP_EXT b
     logger.info("yarn_vllm._C is not built (%s); using the PyTorch rotary path", e)
 
 
-def extension_supports(device: torch.device) -> bool:
-    """True if the compiled rotary op has a kernel for `device`."""
-    if not HAS_EXTENSION:
-        return False
-    key = "CPU" if device.type == "cpu" else "CUDA" if device.type == "cuda" else None
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+@functools.lru_cache(maxsize=None)
+def _supports(device_type: str) -> bool:
+    key = _DISPATCH_KEYS.get(device_type)
+    return HAS_EXTENSION and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "yarn_vllm::rotary_embedding", key)
+
+
+def extension_supports(device: torch.device) -> bool:
+    """True if the compiled rotary op has a kernel for `device` (cached: it sits on the hot path)."""
+    return _supports(device.type)
 
 
 if HAS_EXTENSION:
@@ -90,8 +97,9 @@ def rotary_embedding_(positions: torch.Tensor, query: torch.Tensor, key: torch.T
     instead of computing cos/sin on the fly.
     """
     if extension_supports(query.device):
-        torch.ops.yarn_vllm.rotary_embedding(
-            positions.flatten().to(torch.int64), query, key, inv_freq, cos_sin_table,
-            float(mscale), head_size, is_neox)
+        if positions.dim() != 1 or positions.dtype != torch.int64:
+            positions = positions.flatten().to(torch.int64)
+        torch.ops.yarn_vllm.rotary_embedding(positions, query, key, inv_freq, cos_sin_table,
+                                             float(mscale), head_size, is_neox)
     else:
         rotary_embedding_torch_(positions, query, key, inv_freq, mscale, head_size, is_neox)
