@@ -112,10 +112,13 @@ class YarnConfig:
         if rope_type != "yarn":
             raise YarnConfigError("rope_type", f"is {rope_type!r} in the model config",
                                   "yarn-vllm serves rope_type 'yarn' (or plain RoPE to extend)")
-        original = params.get("original_max_position_embeddings") or getattr(
-            hf_config, "max_position_embeddings", None)
+        max_position = _get(hf_config, "max_position_embeddings")
+        original = params.get("original_max_position_embeddings") or max_position
+        factor = params.get("factor")
+        if factor is None and max_position and original:
+            factor = max_position / original  # HF's rule when a YaRN config omits the factor
         return cls(
-            factor=params.get("factor"),
+            factor=factor,
             original_max_position=original,
             beta_fast=params.get("beta_fast") or 32.0,
             beta_slow=params.get("beta_slow") or 1.0,
@@ -140,7 +143,7 @@ class YarnConfig:
         original = self.original_max_position
         if original is None and rope_type == "yarn":
             original = params.get("original_max_position_embeddings")
-        original = original or getattr(hf_config, "max_position_embeddings", None)
+        original = original or _get(hf_config, "max_position_embeddings")
         if not original:
             raise YarnConfigError("original_max_position", "is unknown for this model",
                                   "pass --original-max-position (the trained context length)")

@@ -23,10 +23,14 @@ import math
 import torch
 
 
+def _wavelength_over_2pi(rotary_dim: int, rope_theta: float, device=None) -> torch.Tensor:
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim
+    return rope_theta ** exponents
+
+
 def rope_inv_freq(rotary_dim: int, rope_theta: float, device=None) -> torch.Tensor:
     """RoPE's theta_j = b^(-2j/d) (paper Eq. 3-4). Shape [rotary_dim // 2], fp32."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim
-    return 1.0 / (rope_theta ** exponents)
+    return 1.0 / _wavelength_over_2pi(rotary_dim, rope_theta, device)
 
 
 def correction_dim(num_rotations: float, rotary_dim: int, rope_theta: float,
@@ -77,10 +81,12 @@ def yarn_inv_freq(rotary_dim: int, rope_theta: float, factor: float, original_ma
     theta_j / s, weighted by gamma(r_j): gamma = 1 keeps theta_j (high
     frequencies, many rotations), gamma = 0 gives theta_j / s.
     """
-    extrapolated = rope_inv_freq(rotary_dim, rope_theta, device)
-    if factor == 1.0:
-        return extrapolated
-    interpolated = extrapolated / factor
+    base = _wavelength_over_2pi(rotary_dim, rope_theta, device)
+    extrapolated = 1.0 / base
+    # No shortcut at s = 1: the blend below rounds like HF's and vLLM's, bit for bit.
+    # 1 / (s b^(2j/d)) rather than theta_j / s: the same rounding as HF and vLLM,
+    # which matters at large positions where one ulp of theta_j moves the angle.
+    interpolated = 1.0 / (factor * base)
     low, high = correction_range(beta_fast, beta_slow, rotary_dim, rope_theta,
                                  original_max_position, truncate)
     # gamma(r_j) of Eq. 18, written as 1 - ramp over the index j: r_j falls as j rises.

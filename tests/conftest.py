@@ -1,0 +1,65 @@
+"""Shared fixtures. Engines are expensive (~30 s to start), so they are session-scoped."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# Tolerances, stated once per dtype: max abs error against the fp32 reference
+# for unit-scale inputs (bf16 keeps 8 mantissa bits, fp16 11).
+ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A random 2-layer Llama trained-length 1024 (see yarn_vllm.tiny_model)."""
+    from yarn_vllm.tiny_model import make_tiny_llama
+
+    return make_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+def run_engine(spec: dict, tmp_dir, *, plugins: bool, name: str) -> dict:
+    """Run tests/engine_runner.py in a fresh process; VLLM_PLUGINS="" turns our plugin off."""
+    spec_path, out_path = tmp_dir / f"{name}.spec.json", tmp_dir / f"{name}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1",
+               VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    if plugins:
+        env.pop("VLLM_PLUGINS", None)
+    else:
+        env["VLLM_PLUGINS"] = ""
+    proc = subprocess.run([sys.executable, os.path.join(TESTS_DIR, "engine_runner.py"),
+                           str(spec_path), str(out_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"engine run {name} failed:\n{proc.stderr[-4000:]}"
+    return json.loads(out_path.read_text())
+
+
+@contextlib.contextmanager
+def native_vllm_ops():
+    """Instantiate vLLM's own in-tree layers even while our plugin is registered."""
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    saved = dict(op_registry_oot)
+    op_registry_oot.clear()
+    try:
+        yield
+    finally:
+        op_registry_oot.update(saved)
+
+
+@pytest.fixture(scope="session")
+def vllm_config_ctx():
+    """A default VllmConfig made current, which vLLM's CustomOp layers need to be built."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    with set_current_vllm_config(VllmConfig()):
+        yield

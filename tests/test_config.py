@@ -1,0 +1,89 @@
+"""YarnConfig: construction, hf_overrides for vLLM 0.32, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from yarn_vllm.config import YarnConfig, YarnConfigError
+
+LLAMA = {"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9, "head_dim": 64,
+         "max_position_embeddings": 8192, "rope_theta": 100000.0}
+
+
+def test_hf_overrides_scale_max_position():
+    o = YarnConfig(factor=4.0).hf_overrides(LLAMA)
+    assert o["max_position_embeddings"] == 32768
+    assert o["rope_parameters"] == {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192,
+        "rope_theta": 100000.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
+        "yarn_mode": "static"}
+
+
+def test_target_context_derives_factor():
+    cfg = YarnConfig(target_context=16384).resolve(LLAMA)
+    assert cfg.factor == 2.0 and cfg.original_max_position == 8192
+
+
+def test_overrides_load_in_vllm_model_config(tiny_llama):
+    """vLLM accepts the overrides and then allows max_model_len = factor x original."""
+    from vllm.config import ModelConfig
+
+    import json, os
+    hf = json.load(open(os.path.join(tiny_llama, "config.json")))
+    overrides = YarnConfig(factor=4.0).hf_overrides(hf)
+    mc = ModelConfig(model=tiny_llama, hf_overrides=overrides, max_model_len=4096,
+                     skip_tokenizer_init=True)
+    assert mc.max_model_len == 4096
+    assert mc.hf_config.rope_parameters["rope_type"] == "yarn"
+    with pytest.raises(Exception, match="max_model_len|max_position"):
+        ModelConfig(model=tiny_llama, max_model_len=4096, skip_tokenizer_init=True)
+
+
+def test_from_yaml(tmp_path):
+    p = tmp_path / "yarn.yaml"
+    p.write_text("yarn:\n  factor: 2.0\n  mode: dynamic\n  beta_fast: 16\n")
+    cfg = YarnConfig.from_yaml(str(p))
+    assert (cfg.factor, cfg.mode, cfg.beta_fast) == (2.0, "dynamic", 16)
+
+
+def test_from_hf_config_reads_legacy_rope_scaling():
+    hf = dict(LLAMA, rope_scaling={"type": "yarn", "factor": 4.0,
+                                   "original_max_position_embeddings": 32768})
+    cfg = YarnConfig.from_hf_config(hf)
+    assert (cfg.factor, cfg.original_max_position, cfg.mode) == (4.0, 32768, "static")
+    assert YarnConfig.from_hf_config(LLAMA) is None
+
+
+def test_from_hf_config_reads_yarn_mode():
+    hf = dict(LLAMA, rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4,
+                                      "original_max_position_embeddings": 4096,
+                                      "yarn_mode": "dynamic"})
+    assert YarnConfig.from_hf_config(hf).mode == "dynamic"
+
+
+@pytest.mark.parametrize("make,field,fix", [
+    (lambda: YarnConfig(factor=0.0), "factor", "> 0"),
+    (lambda: YarnConfig(factor=-2.0), "factor", "> 0"),
+    (lambda: YarnConfig(target_context=4096).resolve(LLAMA), "target_context", "at least 8192"),
+    (lambda: YarnConfig(factor=2.0).resolve({"hidden_size": 64, "num_attention_heads": 2,
+                                             "max_position_embeddings": 512}),
+     "rope_theta", "RoPE models"),
+    (lambda: YarnConfig(factor=2.0).resolve(dict(LLAMA, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4})), "rope_type", "'default' or 'yarn'"),
+    (lambda: YarnConfig.from_hf_config(dict(LLAMA, rope_scaling={"type": "dynamic",
+                                                                 "factor": 2.0})),
+     "rope_type", "serves rope_type 'yarn'"),
+    (lambda: YarnConfig(factor=2.0).resolve(dict(LLAMA, head_dim=64, partial_rotary_factor=33 / 64)),
+     "rotary_dim", "even rotary_dim"),
+    (lambda: YarnConfig(factor=2.0).resolve(dict(LLAMA, partial_rotary_factor=1.5)),
+     "rotary_dim", "rotary_dim <= head_size"),
+    (lambda: YarnConfig(factor=2.0, mode="sometimes"), "mode", "static, dynamic"),
+    (lambda: YarnConfig(factor=2.0, beta_fast=1, beta_slow=32), "beta_fast", "beta_fast > beta_slow"),
+    (lambda: YarnConfig.from_dict({"factr": 2.0}), "factr", "use only"),
+    (lambda: YarnConfig().resolve(LLAMA), "factor", "--factor"),
+])
+def test_bad_input_names_field_and_fix(make, field, fix):
+    with pytest.raises(YarnConfigError) as e:
+        make()
+    assert e.value.field == field
+    assert f"`{field}`" in str(e.value) and "Fix:" in str(e.value) and fix in str(e.value)

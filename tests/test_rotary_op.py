@@ -1,0 +1,166 @@
+"""The rotary op (CPU kernel, PyTorch path, CUDA kernel) against the fp32 reference."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from yarn_vllm import ops, yarn_math
+from conftest import ATOL
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOKENS = [1, 7, 989, 4099]
+# (head_size, rotary_dim): full, partial, and odd head counts below
+SHAPES = [(64, 64), (128, 128), (128, 64), (80, 32)]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_case(tokens, head_size, rotary_dim, dtype, device="cpu", heads_q=9, heads_k=3,
+              factor=4.0, original=2048):
+    gen = torch.Generator().manual_seed(tokens * 31 + head_size)
+    inv = yarn_math.yarn_inv_freq(rotary_dim, 1e4, factor, original).to(device)
+    # positions past factor x original too: the on-the-fly op has no table to overrun
+    pos = torch.randint(0, int(factor * original) + 4096, (tokens,), generator=gen).to(device)
+    q = torch.randn(tokens, heads_q * head_size, generator=gen).to(device, dtype)
+    k = torch.randn(tokens, heads_k * head_size, generator=gen).to(device, dtype)
+    return pos, q, k, inv, yarn_math.yarn_mscale(factor)
+
+
+def expected(x, pos, inv, mscale, head_size, is_neox):
+    return ops.rotary_reference(x.view(x.shape[0], -1, head_size), pos, inv, mscale, is_neox)
+
+
+def check(impl, tokens, head_size, rotary_dim, dtype, is_neox, device="cpu"):
+    pos, q, k, inv, mscale = make_case(tokens, head_size, rotary_dim, dtype, device)
+    ref_q = expected(q, pos, inv, mscale, head_size, is_neox)
+    ref_k = expected(k, pos, inv, mscale, head_size, is_neox)
+    impl(pos, q, k, inv, mscale, head_size, is_neox)
+    tol = ATOL[dtype] * mscale * 4  # inputs are N(0,1): |x| reaches ~4
+    torch.testing.assert_close(q.view_as(ref_q).float(), ref_q, atol=tol, rtol=0)
+    torch.testing.assert_close(k.view_as(ref_k).float(), ref_k, atol=tol, rtol=0)
+
+
+needs_ext = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="yarn_vllm._C not built")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("head_size,rotary_dim", SHAPES)
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_cpu_kernel_matches_reference(dtype, tokens, head_size, rotary_dim, is_neox):
+    def op(pos, q, k, inv, mscale, head_size, is_neox):
+        torch.ops.yarn_vllm.rotary_embedding(pos, q, k, inv, None, mscale, head_size, is_neox)
+    check(op, tokens, head_size, rotary_dim, dtype, is_neox)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 989])
+@pytest.mark.parametrize("head_size,rotary_dim", SHAPES)
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_torch_path_matches_reference(dtype, tokens, head_size, rotary_dim, is_neox):
+    check(ops.rotary_embedding_torch_, tokens, head_size, rotary_dim, dtype, is_neox)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_table_variant_matches_on_the_fly(dtype):
+    pos, q, k, inv, mscale = make_case(989, 128, 128, dtype)
+    table = torch.outer(torch.arange(int(pos.max()) + 1, dtype=torch.float32), inv)
+    table = torch.cat((table.cos(), table.sin()), -1)
+    q2, k2 = q.clone(), k.clone()
+    ops.rotary_embedding_(pos, q, k, inv, mscale, 128, True)
+    ops.rotary_embedding_(pos, q2, k2, inv, mscale, 128, True, cos_sin_table=table)
+    torch.testing.assert_close(q2.float(), q.float(), atol=ATOL[dtype] * 4, rtol=0)
+    torch.testing.assert_close(k2.float(), k.float(), atol=ATOL[dtype] * 4, rtol=0)
+
+
+@needs_ext
+def test_strided_views_from_fused_qkv():
+    """vLLM hands q and k as column slices of one [T, (Hq + 2 Hk) D] tensor."""
+    pos, q, k, inv, mscale = make_case(99, 64, 64, torch.bfloat16)
+    v = torch.randn(99, k.shape[1]).bfloat16()
+    qkv = torch.cat((q, k, v), dim=1)
+    qs, ks, vs = qkv.split([q.shape[1], k.shape[1], v.shape[1]], dim=1)
+    assert not qs.is_contiguous()
+    ops.rotary_embedding_(pos, qs, ks, inv, mscale, 64, True)
+    ops.rotary_embedding_(pos, q, k, inv, mscale, 64, True)
+    assert torch.equal(qs, q) and torch.equal(ks, k) and torch.equal(vs, v)
+
+
+@needs_ext
+def test_three_dim_and_no_key():
+    pos, q, _, inv, mscale = make_case(19, 64, 64, torch.float32)
+    q3 = q.view(19, 9, 64).clone()
+    ops.rotary_embedding_(pos, q3, None, inv, mscale, 64, False)
+    torch.testing.assert_close(q3, expected(q, pos, inv, mscale, 64, False), atol=1e-5, rtol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("bad,match", [
+    (lambda p, q, k, i: (p.int(), q, k, i), "positions: expected int64"),
+    (lambda p, q, k, i: (p, q, k, i.double()), "inv_freq"),
+    (lambda p, q, k, i: (p, q[:, :-1], k, i), "not a multiple of head_size"),
+    (lambda p, q, k, i: (p, q, k.half(), i), "key: dtype"),
+    (lambda p, q, k, i: (p[:-1], q, k, i), "positions"),
+])
+def test_kernel_rejects_bad_arguments(bad, match):
+    pos, q, k, inv, _ = make_case(8, 64, 64, torch.bfloat16)
+    p, q, k, i = bad(pos, q, k, inv)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.yarn_vllm.rotary_embedding(p, q, k, i, None, 1.0, 64, True)
+
+
+@needs_ext
+def test_opcheck_schema_and_fake():
+    """The schema's aliasing and the fake (meta) twin agree with the kernel (torch.compile)."""
+    pos, q, k, inv, mscale = make_case(7, 64, 64, torch.bfloat16)
+    torch.library.opcheck(torch.ops.yarn_vllm.rotary_embedding.default,
+                          (pos, q, k, inv, None, mscale, 64, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_pure_python_path_when_extension_is_absent(tmp_path):
+    """With yarn_vllm._C unimportable the package still imports and rotates correctly."""
+    code = (
+        "import sys; sys.modules['yarn_vllm._C'] = None\n"
+        "import torch\n"
+        "from yarn_vllm import ops, yarn_math\n"
+        "assert not ops.HAS_EXTENSION and not ops.extension_supports(torch.device('cpu'))\n"
+        "inv = yarn_math.yarn_inv_freq(64, 1e4, 4.0, 1024)\n"
+        "pos = torch.arange(5000, 5010); q = torch.randn(10, 128)\n"
+        "ref = ops.rotary_reference(q.view(10, 2, 64), pos, inv, 1.2)\n"
+        "ops.rotary_embedding_(pos, q, None, inv, 1.2, 64, True)\n"
+        "torch.testing.assert_close(q.view(10, 2, 64), ref)\n"
+        "print('pure-python ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "pure-python ok" in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_cuda_kernel_compiles_without_torch_headers(tmp_path):
+    """The .cu file includes no torch header, so nvcc alone compiles it, GPU or not."""
+    src = os.path.join(REPO, "csrc", "rotary_cuda_kernel.cu")
+    includes = [line for line in open(src) if line.startswith("#include")]
+    assert includes and not any(h in line for line in includes for h in ("torch", "ATen", "c10"))
+    out = subprocess.run(["nvcc", "-std=c++17", "-c", src, "-o", str(tmp_path / "k.o")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "k.o").stat().st_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not ops.extension_supports(
+    torch.device("cuda")), reason="needs a GPU and the CUDA build of yarn_vllm._C")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("head_size,rotary_dim", SHAPES)
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_cuda_kernel_matches_reference(dtype, tokens, head_size, rotary_dim, is_neox):
+    check(ops.rotary_embedding_, tokens, head_size, rotary_dim, dtype, is_neox, device="cuda")
