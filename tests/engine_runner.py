@@ -12,6 +12,7 @@ OUT:  {"rotary_classes", "outputs": [{"token_ids", "logprobs", "prompt_logprobs"
 
 import json
 import sys
+import time
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -28,13 +29,13 @@ def main(spec_path: str, out_path: str) -> None:
                             prompt_logprobs=spec.get("prompt_logprobs"), ignore_eos=True,
                             detokenize=False)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
+    t0 = time.perf_counter()
     results = llm.generate(prompts, params, use_tqdm=False)
+    print(f"generate took {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    def rotary_classes(model):
-        return sorted({type(m).__module__ + "." + type(m).__qualname__
-                       for m in model.modules() if "Rotary" in type(m).__name__})
+    from yarn_vllm.introspect import rotary_layer_classes
 
-    out = {"rotary_classes": llm.apply_model(rotary_classes)[0], "outputs": []}
+    out = {"rotary_classes": llm.apply_model(rotary_layer_classes)[0], "outputs": []}
     for r in results:
         c = r.outputs[0]
         out["outputs"].append({

@@ -1,0 +1,92 @@
+"""The plugin: entry point, idempotent registration, and vLLM's factory handing out our layer."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+import yarn_vllm
+from yarn_vllm.rotary import YarnRotaryEmbedding
+from conftest import ATOL, native_vllm_ops
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
+        "rope_theta": 1e4}
+
+
+def test_entry_point_is_declared():
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("yarn_vllm") == "yarn_vllm:register"
+
+
+def test_loading_plugins_twice_is_harmless():
+    import vllm.plugins as plugins
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    for _ in range(2):
+        plugins.plugins_loaded = False  # vLLM loads once per process; force a second load
+        plugins.load_general_plugins()
+        yarn_vllm.register()
+    assert op_registry_oot["YaRNScalingRotaryEmbedding"] is YarnRotaryEmbedding
+
+
+@pytest.mark.parametrize("head_size,rotary_dim", [(64, 64), (128, 64)])
+def test_get_rope_returns_ours_and_matches_vllm(head_size, rotary_dim, vllm_config_ctx):
+    from vllm.model_executor.layers.rotary_embedding import _ROPE_DICT, get_rope
+    from vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope import (
+        YaRNScalingRotaryEmbedding)
+
+    yarn_vllm.register()
+    params = dict(YARN, partial_rotary_factor=rotary_dim / head_size)
+    _ROPE_DICT.clear()
+    ours = get_rope(head_size, 8192, True, params, torch.float32)
+    assert type(ours) is YarnRotaryEmbedding
+    assert isinstance(ours, YaRNScalingRotaryEmbedding)
+    with native_vllm_ops():
+        _ROPE_DICT.clear()
+        native = get_rope(head_size, 8192, True, params, torch.float32)
+    _ROPE_DICT.clear()
+    assert type(native) is YaRNScalingRotaryEmbedding
+
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 8192, (333,), generator=gen)
+    q = torch.randn(333, 9 * head_size, generator=gen)
+    k = torch.randn(333, 3 * head_size, generator=gen)
+    q1, k1 = ours(pos, q.clone(), k.clone())
+    q2, k2 = native.forward_native(pos, q.clone(), k.clone())
+    torch.testing.assert_close(q1, q2, atol=ATOL[torch.float32] * 4, rtol=0)
+    torch.testing.assert_close(k1, k2, atol=ATOL[torch.float32] * 4, rtol=0)
+    # vLLM code that reads the table directly gets vLLM's own values
+    torch.testing.assert_close(ours.cos_sin_cache, native.cos_sin_cache, atol=1e-6, rtol=0)
+
+
+def test_bf16_layer_matches_vllm_within_bf16_tolerance(vllm_config_ctx):
+    """In bf16 vLLM rounds its cos/sin table to bf16; we keep fp32 trig. Both sit within
+    bf16 tolerance of the fp32 reference, ours closer."""
+    from vllm.model_executor.layers.rotary_embedding import _ROPE_DICT, get_rope
+    from yarn_vllm.ops import rotary_reference
+
+    yarn_vllm.register()
+    _ROPE_DICT.clear()
+    ours = get_rope(64, 8192, True, YARN, torch.bfloat16)
+    with native_vllm_ops():
+        _ROPE_DICT.clear()
+        native = get_rope(64, 8192, True, YARN, torch.bfloat16)
+    _ROPE_DICT.clear()
+    pos = torch.arange(8192 - 257, 8192)
+    q = torch.randn(257, 4 * 64).bfloat16()
+    ref = rotary_reference(q.view(257, 4, 64), pos, ours.inv_freq, ours.mscale).view(257, -1)
+    q_ours, _ = ours(pos, q.clone(), None)
+    q_native, _ = native.forward_cpu(pos, q.clone(), None)
+    err_ours = (q_ours.float() - ref).abs().max().item()
+    err_native = (q_native.float() - ref).abs().max().item()
+    assert err_ours <= ATOL[torch.bfloat16] * 4 and err_native <= ATOL[torch.bfloat16] * 4
+    assert err_ours <= err_native
+
+
+def test_bad_rotary_dim_is_refused_with_a_clear_error(vllm_config_ctx):
+    from yarn_vllm.config import YarnConfigError
+
+    with pytest.raises(YarnConfigError, match="rotary_dim"):
+        YarnRotaryEmbedding(64, 33, 2048, 1e4, True, 4.0, torch.float32)
