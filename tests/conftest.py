@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # Tolerances, stated once per dtype: max abs error against the fp32 reference
 # for unit-scale inputs (bf16 keeps 8 mantissa bits, fp16 11).
@@ -24,23 +20,6 @@ def tiny_llama(tmp_path_factory):
     from yarn_vllm.tiny_model import make_tiny_llama
 
     return make_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")))
-
-
-def run_engine(spec: dict, tmp_dir, *, plugins: bool, name: str) -> dict:
-    """Run tests/engine_runner.py in a fresh process; VLLM_PLUGINS="" turns our plugin off."""
-    spec_path, out_path = tmp_dir / f"{name}.spec.json", tmp_dir / f"{name}.out.json"
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1",
-               VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
-    if plugins:
-        env.pop("VLLM_PLUGINS", None)
-    else:
-        env["VLLM_PLUGINS"] = ""
-    proc = subprocess.run([sys.executable, os.path.join(TESTS_DIR, "engine_runner.py"),
-                           str(spec_path), str(out_path)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"engine run {name} failed:\n{proc.stderr[-4000:]}"
-    return json.loads(out_path.read_text())
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from yarn_vllm.config import YarnConfig
-from conftest import run_engine
+from yarn_vllm.engine_worker import run_engine
 
 PROMPT_LEN, NEW_TOKENS = 3000, 64
 
@@ -24,17 +24,18 @@ def yarn_case(tiny_llama):
     overrides = YarnConfig(factor=4.0).hf_overrides(hf)
     prompt = torch.randint(2, hf["vocab_size"], (PROMPT_LEN,),
                            generator=torch.Generator().manual_seed(7)).tolist()
-    spec = {"model": tiny_llama, "dtype": "float32", "hf_overrides": overrides,
-            "max_model_len": overrides["max_position_embeddings"], "prompts": [prompt],
-            "max_tokens": NEW_TOKENS, "logprobs": 5, "prompt_logprobs": 1}
-    return spec
+    return {"model": tiny_llama, "prompts": [prompt],
+            "llm_kwargs": {"dtype": "float32", "hf_overrides": overrides,
+                           "max_model_len": overrides["max_position_embeddings"],
+                           "skip_tokenizer_init": True, "enforce_eager": True},
+            "sampling": {"max_tokens": NEW_TOKENS, "logprobs": 5, "prompt_logprobs": 1,
+                         "detokenize": False}}
 
 
 @pytest.fixture(scope="session")
-def engine_outputs(yarn_case, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    return {"on": run_engine(yarn_case, tmp, plugins=True, name="plugin_on"),
-            "off": run_engine(yarn_case, tmp, plugins=False, name="plugin_off")}
+def engine_outputs(yarn_case):
+    return {"on": run_engine(yarn_case, plugins=True, timeout=600),
+            "off": run_engine(yarn_case, plugins=False, timeout=600)}
 
 
 def test_engine_uses_our_layer_only_with_plugin(engine_outputs):
@@ -61,7 +62,7 @@ def test_vllm_with_plugin_matches_hf_transformers(yarn_case, engine_outputs):
     from transformers import AutoConfig, LlamaForCausalLM
 
     config = AutoConfig.from_pretrained(yarn_case["model"])
-    for key, value in yarn_case["hf_overrides"].items():
+    for key, value in yarn_case["llm_kwargs"]["hf_overrides"].items():
         setattr(config, key, value)
     model = LlamaForCausalLM.from_pretrained(yarn_case["model"], config=config,
                                              dtype=torch.float32).eval()

@@ -164,3 +164,24 @@ def test_cuda_kernel_compiles_without_torch_headers(tmp_path):
 @pytest.mark.parametrize("is_neox", [True, False])
 def test_cuda_kernel_matches_reference(dtype, tokens, head_size, rotary_dim, is_neox):
     check(ops.rotary_embedding_, tokens, head_size, rotary_dim, dtype, is_neox, device="cuda")
+
+
+@pytest.mark.parametrize("use_extension", [True, False])
+def test_torch_compile_fullgraph(use_extension, monkeypatch):
+    """vLLM compiles the model with Dynamo by default: the op must trace in one graph."""
+    if use_extension and not ops.HAS_EXTENSION:
+        pytest.skip("yarn_vllm._C not built")
+    monkeypatch.setitem(ops._SUPPORTED_DEVICE_TYPES, "cpu", use_extension and ops.HAS_EXTENSION)
+    pos, q, k, inv, mscale = make_case(37, 64, 64, torch.float32)
+
+    def layer(pos, q, k):
+        ops.rotary_embedding_(pos, q, k, inv, mscale, 64, True)
+        return q, k
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    q_c, k_c = compiled(pos, q.clone(), k.clone())
+    torch.testing.assert_close(q_c.view(37, -1, 64), expected(q, pos, inv, mscale, 64, True),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(k_c.view(37, -1, 64), expected(k, pos, inv, mscale, 64, True),
+                               atol=1e-5, rtol=0)

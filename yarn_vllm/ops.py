@@ -8,7 +8,6 @@ without a compiler. The fake (meta) twin lets torch.compile trace the op.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -23,19 +22,19 @@ except ImportError as e:  # pragma: no cover - exercised by YARN_VLLM_SKIP_EXT b
     logger.info("yarn_vllm._C is not built (%s); using the PyTorch rotary path", e)
 
 
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+def _has_kernel(dispatch_key: str) -> bool:
+    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "yarn_vllm::rotary_embedding", dispatch_key)
 
 
-@functools.lru_cache(maxsize=None)
-def _supports(device_type: str) -> bool:
-    key = _DISPATCH_KEYS.get(device_type)
-    return HAS_EXTENSION and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "yarn_vllm::rotary_embedding", key)
+# Decided once at import, as a plain dict: the lookup sits on the hot path and
+# inside torch.compile'd graphs, where a torch._C query cannot be traced.
+_SUPPORTED_DEVICE_TYPES = {"cpu": _has_kernel("CPU"), "cuda": _has_kernel("CUDA")}
 
 
 def extension_supports(device: torch.device) -> bool:
-    """True if the compiled rotary op has a kernel for `device` (cached: it sits on the hot path)."""
-    return _supports(device.type)
+    """True if the compiled rotary op has a kernel for `device`."""
+    return _SUPPORTED_DEVICE_TYPES.get(device.type, False)
 
 
 if HAS_EXTENSION:

@@ -16,8 +16,21 @@ from vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope import (
     YaRNScalingRotaryEmbedding)
 
 from yarn_vllm import yarn_math
-from yarn_vllm.config import validate_rotary_dim
+from yarn_vllm.config import YarnConfigError, validate_rotary_dim
 from yarn_vllm.ops import rotary_embedding_
+
+
+def _refuse_dynamic_mode() -> None:
+    """Dynamic YaRN needs the pre-RoPE attention backend; never serve it silently as static."""
+    from vllm.config import get_current_vllm_config
+
+    model_config = get_current_vllm_config().model_config
+    hf_config = getattr(model_config, "hf_config", None)
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if params.get("yarn_mode", "static") != "static":
+        raise YarnConfigError("yarn_mode", f"is {params['yarn_mode']!r}, which this version of "
+                              "yarn-vllm does not serve yet (it needs the pre-RoPE attention "
+                              "backend)", "set yarn_mode to 'static' or drop the key")
 
 
 class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
@@ -33,6 +46,7 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
                  mscale_all_dim: float | None = None, attention_factor: float | None = None,
                  truncate: bool = True) -> None:
         validate_rotary_dim(rotary_dim, head_size)
+        _refuse_dynamic_mode()
         self.scaling_factor = scaling_factor
         self.beta_fast = beta_fast
         self.beta_slow = beta_slow

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One GPU check, at most ~8 minutes, on a machine with torch, triton and nvcc
+# but no vLLM: build the CUDA extension, run the gpu-marked tests, and time
+# the CUDA rotary op. Prints everything; results land in $OUT (or ./bench_results).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench_results}"
+mkdir -p "$OUT"
+nvidia-smi -L || true
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+echo "== build the CUDA extension (in place)"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+time YARN_VLLM_FORCE_CUDA=1 python setup.py build_ext --inplace 2>&1 | tail -5
+python -c "import torch, yarn_vllm.ops as o; print('extension', o.HAS_EXTENSION, 'cuda kernel', o.extension_supports(torch.device('cuda')))"
+
+echo "== gpu tests (CUDA op against the fp32 reference)"
+timeout 240 python -m pytest -q -m gpu -p no:cacheprovider tests/test_rotary_op.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+
+echo "== rope benchmark on CUDA"
+timeout 180 python benchmarks/bench_rope.py --device cuda --out "$OUT/rope_cuda.json" 2>&1 | tee "$OUT/rope_cuda.txt"

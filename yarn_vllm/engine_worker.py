@@ -1,0 +1,88 @@
+"""Run one vLLM engine in a fresh process and return what it produced.
+
+Evaluations compare methods that need different engine settings, and tests
+compare the plugin on and off; each engine therefore gets its own process
+(its own environment and plugin registry), started by `run_engine`.
+
+Spec (JSON): {"model", "llm_kwargs": {...}, "prompts": [[token ids]],
+              "sampling": {"max_tokens", "logprobs", "prompt_logprobs", ...}}
+Result: {"rotary_classes", "generate_seconds",
+         "outputs": [{"token_ids", "text", "logprobs", "prompt_logprobs"}]}
+where logprobs are lists (per step) of {token_id: logprob}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+# Engine defaults for this package's CPU runs: a fixed KV budget rather than a
+# fraction of node memory (which fails on small machines).
+_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "4", "TOKENIZERS_PARALLELISM": "false",
+                 # lets LLM.apply_model ship yarn_vllm.introspect functions to the worker
+                 "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+
+
+def run_engine(spec: dict, *, plugins: bool = True, timeout: float = 3600,
+               env: dict | None = None) -> dict:
+    """Run `spec` in a fresh process; plugins=False sets VLLM_PLUGINS="" (vLLM's own layers)."""
+    child_env = dict(os.environ)
+    for key, value in _ENV_DEFAULTS.items():
+        child_env.setdefault(key, value)
+    child_env.update(env or {})
+    if plugins:
+        child_env.pop("VLLM_PLUGINS", None)
+    else:
+        child_env["VLLM_PLUGINS"] = ""
+    with tempfile.TemporaryDirectory(prefix="yarn_vllm_engine_") as tmp:
+        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        proc = subprocess.run([sys.executable, "-m", "yarn_vllm.engine_worker", spec_path,
+                               out_path], env=child_env, capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"vLLM engine process failed (exit {proc.returncode}):\n"
+                               f"{proc.stderr[-4000:]}")
+        with open(out_path) as f:
+            return json.load(f)
+
+
+def _steps(steps) -> list:
+    return [None if step is None else {str(t): lp.logprob for t, lp in step.items()}
+            for step in (steps or [])]
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from yarn_vllm.introspect import rotary_layer_classes
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    kwargs = {"seed": 0, **spec.get("llm_kwargs", {})}
+    llm = LLM(model=spec["model"], **kwargs)
+    sampling = {"temperature": 0.0, "ignore_eos": True, **spec.get("sampling", {})}
+    params = SamplingParams(**sampling)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
+    t0 = time.perf_counter()
+    results = llm.generate(prompts, params, use_tqdm=spec.get("progress", False))
+    seconds = time.perf_counter() - t0
+    out = {"rotary_classes": llm.apply_model(rotary_layer_classes)[0],
+           "generate_seconds": seconds, "outputs": []}
+    for r in results:
+        c = r.outputs[0]
+        out["outputs"].append({"token_ids": list(c.token_ids), "text": c.text,
+                               "logprobs": _steps(c.logprobs),
+                               "prompt_logprobs": _steps(r.prompt_logprobs)})
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

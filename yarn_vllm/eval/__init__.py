@@ -1,0 +1,1 @@
+"""Long-context quality evaluations: perplexity against length, passkey retrieval."""

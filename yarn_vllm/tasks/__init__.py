@@ -1,0 +1,1 @@
+"""Checkable long-context tasks (passkey retrieval) shared by `generate` and `eval`."""
