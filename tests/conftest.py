@@ -42,3 +42,11 @@ def vllm_config_ctx():
 
     with set_current_vllm_config(VllmConfig()):
         yield
+
+
+@pytest.fixture(scope="session")
+def smol_model():
+    """The real default model (SmolLM2-135M-Instruct), converted once into the user cache."""
+    from yarn_vllm.models import prepare_default_model
+
+    return prepare_default_model()

@@ -19,6 +19,7 @@ import time
 import yaml
 
 from yarn_vllm.config import YarnConfig, YarnConfigError
+from yarn_vllm.engine_worker import apply_cpu_defaults
 from yarn_vllm.models import DEFAULT_MODEL
 
 
@@ -82,27 +83,8 @@ def engine_kwargs(model: str, yarn: YarnConfig | None, extra: dict) -> dict:
         overrides.update(kwargs.pop("hf_overrides", None) or {})
         kwargs["hf_overrides"] = overrides
         kwargs.setdefault("max_model_len", overrides["max_position_embeddings"])
-    # vLLM's CPU backend sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); the
-    # default fraction of node memory fails on small machines.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    if "dtype" not in kwargs and cpu_lacks_bf16():
-        # Measured on an AVX2-only CPU: fp32 prefill ran ~3x faster than bf16,
-        # which such CPUs emulate.
-        kwargs["dtype"] = "float32"
+    apply_cpu_defaults(kwargs)
     return kwargs
-
-
-def cpu_lacks_bf16() -> bool:
-    """True on a CPU-only machine whose CPU has no native bf16 (no AVX512-BF16 or AMX)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return False
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" not in flags and "amx_bf16" not in flags
 
 
 def read_prompts(args) -> list[dict]:
@@ -229,9 +211,7 @@ def cmd_eval(args, unknown) -> int:
 
     model = resolve_model(args.model)
     llm_kwargs = passthrough_kwargs(unknown)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    if "dtype" not in llm_kwargs and cpu_lacks_bf16():
-        llm_kwargs["dtype"] = "float32"
+    apply_cpu_defaults(llm_kwargs)
     t0 = time.perf_counter()
     if args.eval_command == "ppl":
         text = open(args.text, encoding="utf-8", errors="replace").read() if args.text else None

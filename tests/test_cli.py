@@ -1,0 +1,61 @@
+"""The CLI: the main job on the real default model, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from yarn_vllm.cli import passthrough_kwargs
+
+PROMPT = "The Library of Congress held a workshop on electronic texts. The main topics were"
+
+
+def run_cli(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "yarn_vllm.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_generate_on_default_model_matches_hf(smol_model, tmp_path):
+    """`yarn-vllm generate` with YaRN s=2 gives HF transformers' greedy continuation."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from yarn_vllm.methods import method_overrides
+
+    out = tmp_path / "gen.jsonl"
+    proc = run_cli("generate", "--prompt", PROMPT, "--factor", "2", "--max-tokens", "16",
+                   "--output", str(out), "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generated tok/s" in proc.stdout
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["output_tokens"] == 16 and row["prompt_tokens"] > 10
+
+    config = AutoConfig.from_pretrained(smol_model)
+    for k, v in method_overrides("yarn", config.to_dict(), 2.0).items():
+        setattr(config, k, v)
+    model = AutoModelForCausalLM.from_pretrained(smol_model, config=config,
+                                                 dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(smol_model)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hf = model.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    assert row["text"] == tok.decode(hf[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_generate_bad_yarn_setting_is_one_line(tmp_path):
+    proc = run_cli("generate", "--model", str(tmp_path), "--prompt", "x", "--factor", "-1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "yarn-vllm: yarn config: `factor` is -1.0. Fix: give a finite number > 0, "
+        "e.g. 4.0 to extend 4x"]
+
+
+def test_passthrough_kwargs():
+    assert passthrough_kwargs(["--max-num-seqs", "4", "--enforce-eager", "--dtype=float32",
+                               "--hf-overrides", '{"a": 1}']) == {
+        "max_num_seqs": 4, "enforce_eager": True, "dtype": "float32", "hf_overrides": {"a": 1}}
+    with pytest.raises(SystemExit, match="unexpected argument"):
+        passthrough_kwargs(["stray"])
