@@ -24,12 +24,13 @@ inline void store8(_Float16* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 inline void store8(bf16* p, __m256 v) {
-  // Round to nearest even, as the scalar store(); NaNs become the canonical bf16 NaN.
+  // Round to nearest even. No NaN test (it cost ~30% at cache-resident sizes):
+  // every NaN reaching here has zero low 16 bits: x86 arithmetic yields the
+  // default NaN or propagates an input NaN, the inputs are bf16 and cos/sin
+  // are finite; so the rounding bias cannot carry a NaN into inf or -0.
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
   // packus works per 128-bit lane; the two halves are packed, then stored.
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);

@@ -185,3 +185,17 @@ def test_torch_compile_fullgraph(use_extension, monkeypatch):
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(k_c.view(37, -1, 64), expected(k, pos, inv, mscale, 64, True),
                                atol=1e-5, rtol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf_propagate(dtype):
+    """A NaN or inf in q stays non-finite (the vectorised bf16 store skips a NaN test)."""
+    pos, q, k, inv, mscale = make_case(16, 64, 64, dtype)
+    q[3, 5] = float("nan")
+    q[7, 40] = float("inf")
+    ops.rotary_embedding_(pos, q, k, inv, mscale, 64, True)
+    heads = q.view(16, -1, 64)
+    assert heads[3, 0].isnan().any() and not heads[3, 1:].isnan().any()
+    assert not heads[7, 0].isfinite().all()
+    assert heads[[0, 1, 2, 4, 5, 6]].isfinite().all()
