@@ -8,6 +8,8 @@ Switches (environment variables):
   TORCH_CUDA_ARCH_LIST     CUDA architectures, e.g. "8.0;9.0" (torch's convention).
   YARN_VLLM_CPU_ARCH       value for -march (default "native": the extension is
                            built on the machine that runs it).
+  YARN_VLLM_REQUIRE_EXT=1  fail the install if the extension does not build
+                           (default: warn and install the pure-PyTorch path).
 """
 
 import os
@@ -46,7 +48,27 @@ def _extensions():
     else:
         ext = cpp_extension.CppExtension("yarn_vllm._C", sources, extra_compile_args={"cxx": cxx},
                                          extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": _tolerant_build_ext(cpp_extension.BuildExtension)}
+
+
+def _tolerant_build_ext(base):
+    """build_ext that turns a compile failure into a warning: the package works without it."""
+
+    class TolerantBuildExt(base):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("use_ninja", False)
+            super().__init__(*args, **kwargs)
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001 - any compiler failure
+                if _flag("YARN_VLLM_REQUIRE_EXT") or _flag("YARN_VLLM_FORCE_CUDA"):
+                    raise
+                warnings.warn(f"yarn-vllm: building {ext.name} failed ({e}); installing the "
+                              "pure-PyTorch path. Set YARN_VLLM_REQUIRE_EXT=1 to make this fatal.")
+
+    return TolerantBuildExt
 
 
 def _want_cuda(torch, cpp_extension) -> bool:

@@ -41,6 +41,7 @@ struct RotaryProblem {
   int64_t num_tokens;
   int rotary_dim;
   HeadsView q, k;
+  int64_t table_rows = 0;
 };
 
 inline RotaryProblem check_rotary_args(const at::Tensor& positions, const at::Tensor& query,
@@ -76,6 +77,7 @@ inline RotaryProblem check_rotary_args(const at::Tensor& positions, const at::Te
                     table->size(1) == p.rotary_dim && table->is_contiguous(),
                 "cos_sin_table: expected contiguous fp32 (max_position, rotary_dim)");
     TORCH_CHECK(table->device() == query.device(), "cos_sin_table: on another device");
+    p.table_rows = table->size(0);
   }
   return p;
 }

@@ -14,7 +14,7 @@ void run(const at::Tensor& positions, at::Tensor& query, std::optional<at::Tenso
          const RotaryProblem& p, int64_t head_size, double mscale, bool is_neox) {
   RotaryShape shape{p.num_tokens, p.q.num_heads, p.k.num_heads, static_cast<int>(head_size),
                     p.rotary_dim, p.q.token_stride, p.q.head_stride, p.k.token_stride,
-                    p.k.head_stride};
+                    p.k.head_stride, p.table_rows};
   auto* q = reinterpret_cast<Kernel*>(query.data_ptr<Scalar>());
   auto* k = key.has_value() ? reinterpret_cast<Kernel*>(key->data_ptr<Scalar>()) : nullptr;
   const float* tab = table.has_value() ? table->data_ptr<float>() : nullptr;

@@ -2,7 +2,8 @@
 //
 // Rotates q and k in place for a range of tokens. cos/sin are either computed
 // on the fly from inv_freq (O(rotary_dim) memory, the default) or read from a
-// [max_position, rotary_dim] fp32 table (cos | sin halves). The YaRN magnitude
+// [table_rows, rotary_dim] fp32 table of unscaled cos | sin halves; positions
+// past the table's end fall back to computing on the fly. The YaRN magnitude
 // scale `mscale` multiplies the rotated channels, as in vLLM and HF.
 #pragma once
 
@@ -51,6 +52,7 @@ struct RotaryShape {
   int head_size, rotary_dim;
   int64_t q_token_stride, q_head_stride;  // in elements; the channel stride is 1
   int64_t k_token_stride, k_head_stride;
+  int64_t table_rows;  // rows of the optional cos/sin table
 };
 
 // cos/sin of position * inv_freq, times mscale. Out: [half] each.
@@ -126,7 +128,7 @@ void rotary_cpu(int64_t begin, int64_t end, const int64_t* positions, T* query, 
   alignas(64) float c[kMaxRotaryHalf];
   alignas(64) float s[kMaxRotaryHalf];
   for (int64_t t = begin; t < end; ++t) {
-    if (table != nullptr) {
+    if (table != nullptr && positions[t] >= 0 && positions[t] < shape.table_rows) {
       cos_sin_from_table(positions[t], table, half, mscale, c, s);
     } else {
       cos_sin_on_the_fly(positions[t], inv_freq, half, mscale, c, s);

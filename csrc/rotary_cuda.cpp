@@ -27,7 +27,8 @@ void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query,
   a.table = cos_sin_table.has_value() ? cos_sin_table->data_ptr<float>() : nullptr;
   a.shape = RotaryCudaShape{p.num_tokens, p.q.num_heads, p.k.num_heads,
                             static_cast<int>(head_size), p.rotary_dim, p.q.token_stride,
-                            p.q.head_stride, p.k.token_stride, p.k.head_stride};
+                            p.q.head_stride, p.k.token_stride, p.k.head_stride,
+                            p.table_rows};
   a.mscale = static_cast<float>(mscale);
   a.is_neox = is_neox;
   const int err = rotary_cuda(a, c10::cuda::getCurrentCUDAStream().stream());

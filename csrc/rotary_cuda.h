@@ -12,6 +12,7 @@ struct RotaryCudaShape {
   int num_q_heads, num_k_heads;
   int head_size, rotary_dim;
   int64_t q_token_stride, q_head_stride, k_token_stride, k_head_stride;
+  int64_t table_rows;  // rows of the optional table; positions past it are computed
 };
 
 struct RotaryCudaArgs {
@@ -20,7 +21,7 @@ struct RotaryCudaArgs {
   void* query;               // q: (num_tokens, H_q, head_size) with the strides above
   void* key;                 // k: (num_tokens, H_k, head_size), or null
   const float* inv_freq;     // [rotary_dim / 2] fp32
-  const float* table;        // [max_position, rotary_dim] fp32 cos|sin, or null
+  const float* table;        // [table_rows, rotary_dim] fp32 unscaled cos|sin, or null
   RotaryCudaShape shape;
   float mscale;
   bool is_neox;

@@ -46,7 +46,7 @@ __global__ void rotary_kernel(const int64_t* __restrict__ positions, T* __restri
   const int64_t t = blockIdx.x;
   const int64_t pos = positions[t];
   for (int j = threadIdx.x; j < half; j += blockDim.x) {
-    if (table != nullptr) {
+    if (table != nullptr && pos >= 0 && pos < shape.table_rows) {
       cos_s[j] = table[pos * 2 * half + j] * mscale;
       sin_s[j] = table[pos * 2 * half + half + j] * mscale;
     } else {

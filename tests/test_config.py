@@ -41,9 +41,9 @@ def test_overrides_load_in_vllm_model_config(tiny_llama):
 
 def test_from_yaml(tmp_path):
     p = tmp_path / "yarn.yaml"
-    p.write_text("yarn:\n  factor: 2.0\n  mode: dynamic\n  beta_fast: 16\n")
+    p.write_text("yarn:\n  factor: 2.0\n  mode: static\n  beta_fast: 16\n")
     cfg = YarnConfig.from_yaml(str(p))
-    assert (cfg.factor, cfg.mode, cfg.beta_fast) == (2.0, "dynamic", 16)
+    assert (cfg.factor, cfg.mode, cfg.beta_fast) == (2.0, "static", 16)
 
 
 def test_from_hf_config_reads_legacy_rope_scaling():
@@ -55,10 +55,32 @@ def test_from_hf_config_reads_legacy_rope_scaling():
 
 
 def test_from_hf_config_reads_yarn_mode():
-    hf = dict(LLAMA, rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4,
-                                      "original_max_position_embeddings": 4096,
-                                      "yarn_mode": "dynamic"})
-    assert YarnConfig.from_hf_config(hf).mode == "dynamic"
+    params = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4,
+              "original_max_position_embeddings": 4096}
+    hf = dict(LLAMA, rope_parameters=dict(params, yarn_mode="static"))
+    assert YarnConfig.from_hf_config(hf).mode == "static"
+    # dynamic is the stable interface, refused loudly until its backend lands
+    with pytest.raises(YarnConfigError, match="`mode` is 'dynamic'.*Fix: use mode 'static'"):
+        YarnConfig.from_hf_config(dict(LLAMA, rope_parameters=dict(params, yarn_mode="dynamic")))
+
+
+def test_target_context_is_exact():
+    """factor = target / original must not round max_position below the target."""
+    cfg = YarnConfig(target_context=3211).resolve(dict(LLAMA, max_position_embeddings=1217))
+    assert cfg.max_position == 3211
+    assert YarnConfig(target_context=3211).hf_overrides(
+        dict(LLAMA, max_position_embeddings=1217))["max_position_embeddings"] == 3211
+
+
+def test_cli_length_flag_replaces_yaml_length(tmp_path):
+    from yarn_vllm.cli import build_parser, yarn_config_from_args
+
+    p = tmp_path / "y.yaml"
+    p.write_text("factor: 4.0\nbeta_fast: 16\n")
+    args, _ = build_parser().parse_known_args(
+        ["generate", "--yarn-config", str(p), "--target-context", "16384"])
+    cfg = yarn_config_from_args(args)
+    assert (cfg.factor, cfg.target_context, cfg.beta_fast) == (None, 16384, 16.0)
 
 
 @pytest.mark.parametrize("make,field,fix", [
@@ -81,9 +103,26 @@ def test_from_hf_config_reads_yarn_mode():
     (lambda: YarnConfig(factor=2.0, beta_fast=1, beta_slow=32), "beta_fast", "beta_fast > beta_slow"),
     (lambda: YarnConfig.from_dict({"factr": 2.0}), "factr", "use only"),
     (lambda: YarnConfig().resolve(LLAMA), "factor", "--factor"),
+    (lambda: YarnConfig(factor=2.0, target_context=16384), "target_context", "only one"),
+    (lambda: YarnConfig.from_dict({"factor": "4x"}), "factor", "plain float"),
+    (lambda: YarnConfig.from_dict({"factor": 2.0, "beta_fast": None}), "beta_fast", "drop the key"),
+    (lambda: YarnConfig.from_dict({"factor": 2.0, "truncate": "maybe"}), "truncate", "true or false"),
+    (lambda: YarnConfig.from_dict({"factor": 2.0, "original_max_position": 10.5}),
+     "original_max_position", "plain int"),
 ])
+
+
 def test_bad_input_names_field_and_fix(make, field, fix):
     with pytest.raises(YarnConfigError) as e:
         make()
     assert e.value.field == field
     assert f"`{field}`" in str(e.value) and "Fix:" in str(e.value) and fix in str(e.value)
+
+
+def test_empty_and_broken_yaml(tmp_path):
+    empty, broken = tmp_path / "empty.yaml", tmp_path / "broken.yaml"
+    empty.write_text("yarn:\n")
+    broken.write_text("factor: [4\n")
+    assert YarnConfig.from_yaml(str(empty)).factor is None
+    with pytest.raises(YarnConfigError, match="not valid YAML"):
+        YarnConfig.from_yaml(str(broken))

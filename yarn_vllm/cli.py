@@ -44,6 +44,11 @@ def yarn_config_from_args(args) -> YarnConfig | None:
     if args.yarn_config:
         values.update(YarnConfig.from_yaml(args.yarn_config).__dict__)
         values = {k: v for k, v in values.items() if v is not None}
+    # A length given on the command line replaces the YAML's, whichever way it is said.
+    if args.factor is not None:
+        values.pop("target_context", None)
+    if args.target_context is not None:
+        values.pop("factor", None)
     for flag, field in [("factor", "factor"), ("target_context", "target_context"),
                         ("original_max_position", "original_max_position"),
                         ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"),
@@ -127,7 +132,8 @@ def cmd_generate(args, unknown) -> int:
         prompts = [{"prompt_token_ids": t.token_ids, "key": t.key, "depth": t.depth} for t in task]
         args.max_tokens = min(args.max_tokens, 8)
         print(f"yarn-vllm: passkey task, {len(task)} prompts of {length} tokens "
-              f"(the model was trained to {trained}), YaRN {yarn.factor if yarn else 'off'}")
+              f"(the model was trained to {trained}), YaRN "
+              f"{yarn.factor or yarn.target_context if yarn else 'off'}")
     kwargs = engine_kwargs(model, yarn, passthrough_kwargs(unknown))
 
     from vllm import LLM, SamplingParams
@@ -265,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts-file", help="text file (one prompt a line) or JSONL with 'prompt'")
     g.add_argument("--passkey-length", type=int,
                    help="built-in task's prompt length (default 2x the trained context)")
-    g.add_argument("--passkey-depths", type=lambda s: [float(x) for x in s.split(",")],
+    g.add_argument("--passkey-depths", type=_floats,
                    default=[0.5], help="comma-separated needle depths in [0, 1] (default 0.5)")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -280,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         c = esub.add_parser(name, help=helptext)
         c.add_argument("--model", default=DEFAULT_MODEL)
         c.add_argument("--methods", type=_methods, default=["trained", "pi", "ntk", "yarn"],
-                       help="comma-separated: trained, pi, ntk, yarn, yarn-dynamic")
+                       help="comma-separated: trained, pi, ntk, yarn")
         c.add_argument("--factor", type=float,
                        help="extension factor (default: longest context / trained length)")
         c.add_argument("--out", default="results/eval")
@@ -315,7 +321,7 @@ def main(argv=None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     try:
         return args.func(args, unknown)
-    except (YarnConfigError, FileNotFoundError) as e:
+    except (YarnConfigError, OSError) as e:  # OSError: a missing model folder or file
         print(f"yarn-vllm: {e}", file=sys.stderr)
         return 2
 

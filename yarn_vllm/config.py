@@ -8,11 +8,13 @@ emits exactly the `hf_overrides` that vLLM 0.32 needs (vLLM does not scale
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, Mapping
 
-MODES = ("static", "dynamic")
+MODES = ("static", "dynamic")  # the interface: rope_parameters["yarn_mode"]
+SERVED_MODES = ("static",)  # dynamic needs the pre-RoPE attention backend (not yet here)
 # Keys of rope_parameters that name the RoPE variant; "type" is the legacy rope_scaling spelling.
 _ROPE_TYPE_KEYS = ("rope_type", "type")
 _UNSCALED_ROPE_TYPES = ("default", None)
@@ -48,8 +50,14 @@ class YarnConfig:
     attention_factor: float | None = None
 
     def __post_init__(self):
+        for name, kind in _FIELD_TYPES.items():
+            setattr(self, name, _coerce(name, getattr(self, name), kind))
         if self.mode not in MODES:
             raise YarnConfigError("mode", f"is {self.mode!r}", f"use one of {', '.join(MODES)}")
+        if self.mode not in SERVED_MODES:
+            raise YarnConfigError("mode", f"is {self.mode!r}, which this version of yarn-vllm "
+                                  "does not serve yet (it needs the pre-RoPE attention backend)",
+                                  "use mode 'static' (yarn_mode in rope_parameters)")
         if self.original_max_position is not None and self.original_max_position <= 0:
             raise YarnConfigError("original_max_position", f"is {self.original_max_position}",
                                   "give the model's trained context length, a positive integer")
@@ -59,8 +67,9 @@ class YarnConfig:
         if self.target_context is not None and self.target_context <= 0:
             raise YarnConfigError("target_context", f"is {self.target_context}",
                                   "give the extended context length in tokens")
-        if self.factor is None and self.target_context is not None and self.original_max_position:
-            self.factor = self._factor_from_target(self.original_max_position)
+        if self.factor is not None and self.target_context is not None:
+            raise YarnConfigError("target_context", f"({self.target_context}) and factor "
+                                  f"({self.factor}) are both set", "set only one of them")
         if not self.beta_fast > self.beta_slow > 0:
             raise YarnConfigError("beta_fast", f"is {self.beta_fast} with beta_slow {self.beta_slow}",
                                   "need beta_fast > beta_slow > 0 (defaults 32 and 1)")
@@ -80,7 +89,7 @@ class YarnConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "YarnConfig":
         """From a flat mapping of field names; unknown keys are an error, not ignored."""
-        values = dict(values.get("yarn", values))
+        values = dict(values.get("yarn", values) or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -93,8 +102,12 @@ class YarnConfig:
         """From a YAML file holding the fields, at top level or under a `yarn:` key."""
         import yaml
 
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise YarnConfigError(path, f"is not valid YAML ({e.__class__.__name__})",
+                                  "write `key: value` lines, e.g. `factor: 4.0`") from None
         if not isinstance(values, dict):
             raise YarnConfigError(path, "does not hold a mapping", "write `factor: 4.0` etc.")
         return cls.from_dict(values)
@@ -147,18 +160,18 @@ class YarnConfig:
         if not original:
             raise YarnConfigError("original_max_position", "is unknown for this model",
                                   "pass --original-max-position (the trained context length)")
-        out = dataclasses.replace(self, original_max_position=int(original))
-        if out.factor is None:
-            if out.target_context is None:
-                raise YarnConfigError("factor", "is not set",
-                                      "pass --factor S or --target-context TOKENS")
-            out.factor = out._factor_from_target(out.original_max_position)
-        return out
+        if self.factor is None and self.target_context is None:
+            raise YarnConfigError("factor", "is not set", "pass --factor S or --target-context TOKENS")
+        factor = self.factor or self._factor_from_target(int(original))
+        # target_context stays set, so max_position is the exact target
+        return _resolved(self, factor=factor, original_max_position=int(original))
 
     @property
     def max_position(self) -> int:
-        """The extended context length factor x original_max_position, in tokens."""
-        return int(self.factor * self.original_max_position)
+        """The extended context length in tokens: the target, or factor x original rounded."""
+        if self.target_context is not None:
+            return self.target_context
+        return int(round(self.factor * self.original_max_position))
 
     def hf_overrides(self, hf_config) -> dict:
         """The `hf_overrides` that make vLLM 0.32 serve this YaRN extension of `hf_config`."""
@@ -176,6 +189,46 @@ class YarnConfig:
             params["partial_rotary_factor"] = partial
         return {"max_position_embeddings": max(cfg.max_position, cfg.original_max_position),
                 "rope_parameters": params}
+
+
+_FIELD_TYPES = {"factor": float, "original_max_position": int, "target_context": int,
+                "beta_fast": float, "beta_slow": float, "mode": str, "truncate": bool,
+                "mscale": float, "mscale_all_dim": float, "attention_factor": float}
+_REQUIRED = ("beta_fast", "beta_slow", "mode", "truncate")
+
+
+def _coerce(name: str, value, kind):
+    """A field's value as its type, or a YarnConfigError naming the field (YAML gives strings)."""
+    if value is None:
+        if name in _REQUIRED:
+            raise YarnConfigError(name, "is empty", f"give a {kind.__name__} or drop the key")
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise YarnConfigError(name, f"is {value!r}", "use true or false")
+    if kind is str:
+        return str(value)
+    try:
+        number = float(value)
+        if kind is int:
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        return number
+    except (TypeError, ValueError):
+        raise YarnConfigError(name, f"is {value!r}, not a {kind.__name__}",
+                              f"give a plain {kind.__name__}, e.g. "
+                              f"{'4.0' if kind is float else '8192'}") from None
+
+
+def _resolved(cfg: "YarnConfig", **changes) -> "YarnConfig":
+    """A copy with `changes`, skipping __post_init__'s one-of check (factor and target may
+    both be known once resolved)."""
+    out = copy.copy(cfg)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
 
 
 # ---- reading model configs -------------------------------------------------

@@ -7,14 +7,14 @@ understand, so the same setting runs in either:
   ntk       NTK-aware scaling: plain RoPE with base b * s^(d / (d - 2))
             (bloc97, 2023; YaRN paper Eq. 15)
   yarn      YaRN, static (one factor for every request)
-  yarn-dynamic  YaRN with s = max(1, length / original) per sequence and step
 """
 
 from __future__ import annotations
 
 from yarn_vllm.config import YarnConfig, head_and_rotary_dim, rope_theta_of
 
-METHODS = ("trained", "pi", "ntk", "yarn", "yarn-dynamic")
+# "yarn-dynamic" joins once the pre-RoPE attention backend serves yarn_mode "dynamic".
+METHODS = ("trained", "pi", "ntk", "yarn")
 
 
 def method_overrides(method: str, hf_config: dict, factor: float) -> dict:
@@ -24,9 +24,8 @@ def method_overrides(method: str, hf_config: dict, factor: float) -> dict:
         # RoPE unchanged; only the length limit is lifted so that the long
         # windows run at all and show what extrapolation does.
         return {"max_position_embeddings": int(original * factor)}
-    if method in ("yarn", "yarn-dynamic"):
-        mode = "dynamic" if method == "yarn-dynamic" else "static"
-        return YarnConfig(factor=factor, mode=mode).hf_overrides(hf_config)
+    if method == "yarn":
+        return YarnConfig(factor=factor).hf_overrides(hf_config)
     theta = rope_theta_of(hf_config)
     if method == "pi":
         params = {"rope_type": "linear", "factor": float(factor), "rope_theta": theta}
