@@ -31,6 +31,9 @@ def method_factor(hf_config: dict, longest: int, factor: float | None) -> float:
 def engine_spec(model: str, method: str, hf_config: dict, factor: float, prompts, sampling,
                 llm_kwargs: dict | None = None) -> dict:
     overrides = method_overrides(method, hf_config, factor)
+    # Room for the generated tokens past a window of exactly s x L. The RoPE maths
+    # reads factor and original from rope_parameters, so this changes only the limit.
+    overrides["max_position_embeddings"] += 16
     kwargs = {"hf_overrides": overrides, "max_model_len": overrides["max_position_embeddings"],
               "enable_prefix_caching": False, **(llm_kwargs or {})}
     return {"model": model, "llm_kwargs": kwargs, "prompts": prompts, "sampling": sampling,
