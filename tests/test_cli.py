@@ -59,3 +59,13 @@ def test_passthrough_kwargs():
         "max_num_seqs": 4, "enforce_eager": True, "dtype": "float32", "hf_overrides": {"a": 1}}
     with pytest.raises(SystemExit, match="unexpected argument"):
         passthrough_kwargs(["stray"])
+
+
+def test_serve_argv_keeps_passthrough_values():
+    from yarn_vllm.cli import build_parser, normalise_argv
+
+    for argv, model in [(["serve", "m", "--port", "8000", "--factor", "2"], "m"),
+                        (["serve", "--port", "8000", "--factor", "2"], "smollm2-135m")]:
+        args, unknown = build_parser().parse_known_args(normalise_argv(argv))
+        assert args.model == model and args.factor == 2.0
+        assert unknown == ["--port", "8000"]

@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(func=cmd_eval)
 
     sv = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with YaRN")
-    sv.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    sv.add_argument("--model", default=DEFAULT_MODEL,
+                    help="also accepted positionally: yarn-vllm serve MODEL")
     add_yarn_flags(sv)
     sv.set_defaults(func=cmd_serve)
 
@@ -317,7 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def normalise_argv(argv: list[str]) -> list[str]:
+    """`serve MODEL ...` -> `serve --model MODEL ...`.
+
+    An optional positional would swallow the value of an unknown pass-through
+    flag (`serve --port 8000` would serve a model named "8000").
+    """
+    argv = list(argv)
+    if len(argv) > 1 and argv[0] == "serve" and not argv[1].startswith("-"):
+        argv[1:2] = ["--model", argv[1]]
+    return argv
+
+
 def main(argv=None) -> int:
+    argv = normalise_argv(sys.argv[1:] if argv is None else argv)
     args, unknown = build_parser().parse_known_args(argv)
     try:
         return args.func(args, unknown)
