@@ -187,7 +187,7 @@ def cmd_serve(args, unknown) -> int:
 
         overrides = yarn.hf_overrides(AutoConfig.from_pretrained(model).to_dict())
         cmd += ["--hf-overrides", json.dumps(overrides)]
-        if "--max-model-len" not in unknown:
+        if not any(a.split("=")[0] == "--max-model-len" for a in unknown):
             cmd += ["--max-model-len", str(overrides["max_position_embeddings"])]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     print("yarn-vllm serve: " + " ".join(cmd + unknown), flush=True)
