@@ -11,6 +11,20 @@ TORCH_LIBRARY(yarn_vllm, m) {
   m.def(
       "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!)? key, Tensor inv_freq, "
       "Tensor? cos_sin_table, float mscale, int head_size, bool is_neox) -> ()");
+
+  // Causal paged attention over keys cached *before* RoPE (Dynamic YaRN): rotates each
+  // sequence's queries and keys with that sequence's frequencies and multiplies its
+  // logits by logit_scale[b]. Semantics: yarn_vllm/attention/reference.py.
+  // out, query: (T, H_q, D), query before RoPE; key_cache, value_cache:
+  // (num_blocks, H_kv, block_size, D) views, any strides; block_table: (B, max_blocks) int32;
+  // seq_lens: (B,) int32; query_start_loc: (B + 1,) int32; inv_freq: (B, rotary_dim / 2) fp32;
+  // logit_scale: (B,) fp32 (softmax scale x mscale(s)^2). Optional precomputed angles:
+  // cos_sin: (sum_b seq_lens[b], rotary_dim) fp32 rows [cos | sin] of positions 0..seq_len-1 of
+  // each sequence at its own scale, sequence b starting at row cos_sin_start[b] (int64 (B,)).
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, Tensor inv_freq, "
+      "Tensor logit_scale, Tensor? cos_sin, Tensor? cos_sin_start, bool is_neox) -> ()");
 }
 
 // Importing yarn_vllm._C runs the static registrations above.
