@@ -37,7 +37,7 @@ def _extensions():
     # -fopenmp: ATen's parallel_for is header-inline and only forks under OpenMP.
     # The soname matches torch's bundled libgomp, so one runtime serves both.
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", f"-march={cpu_arch}"]
-    sources = ["csrc/bindings.cpp", "csrc/rotary_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/rotary_cpu.cpp", "csrc/paged_attention_cpu.cpp"]
     with_cuda = _want_cuda(torch, cpp_extension)
     if with_cuda:
         sources += ["csrc/rotary_cuda.cpp", "csrc/rotary_cuda_kernel.cu"]

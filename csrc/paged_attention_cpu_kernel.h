@@ -1,0 +1,215 @@
+// Pre-RoPE paged attention, CPU kernel. Header-only, raw pointers, no torch headers.
+//
+// One call attends query rows [i0, i1) of one sequence, for one kv head and its
+// group of q heads, over keys [k0, k1), and leaves the online-softmax state
+// (running max m, denominator l, unnormalised acc) for the caller to merge or
+// normalise. Keys are read from the paged cache *before* RoPE and rotated as
+// they are loaded, with the sequence's own angles: that is what lets the YaRN
+// scale follow each sequence's length (Dynamic YaRN). Semantics:
+// yarn_vllm/attention/reference.py.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "cpu_elements.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace yarn {
+
+constexpr int kKeyTile = 32;  // keys rotated and scored together; one L1-resident tile
+
+struct PagedShape {
+  int num_q_heads, num_kv_heads, head_size, rotary_dim, block_size;
+  bool is_neox;
+  int64_t q_token_stride, q_head_stride;
+  int64_t k_block_stride, k_head_stride, k_row_stride;
+  int64_t v_block_stride, v_head_stride, v_row_stride;
+};
+
+// What the kernel needs of one sequence. Angles come from `cos_sin`
+// ([seq_len, rotary_dim] rows of cos | sin, shared by every layer of a step) or,
+// when it is null, are computed from `inv_freq` per row.
+struct PagedSequence {
+  const int32_t* blocks;
+  int seq_len, q_len;
+  int64_t q_start;  // first query token in the batch
+  float logit_scale;
+  const float* cos_sin;
+  const float* inv_freq;
+};
+
+// Online-softmax state of `rows` query rows: m[rows], l[rows], acc[rows * head_size].
+struct SoftmaxState {
+  std::vector<float> m, l, acc;
+  void reset(int rows, int head_size) {
+    m.assign(rows, -std::numeric_limits<float>::infinity());
+    l.assign(rows, 0.f);
+    acc.assign(static_cast<size_t>(rows) * head_size, 0.f);
+  }
+};
+
+namespace detail {
+
+// exp of 8 lanes (Cephes-style: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2]),
+// with -inf (masked keys) mapped to exactly 0.
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 exp8(__m256 x) {
+  const __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                       _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(masked, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+// x[j] = exp(x[j] - shift) for j < kKeyTile.
+inline void exp_shifted(float* x, float shift) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 s = _mm256_set1_ps(shift);
+  for (int j = 0; j < kKeyTile; j += 8)
+    _mm256_storeu_ps(x + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), s)));
+#else
+  for (int j = 0; j < kKeyTile; ++j) x[j] = std::exp(x[j] - shift);
+#endif
+}
+
+inline void angles_row(const PagedSequence& seq, int position, int half, float* row) {
+  if (seq.cos_sin != nullptr) {
+    std::copy_n(seq.cos_sin + static_cast<int64_t>(position) * 2 * half, 2 * half, row);
+    return;
+  }
+  for (int j = 0; j < half; ++j) {
+    const float a = static_cast<float>(position) * seq.inv_freq[j];
+    row[j] = std::cos(a);
+    row[half + j] = std::sin(a);
+  }
+}
+
+// Rotates x (head_size channels, fp32) with one row of cos | sin, in place.
+inline void rotate(float* x, const float* cs, int rotary_dim, bool is_neox) {
+  const int half = rotary_dim / 2;
+  const float* c = cs;
+  const float* s = cs + half;
+  if (is_neox) {
+    for (int j = 0; j < half; ++j) {
+      const float x1 = x[j], x2 = x[half + j];
+      x[j] = x1 * c[j] - x2 * s[j];
+      x[half + j] = x2 * c[j] + x1 * s[j];
+    }
+  } else {
+    for (int j = 0; j < half; ++j) {
+      const float x1 = x[2 * j], x2 = x[2 * j + 1];
+      x[2 * j] = x1 * c[j] - x2 * s[j];
+      x[2 * j + 1] = x2 * c[j] + x1 * s[j];
+    }
+  }
+}
+
+}  // namespace detail
+
+// Attends rows [i0, i1) x (q heads of kv head `kv_head`) to keys [k0, k1) and folds
+// the result into `state` (rows ordered query-major: row = (i - i0) * group + g).
+template <typename T>
+void paged_attend(const PagedShape& sh, const PagedSequence& seq, const T* query,
+                  const T* key_cache, const T* value_cache, int kv_head, int i0, int i1,
+                  int k0, int k1, SoftmaxState& state) {
+  const int D = sh.head_size, R = sh.rotary_dim, half = R / 2;
+  const int group = sh.num_q_heads / sh.num_kv_heads;
+  const int rows = (i1 - i0) * group;
+  const int first_pos = seq.seq_len - seq.q_len;  // position of query 0
+  // Causality: no row sees past the last row's position.
+  k1 = std::min(k1, first_pos + i1);
+  if (k1 <= k0) return;
+
+  std::vector<float> q(static_cast<size_t>(rows) * D), cs(2 * half);
+  for (int i = i0; i < i1; ++i) {
+    detail::angles_row(seq, first_pos + i, half, cs.data());
+    for (int g = 0; g < group; ++g) {
+      const T* src = query + (seq.q_start + i) * sh.q_token_stride +
+                     static_cast<int64_t>(kv_head * group + g) * sh.q_head_stride;
+      float* dst = q.data() + static_cast<size_t>((i - i0) * group + g) * D;
+      for (int d = 0; d < D; ++d) dst[d] = load(src[d]);
+      detail::rotate(dst, cs.data(), R, sh.is_neox);
+      // The logit scale folds into q once instead of into every score.
+      for (int d = 0; d < D; ++d) dst[d] *= seq.logit_scale;
+    }
+  }
+
+  std::vector<float> key_t(static_cast<size_t>(D) * kKeyTile);  // [D][tile]: scores vectorise over keys
+  std::vector<float> vals(static_cast<size_t>(kKeyTile) * D);
+  std::vector<float> key(D), scores(static_cast<size_t>(rows) * kKeyTile);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  for (int kt = k0; kt < k1; kt += kKeyTile) {
+    const int n = std::min(kKeyTile, k1 - kt);
+    for (int j = 0; j < kKeyTile; ++j) {
+      if (j >= n) {
+        for (int d = 0; d < D; ++d) key_t[d * kKeyTile + j] = 0.f;
+        continue;
+      }
+      const int t = kt + j;
+      const int64_t block = seq.blocks[t / sh.block_size];
+      const int row = t % sh.block_size;
+      const T* kp = key_cache + block * sh.k_block_stride + kv_head * sh.k_head_stride +
+                    row * sh.k_row_stride;
+      const T* vp = value_cache + block * sh.v_block_stride + kv_head * sh.v_head_stride +
+                    row * sh.v_row_stride;
+      for (int d = 0; d < D; ++d) key[d] = load(kp[d]);
+      detail::angles_row(seq, t, half, cs.data());
+      detail::rotate(key.data(), cs.data(), R, sh.is_neox);
+      for (int d = 0; d < D; ++d) key_t[d * kKeyTile + j] = key[d];
+      float* vrow = vals.data() + static_cast<size_t>(j) * D;
+      for (int d = 0; d < D; ++d) vrow[d] = load(vp[d]);
+    }
+
+    for (int r = 0; r < rows; ++r) {
+      float* s = scores.data() + static_cast<size_t>(r) * kKeyTile;
+      const float* qr = q.data() + static_cast<size_t>(r) * D;
+      for (int j = 0; j < kKeyTile; ++j) s[j] = 0.f;
+      for (int d = 0; d < D; ++d) {
+        const float qd = qr[d];
+        const float* kd = key_t.data() + d * kKeyTile;
+        for (int j = 0; j < kKeyTile; ++j) s[j] += qd * kd[j];
+      }
+      const int limit = first_pos + i0 + r / group - kt;  // last visible key, tile-relative
+      for (int j = std::max(0, std::min(n, limit + 1)); j < kKeyTile; ++j) s[j] = neg_inf;
+      float tile_max = neg_inf;
+      for (int j = 0; j < kKeyTile; ++j) tile_max = std::max(tile_max, s[j]);
+      if (tile_max == neg_inf) continue;  // every key of this tile is in this row's future
+      const float m_new = std::max(state.m[r], tile_max);
+      const float correction = std::exp(state.m[r] - m_new);  // 0 on the first tile
+      detail::exp_shifted(s, m_new);
+      float sum = 0.f;
+      for (int j = 0; j < kKeyTile; ++j) sum += s[j];
+      state.l[r] = state.l[r] * correction + sum;
+      state.m[r] = m_new;
+      float* acc = state.acc.data() + static_cast<size_t>(r) * D;
+      for (int d = 0; d < D; ++d) acc[d] *= correction;
+      for (int j = 0; j < n; ++j) {
+        const float p = s[j];
+        const float* vrow = vals.data() + static_cast<size_t>(j) * D;
+        for (int d = 0; d < D; ++d) acc[d] += p * vrow[d];
+      }
+    }
+  }
+}
+
+}  // namespace yarn
