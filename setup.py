@@ -40,7 +40,8 @@ def _extensions():
     sources = ["csrc/bindings.cpp", "csrc/rotary_cpu.cpp", "csrc/paged_attention_cpu.cpp"]
     with_cuda = _want_cuda(torch, cpp_extension)
     if with_cuda:
-        sources += ["csrc/rotary_cuda.cpp", "csrc/rotary_cuda_kernel.cu"]
+        sources += ["csrc/rotary_cuda.cpp", "csrc/rotary_cuda_kernel.cu",
+                    "csrc/paged_attention_cuda.cpp", "csrc/paged_attention_cuda_kernel.cu"]
         ext = cpp_extension.CUDAExtension(
             "yarn_vllm._C", sources,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},

@@ -1,0 +1,121 @@
+"""Triton pre-RoPE paged attention for any batch: prefill, chunked prefill and decode mixed.
+
+`paged_attention_triton` has the semantics of `reference.paged_attention_reference`
+(keys cached before RoPE, each sequence rotated with its own YaRN frequencies and
+its logits multiplied by its own scale). Queries and keys are rotated in fp32 as
+they are loaded; for bf16/fp16 caches the rotated operands are then rounded to the
+cache dtype for the tensor-core dots (fp32 accumulation, online softmax), as a
+pre-rotated bf16 cache would hold them. triton is imported on the first call,
+so this module imports on machines without it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _check(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
+           inv_freq, logit_scale) -> None:
+    """Raise ValueError naming the argument that does not fit the op's contract."""
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(f"paged_attention_triton: {msg}")
+
+    need(query.dim() == 3, f"query: expected (T, H_q, D), got {tuple(query.shape)}")
+    need(out.shape == query.shape, f"out: shape {tuple(out.shape)} != query's {tuple(query.shape)}")
+    need(key_cache.dim() == 4, "key_cache: expected (num_blocks, H_kv, block_size, D), got "
+         f"{tuple(key_cache.shape)}")
+    need(value_cache.shape == key_cache.shape,
+         f"value_cache: shape {tuple(value_cache.shape)} != key_cache's {tuple(key_cache.shape)}")
+    need(key_cache.shape[3] == query.shape[2],
+         f"key_cache: head_size {key_cache.shape[3]} != query's {query.shape[2]}")
+    need(query.shape[1] % key_cache.shape[1] == 0,
+         f"query: {query.shape[1]} heads is not a multiple of key_cache's {key_cache.shape[1]}")
+    for name, t in (("query", query), ("out", out), ("key_cache", key_cache),
+                    ("value_cache", value_cache)):
+        need(t.dtype in _FLOATS, f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
+        need(t.device == query.device, f"{name}: on {t.device}, query on {query.device}")
+    need(value_cache.dtype == key_cache.dtype,
+         f"value_cache: dtype {value_cache.dtype} != key_cache's {key_cache.dtype}")
+    num_seqs = block_table.shape[0]
+    for name, t, shape in (("block_table", block_table, None), ("seq_lens", seq_lens, (num_seqs,)),
+                           ("query_start_loc", query_start_loc, (num_seqs + 1,))):
+        need(t.dtype == torch.int32, f"{name}: expected int32, got {t.dtype}")
+        need(t.device == query.device, f"{name}: on {t.device}, query on {query.device}")
+        need(shape is None or tuple(t.shape) == shape, f"{name}: expected shape {shape}, "
+             f"got {tuple(t.shape)}")
+    need(block_table.dim() == 2 and block_table.stride(1) == 1,
+         "block_table: expected (B, max_blocks) with contiguous rows")
+    need(seq_lens.is_contiguous() and query_start_loc.is_contiguous(),
+         "seq_lens, query_start_loc: must be contiguous")
+    need(inv_freq.dtype == torch.float32 and inv_freq.dim() == 2 and inv_freq.shape[0] == num_seqs
+         and inv_freq.stride(1) == 1, f"inv_freq: expected fp32 (B={num_seqs}, rotary_dim/2) with "
+         f"contiguous rows, got {inv_freq.dtype} {tuple(inv_freq.shape)}")
+    need(0 < 2 * inv_freq.shape[1] <= query.shape[2],
+         f"inv_freq: rotary_dim {2 * inv_freq.shape[1]} must be in (0, head_size={query.shape[2]}]")
+    need(logit_scale.dtype == torch.float32 and tuple(logit_scale.shape) == (num_seqs,)
+         and logit_scale.is_contiguous(), f"logit_scale: expected contiguous fp32 ({num_seqs},)")
+    need(inv_freq.device == query.device and logit_scale.device == query.device,
+         "inv_freq, logit_scale: must be on query's device")
+
+
+def paged_attention_triton(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
+                           value_cache: torch.Tensor, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                           inv_freq: torch.Tensor, logit_scale: torch.Tensor,
+                           is_neox: bool = True, *, max_query_len: int | None = None,
+                           block_m: int | None = None, block_n: int | None = None) -> None:
+    """Causal paged attention over pre-RoPE keys, written into `out`.
+
+    out, query: [T, H_q, D] (any strides); key_cache, value_cache:
+    [num_blocks, H_kv, block_size, D] (any strides); block_table: [B, max_blocks]
+    int32; seq_lens: [B] int32; query_start_loc: [B + 1] int32; inv_freq:
+    [B, rotary_dim / 2] fp32; logit_scale: [B] fp32. max_query_len (the largest
+    q_len_b) sizes the grid; passing it avoids a device-to-host sync.
+    block_m / block_n override the tile sizes (tests use small ones).
+    """
+    _check(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc, inv_freq,
+           logit_scale)
+    num_seqs = block_table.shape[0]
+    if num_seqs == 0 or query.shape[0] == 0:
+        return
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_query_len == 0:
+        return
+    from yarn_vllm.attention._triton_paged_kernel import paged_attention_kernel
+
+    head_size = query.shape[2]
+    num_kv_heads = key_cache.shape[1]
+    group = query.shape[1] // num_kv_heads
+    half = inv_freq.shape[1]
+    tail = head_size - 2 * half
+    emulate = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    # tl.dot needs every dimension >= 16
+    block_m = block_m or (16 if max_query_len * group <= 16 else 64)
+    block_n = block_n or 64
+    grid = (triton_cdiv(max_query_len * group, block_m), num_seqs, num_kv_heads)
+    paged_attention_kernel[grid](
+        out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
+        inv_freq, logit_scale,
+        *query.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(),
+        block_table.stride(0), inv_freq.stride(0),
+        key_cache.shape[2], half, head_size,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_HALF=max(16, _next_pow2(half)), BLOCK_TAIL=max(16, _next_pow2(max(tail, 1))),
+        BLOCK_D=max(16, _next_pow2(head_size)), HAS_TAIL=tail > 0, IS_NEOX=bool(is_neox),
+        # fp32 caches get true fp32 dots; tf32 would lose the reference's precision
+        PRECISION="ieee" if key_cache.dtype == torch.float32 or emulate else "tf32",
+        EMULATE=emulate)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
