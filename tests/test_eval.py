@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -125,3 +126,87 @@ def test_vllm_perplexity_matches_hf_within_1_percent(smol_model, smol_hf_ppl):
     for w in (512, 2048):
         assert r[str(w)]["tokens_scored"] == w - 1
         assert r[str(w)]["ppl"] == pytest.approx(smol_hf_ppl[w], rel=0.01)
+
+
+# ---- tables, plots and the results suite --------------------------------------------
+
+def _ppl_result(method, ppl_by_window, factor=2.0):
+    return {"model": "/m/SmolLM2", "factor": factor, "windows": list(ppl_by_window),
+            "methods": {method: {"seconds": 60.0,
+                                 "ppl": {str(w): {"ppl": v} for w, v in ppl_by_window.items()}}}}
+
+
+def test_tables_and_plots_mark_missing_cells(tmp_path):
+    from yarn_vllm.eval import run
+
+    res = _ppl_result("yarn", {2048: 27.5, 8192: 24.1})
+    res["methods"]["trained"] = {"ppl": {"2048": {"ppl": 26.8}}}
+    table = run.perplexity_table(res, {"yarn": "yarn (static)"})
+    assert table.splitlines()[0] == "| method | 2,048 | 8,192 |"
+    assert "| yarn (static) | 27.50 | 24.10 |" in table and "| trained | 26.80 | – |" in table
+    pk = {"model": "m", "factor": 4.0, "lengths": [1024, 2048], "depths": [0.5],
+          "methods": {"yarn": {"grid": {"1024": {"0.5": {"found": 2, "trials": 2}}}}}}
+    table = run.passkey_table(pk)
+    assert table.splitlines()[0] == "| method | 1k @ 50% | 2k @ 50% | found |"
+    assert "| yarn | 2/2 | – | 2/2 |" in table
+    for name, r in (("perplexity", res), ("passkey", pk)):
+        run.write_outputs(r, str(tmp_path), name)
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+        assert json.loads((tmp_path / f"{name}.json").read_text()) == r
+
+
+def test_a_method_is_one_registry_entry(monkeypatch, tmp_path):
+    """A new method (as yarn-dynamic will be) needs one METHODS entry: the overrides, the
+    CLI and the suite's report all pick it up; the report shows it as not yet measured."""
+    from yarn_vllm import cli, methods
+    from yarn_vllm.eval import suite
+
+    entry = methods.Method("yarn-x (test)", lambda hf, s: methods.METHODS["yarn"].overrides(hf, s))
+    monkeypatch.setitem(methods.METHODS, "yarn-x", entry)
+    assert method_overrides("yarn-x", SMOL, 4) == method_overrides("yarn", SMOL, 4)
+    assert cli._methods("trained,yarn-x") == ["trained", "yarn-x"]
+    job = suite.Job("ppl-t", "ppl", (2048,), 2.0)
+    suite.save(str(tmp_path), job, "yarn", _ppl_result("yarn", {2048: 27.5}))
+    text = suite.report(str(tmp_path), jobs=(job,))
+    assert "| yarn-x (test) | – |" in text and "| yarn (static) | 27.50 |" in text
+    assert "Not yet measured (– above): ppl-t/trained, ppl-t/pi, ppl-t/ntk, ppl-t/yarn-x." in text
+
+
+def test_suite_section_replaces_only_the_marked_block(tmp_path):
+    from yarn_vllm.eval import suite
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nintro\n")
+    suite.write_section(str(readme), "first")
+    readme.write_text(readme.read_text() + "\n## after\n")
+    suite.write_section(str(readme), "second | table")
+    text = readme.read_text()
+    assert text.startswith("# title\n\nintro\n") and text.endswith("\n## after\n")
+    assert "second | table" in text and "first" not in text
+    assert text.count(suite.RESULTS_BEGIN) == 1 and text.count(suite.RESULTS_END) == 1
+
+
+def test_suite_runs_stores_resumes_and_writes_the_readme(smol_model, tmp_path):
+    """The one command at a small size on the real model: each (job, method) is stored as
+    it finishes, the README block is rewritten from the store, a second run reuses it."""
+    from yarn_vllm.eval import suite
+
+    jobs = (suite.Job("ppl-small", "ppl", (512,), 2.0),
+            suite.Job("passkey-small", "passkey", (1024,), 2.0, depths=(0.5,), trials=1))
+    readme, store = tmp_path / "README.md", str(tmp_path / "eval")
+    readme.write_text("# r\n")
+    suite.run_suite(smol_model, store=store, readme=str(readme), methods=["trained"], jobs=jobs)
+    ppl = suite.load(store, jobs[0], "trained")["methods"]["trained"]
+    assert ppl["ppl"]["512"]["tokens_scored"] == 511 and 5 < ppl["ppl"]["512"]["ppl"] < 100
+    pk = suite.load(store, jobs[1], "trained")["methods"]["trained"]
+    # 1k tokens is well inside the model's trained 8k: the key must be found
+    assert pk["grid"] == {"1024": {"0.5": {"found": 1, "trials": 1}}}, pk["answers"]
+    text = readme.read_text()
+    assert f"| trained (RoPE as trained) | {ppl['ppl']['512']['ppl']:.2f} |" in text
+    assert "| trained (RoPE as trained) | 1/1 | 1/1 |" in text
+    assert (tmp_path / "eval" / "passkey.png").exists() and "](eval/passkey.png)" in text
+    logged = []
+    suite.run_suite(smol_model, store=store, readme=str(readme), methods=["trained"], jobs=jobs,
+                    log=logged.append)
+    assert logged == ["ppl-small / trained: stored, reused", "passkey-small / trained: stored, reused"]
+    assert readme.read_text() == text

@@ -242,6 +242,8 @@ def cmd_eval(args, unknown) -> int:
     model = resolve_model(args.model)
     llm_kwargs = passthrough_kwargs(unknown)
     apply_cpu_defaults(llm_kwargs)
+    if args.eval_command == "suite":
+        return _eval_suite(args, model, llm_kwargs)
     t0 = time.perf_counter()
     if args.eval_command == "ppl":
         text = open(args.text, encoding="utf-8", errors="replace").read() if args.text else None
@@ -256,6 +258,26 @@ def cmd_eval(args, unknown) -> int:
     results["wall_seconds"] = time.perf_counter() - t0
     run.write_outputs(results, args.out, name)
     print(f"yarn-vllm eval {args.eval_command}: {results['wall_seconds']:.0f} s")
+    return 0
+
+
+def _eval_suite(args, model: str, llm_kwargs: dict) -> int:
+    from yarn_vllm.eval import suite
+
+    jobs = suite.SUITE
+    if args.jobs:
+        names = args.jobs.split(",")
+        unknown = sorted(set(names) - {j.name for j in jobs})
+        if unknown:
+            raise SystemExit(f"unknown job(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(j.name for j in jobs)}")
+        jobs = tuple(j for j in jobs if j.name in names)
+    if args.report_only:
+        print(suite.report(args.store, readme=args.readme, methods=args.methods))
+    else:
+        print(suite.run_suite(model, store=args.store, readme=args.readme, methods=args.methods,
+                              jobs=jobs, report_jobs=suite.SUITE, force=args.force,
+                              llm_kwargs=llm_kwargs))
     return 0
 
 
@@ -281,12 +303,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="long-context quality: perplexity or passkey, per method")
     esub = e.add_subparsers(dest="eval_command", required=True)
+    from yarn_vllm.methods import METHODS
+
     for name, helptext in [("ppl", "perplexity against context length"),
-                           ("passkey", "passkey retrieval over lengths x depths x trials")]:
+                           ("passkey", "passkey retrieval over lengths x depths x trials"),
+                           ("suite", "every evaluation of the README's results section, "
+                                     "resumable; rewrites that section")]:
         c = esub.add_parser(name, help=helptext)
         c.add_argument("--model", default=DEFAULT_MODEL)
-        c.add_argument("--methods", type=_methods, default=["trained", "pi", "ntk", "yarn"],
-                       help="comma-separated: trained, pi, ntk, yarn")
+        c.add_argument("--methods", type=_methods, default=list(METHODS),
+                       help=f"comma-separated: {', '.join(METHODS)}")
+        c.set_defaults(func=cmd_eval)
+        if name == "suite":
+            c.add_argument("--store", default="docs/eval",
+                           help="one JSON per job and method; stored results are reused")
+            c.add_argument("--readme", default="README.md",
+                           help="file whose results section (between markers) is rewritten")
+            c.add_argument("--jobs", help="comma-separated job names (default: all)")
+            c.add_argument("--force", action="store_true", help="re-measure stored results")
+            c.add_argument("--report-only", action="store_true",
+                           help="render the section from the store without running anything")
+            continue
         c.add_argument("--factor", type=float,
                        help="extension factor (default: longest context / trained length)")
         c.add_argument("--out", default="results/eval")
@@ -300,7 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--lengths", type=_ints, default=[8192, 16384])
             c.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9])
             c.add_argument("--trials", type=int, default=2)
-        c.set_defaults(func=cmd_eval)
 
     sv = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with YaRN")
     sv.add_argument("--model", default=DEFAULT_MODEL,

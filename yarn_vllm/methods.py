@@ -7,32 +7,65 @@ understand, so the same setting runs in either:
   ntk       NTK-aware scaling: plain RoPE with base b * s^(d / (d - 2))
             (bloc97, 2023; YaRN paper Eq. 15)
   yarn      YaRN, static (one factor for every request)
+
+A method is one entry of METHODS: a label for tables and a function
+(hf_config, factor) -> hf_overrides. The evaluations, the CLI and the
+results suite all read this registry, so Dynamic YaRN joins with one line,
+once the pre-RoPE attention backend serves it:
+  "yarn-dynamic": Method("YaRN dynamic", lambda hf, s: _yarn(hf, s, mode="dynamic")),
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from yarn_vllm.config import YarnConfig, head_and_rotary_dim, rope_theta_of
 
-# "yarn-dynamic" joins once the pre-RoPE attention backend serves yarn_mode "dynamic".
-METHODS = ("trained", "pi", "ntk", "yarn")
+
+@dataclass(frozen=True)
+class Method:
+    label: str                                     # e.g. "pi (linear interpolation)"
+    overrides: Callable[[dict, float], dict]       # (hf_config, factor) -> hf_overrides
+
+
+def _extended(hf_config: dict, factor: float) -> int:
+    return int(int(hf_config["max_position_embeddings"]) * factor)
+
+
+def _trained(hf_config: dict, factor: float) -> dict:
+    # RoPE unchanged; only the length limit is lifted so that the long
+    # windows run at all and show what extrapolation does.
+    return {"max_position_embeddings": _extended(hf_config, factor)}
+
+
+def _pi(hf_config: dict, factor: float) -> dict:
+    return {"max_position_embeddings": _extended(hf_config, factor),
+            "rope_parameters": {"rope_type": "linear", "factor": float(factor),
+                                "rope_theta": rope_theta_of(hf_config)}}
+
+
+def _ntk(hf_config: dict, factor: float) -> dict:
+    _, d = head_and_rotary_dim(hf_config)
+    return {"max_position_embeddings": _extended(hf_config, factor),
+            "rope_parameters": {"rope_type": "default",
+                                "rope_theta": rope_theta_of(hf_config) * factor ** (d / (d - 2))}}
+
+
+def _yarn(hf_config: dict, factor: float, mode: str = "static") -> dict:
+    return YarnConfig(factor=factor, mode=mode).hf_overrides(hf_config)
+
+
+METHODS: dict[str, Method] = {
+    "trained": Method("trained (RoPE as trained)", _trained),
+    "pi": Method("pi (linear interpolation)", _pi),
+    "ntk": Method("ntk (NTK-aware, base·s^(d/(d−2)))", _ntk),
+    "yarn": Method("yarn (static)", _yarn),
+}
 
 
 def method_overrides(method: str, hf_config: dict, factor: float) -> dict:
     """hf_overrides that make vLLM serve `hf_config` with `method` at extension `factor`."""
-    original = int(hf_config["max_position_embeddings"])
-    if method == "trained":
-        # RoPE unchanged; only the length limit is lifted so that the long
-        # windows run at all and show what extrapolation does.
-        return {"max_position_embeddings": int(original * factor)}
-    if method == "yarn":
-        return YarnConfig(factor=factor).hf_overrides(hf_config)
-    theta = rope_theta_of(hf_config)
-    if method == "pi":
-        params = {"rope_type": "linear", "factor": float(factor), "rope_theta": theta}
-    elif method == "ntk":
-        _, rotary_dim = head_and_rotary_dim(hf_config)
-        params = {"rope_type": "default",
-                  "rope_theta": theta * factor ** (rotary_dim / (rotary_dim - 2))}
-    else:
+    if method not in METHODS:
         raise ValueError(f"method {method!r} is unknown; choose from {', '.join(METHODS)}")
-    return {"max_position_embeddings": int(original * factor), "rope_parameters": params}
+    return METHODS[method].overrides(hf_config, factor)
