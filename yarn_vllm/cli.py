@@ -4,6 +4,7 @@
   yarn-vllm serve      vLLM's OpenAI server with YaRN (other flags go to vLLM)
   yarn-vllm prepare    convert the default model once
   yarn-vllm inspect    print the hf_overrides a YaRN setting gives a model
+  yarn-vllm bench      throughput: offline per mode, online TTFT/TPOT, Ray sweeps
 
 Flags this CLI does not know are passed to vLLM's `LLM(...)` as keyword
 arguments: `--max-num-seqs 4` becomes `max_num_seqs=4`.
@@ -19,6 +20,7 @@ import time
 
 import yaml
 
+from yarn_vllm.bench.sweep_config import SweepConfigError
 from yarn_vllm.config import YarnConfig, YarnConfigError
 from yarn_vllm.engine_worker import apply_cpu_defaults
 from yarn_vllm.models import DEFAULT_MODEL
@@ -136,16 +138,22 @@ def cmd_generate(args, unknown) -> int:
               f"{yarn.factor or yarn.target_context if yarn else 'off'}")
     kwargs = engine_kwargs(model, yarn, passthrough_kwargs(unknown))
 
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    sampling = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": 0}
+    if args.replicas > 1:  # Ray actors, one engine each; outputs in input order
+        from yarn_vllm.replicas import generate_replicated_outputs
 
-    llm = LLM(model=model, **kwargs)
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
-    inputs = [TokensPrompt(prompt_token_ids=p["prompt_token_ids"]) if "prompt_token_ids" in p
-              else p["prompt"] for p in prompts]
-    t0 = time.perf_counter()
-    results = llm.generate(inputs, params, use_tqdm=True)
-    wall = time.perf_counter() - t0
+        results, wall = generate_replicated_outputs(model, kwargs, prompts, sampling,
+                                                    args.replicas)
+    else:
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        llm = LLM(model=model, **kwargs)
+        inputs = [TokensPrompt(prompt_token_ids=p["prompt_token_ids"])
+                  if "prompt_token_ids" in p else p["prompt"] for p in prompts]
+        t0 = time.perf_counter()
+        results = llm.generate(inputs, SamplingParams(**sampling), use_tqdm=True)
+        wall = time.perf_counter() - t0
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     n_prompt = n_out = found = 0
@@ -298,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--output", default="results/generate.jsonl")
+    g.add_argument("--replicas", type=int, default=1,
+                   help="spread the batch over N engine replicas in Ray actors (same outputs)")
     add_yarn_flags(g)
     g.set_defaults(func=cmd_generate)
 
@@ -351,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", default=DEFAULT_MODEL)
     add_yarn_flags(i)
     i.set_defaults(func=cmd_inspect)
+
+    from yarn_vllm.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return ap
 
 
@@ -371,7 +385,7 @@ def main(argv=None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     try:
         return args.func(args, unknown)
-    except (YarnConfigError, OSError) as e:  # OSError: a missing model folder or file
+    except (YarnConfigError, SweepConfigError, OSError) as e:  # OSError: a missing model folder or file
         print(f"yarn-vllm: {e}", file=sys.stderr)
         return 2
 

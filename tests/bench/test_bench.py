@@ -1,0 +1,223 @@
+"""Offline/online benchmark maths and outputs, modes, and the sweep file's errors (no engines)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from yarn_vllm.bench import modes as bench_modes
+from yarn_vllm.bench.measure import Step, summarise
+from yarn_vllm.bench.online import percentile, run_online, write_online
+from yarn_vllm.bench.report import ratios, write_offline
+from yarn_vllm.bench.sweep_config import SweepConfigError, config_id, load_sweep, parse_sweep
+from yarn_vllm.config import YarnConfig
+
+
+def test_summarise_hand_timeline():
+    """Batch 2 of 100-token prompts, 4 tokens each: request 1 starts decoding at t=1 while
+    request 2 is still prefilling, so the prefill phase ends at t=2, holding 3 tokens."""
+    steps = [Step(1.0, {"a": 1, "b": 0}), Step(2.0, {"a": 2, "b": 1}),
+             Step(3.0, {"a": 3, "b": 2}), Step(4.0, {"a": 4, "b": 3}),
+             Step(5.0, {"a": 4, "b": 4})]
+    r = summarise(0.0, steps, prompt_len=100, batch=2, output_tokens=4)
+    assert r["prefill_s"] == 2.0 and r["prefill_tok_s"] == 100.0
+    assert r["decode_s"] == 3.0 and r["decode_tok_s"] == pytest.approx(5 / 3)
+    assert r["e2e_tok_s"] == pytest.approx(208 / 5) and r["total_s"] == 5.0
+    assert r["decode_steps"] == 3 and r["tpot_ms"] == pytest.approx(1000.0)
+    assert r["ttft_mean_s"] == 1.5 and r["generated_tokens"] == 8
+
+
+def test_summarise_refuses_unfinished_prefill():
+    with pytest.raises(ValueError, match="only 1 of 2"):
+        summarise(0.0, [Step(1.0, {"a": 1, "b": 0})], 10, 2, 1)
+
+
+def test_percentile_matches_numpy():
+    rng = random.Random(0)
+    for n in (1, 2, 7, 100):
+        xs = [rng.expovariate(1.0) for _ in range(n)]
+        for q in (50, 90, 99):
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+
+
+def _row(mode, ctx, prefill, decode, e2e):
+    return {"mode": mode, "context": ctx, "batch": 1, "output_tokens": 8,
+            "prefill_tok_s": prefill, "decode_tok_s": decode, "e2e_tok_s": e2e,
+            "prefill_s": ctx / prefill, "decode_s": 1.0, "total_s": 2.0, "tpot_ms": 10.0,
+            "ttft_mean_s": 1.0, "repeats": 1}
+
+
+def test_ratios_and_written_outputs(tmp_path):
+    rows = [_row("vllm-yarn", 1024, 200.0, 10.0, 50.0), _row("ours-static", 1024, 250.0, 8.0, 60.0),
+            _row("none", 1024, 100.0, None, 25.0), _row("ours-static", 2048, 1.0, 1.0, 1.0)]
+    assert ratios(rows) == [
+        {"mode": "ours-static", "context": 1024, "batch": 1, "prefill_tok_s": 1.25,
+         "decode_tok_s": 0.8, "e2e_tok_s": 1.2},
+        {"mode": "none", "context": 1024, "batch": 1, "prefill_tok_s": 0.5,
+         "decode_tok_s": None, "e2e_tok_s": 0.5}]  # no baseline at 2048: no ratio
+    results = {"settings": {"model": "/m/tiny", "factor": 2.0, "output_tokens": 8},
+               "rows": rows}
+    lines = []
+    paths = write_offline(results, str(tmp_path), log=lines.append)
+    saved = json.loads(open(paths["json"]).read())
+    assert saved["ratios"] == ratios(rows)
+    with open(paths["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert [(r["mode"], int(r["context"])) for r in table] == [(r["mode"], r["context"])
+                                                                for r in rows]
+    assert float(table[1]["prefill_tok_s"]) == 250.0
+    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert any("1.25x" in line for line in lines)
+
+
+def test_modes_dynamic_skipped_with_note_until_served(monkeypatch):
+    notes = []
+    assert "dynamic" not in bench_modes.yarn_config.SERVED_MODES  # as of this version
+    assert bench_modes.available_modes(bench_modes.MODES, log=notes.append) == [
+        "vllm-yarn", "ours-static", "none"]
+    assert "skipping ours-dynamic" in notes[0]
+    monkeypatch.setattr(bench_modes.yarn_config, "SERVED_MODES", ("static", "dynamic"))
+    assert bench_modes.available_modes(["ours-dynamic"], log=notes.append) == ["ours-dynamic"]
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        bench_modes.available_modes(["fast"])
+
+
+def test_mode_engine_settings():
+    hf = {"max_position_embeddings": 1024, "rope_theta": 10000.0, "head_dim": 64,
+          "hidden_size": 256, "num_attention_heads": 4}
+    ours = bench_modes.mode_engine("ours-static", hf, 2.0, 1500)
+    vllm = bench_modes.mode_engine("vllm-yarn", hf, 2.0, 1500)
+    assert ours.plugins and not vllm.plugins
+    assert ours.hf_overrides == vllm.hf_overrides == YarnConfig(factor=2.0).hf_overrides(hf)
+    none = bench_modes.mode_engine("none", hf, 2.0, 1500)
+    assert none.hf_overrides == {"max_position_embeddings": 1500}
+    # the length limit covers the longest case even past factor x trained
+    assert bench_modes.mode_engine("ours-static", hf, 1.0, 1500).hf_overrides[
+        "max_position_embeddings"] == 1500
+
+
+# ---- online: a fake OpenAI server that streams on a known schedule -------------------------
+
+FIRST_DELAY, TOKEN_GAP = 0.05, 0.01
+
+
+class _FakeServer(BaseHTTPRequestHandler):
+    bodies: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": "fake", "root": None, "max_model_len": 4096}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.bodies.append(req)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        time.sleep(FIRST_DELAY)
+        for i in range(req["max_tokens"]):
+            if i:
+                time.sleep(TOKEN_GAP)
+            chunk = {"choices": [{"index": 0, "text": f"t{i}"}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+        usage = {"choices": [], "usage": {"completion_tokens": req["max_tokens"],
+                                          "prompt_tokens": len(req["prompt"])}}
+        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+
+
+@pytest.fixture
+def fake_server():
+    _FakeServer.bodies = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _FakeServer.bodies
+    server.shutdown()
+
+
+def test_online_streaming_percentiles(fake_server, tmp_path):
+    url, bodies = fake_server
+    out = run_online(url, [64, 128], num_requests=6, concurrency=3, output_tokens=5,
+                     vocab_size=500, log=lambda *_: None)
+    assert len(bodies) == 12
+    assert sorted(len(b["prompt"]) for b in bodies) == [64] * 6 + [128] * 6
+    assert all(b["stream"] and b["ignore_eos"] and b["max_tokens"] == 5 and b["model"] == "fake"
+               and all(100 <= t < 500 for t in b["prompt"]) for b in bodies)
+    for row in out["rows"]:
+        reqs = row["per_request"]
+        assert len(reqs) == 6 and all(r["output_tokens"] == 5 for r in reqs)
+        # the server waits before the first token and between tokens: lower bounds
+        assert all(r["ttft_s"] >= FIRST_DELAY and r["tpot_s"] >= TOKEN_GAP for r in reqs)
+        for key in ("ttft", "tpot"):
+            vals = [r[f"{key}_s"] for r in reqs]
+            assert row[f"{key}_p50_ms"] == pytest.approx(1e3 * float(np.percentile(vals, 50)))
+            assert row[f"{key}_p99_ms"] == pytest.approx(1e3 * float(np.percentile(vals, 99)))
+    paths = write_online(out, str(tmp_path), log=lambda *_: None)
+    with open(paths["csv"]) as f:
+        assert [int(r["context"]) for r in csv.DictReader(f)] == [64, 128]
+
+
+# ---- the sweep file ---------------------------------------------------------------------------
+
+def test_sweep_grid_expands():
+    s = parse_sweep({"model": "m", "context_lengths": [512], "output_tokens": 4,
+                     "grid": {"mode": ["vllm-yarn", "ours-static"],
+                              "batch_sizes": [1, [2, 4]]}}, source="s.yaml")
+    assert s["settings"] == {"model": "m", "num_cpus": 2, "timeout_s": 1800, "retries": 1,
+                             "output": "bench_results/s.jsonl"}
+    assert [(c["mode"], c["batch_sizes"]) for c in s["configs"]] == [
+        ("vllm-yarn", [1]), ("vllm-yarn", [2, 4]), ("ours-static", [1]), ("ours-static", [2, 4])]
+    assert all(c["context_lengths"] == [512] and c["model"] == "m" for c in s["configs"])
+    ids = [config_id(c) for c in s["configs"]]
+    assert len(set(ids)) == 4 and ids == [config_id(dict(c)) for c in s["configs"]]
+
+
+@pytest.mark.parametrize("raw, field, fix", [
+    ({"mode": "none", "context_lengths": [1], "speed": 3}, "speed", "use only:"),
+    ({"mode": "none", "context_lengths": "1024"}, "context_lengths", "context_lengths: [1024, 2048]"),
+    ({"mode": "none", "context_lengths": [1024, -5]}, "context_lengths", "[1024, 2048]"),
+    ({"mode": "turbo", "context_lengths": [1024]}, "mode", "mode: ours-static"),
+    ({"mode": "none", "context_lengths": [8], "timeout_s": "soon"}, "timeout_s", "timeout_s: 1800"),
+    ({"mode": "none", "context_lengths": [8], "retries": True}, "retries", "retries: 1"),
+    ({"context_lengths": [1024]}, "mode", "set it at top level or under grid"),
+    ({"mode": "none"}, "context_lengths", "set it at top level or under grid"),
+    ({"context_lengths": [8], "grid": {"mode": []}}, "grid.mode", "list the values"),
+    ({"context_lengths": [8], "grid": {"mode": ["none"], "colour": ["red"]}}, "grid.colour",
+     "use only:"),
+    ({"context_lengths": [8], "grid": {"mode": ["none", 7]}}, "grid.mode", "one of"),
+    (["mode", "none"], "(top level)", "write a mapping"),
+])
+def test_sweep_file_errors_name_field_and_fix(tmp_path, raw, field, fix):
+    import yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SweepConfigError) as e:
+        load_sweep(str(path))
+    msg = str(e.value)
+    assert e.value.field == field and msg.startswith(f"{path}: `{field}`")
+    assert "Fix:" in msg and fix in msg and "\n" not in msg
+
+
+def test_sweep_cli_bad_yaml_is_one_line(tmp_path, capsys):
+    from yarn_vllm.cli import main
+
+    path = tmp_path / "broken.yaml"
+    path.write_text("mode: [none\ncontext_lengths: 1024\n")
+    assert main(["bench", "sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"yarn-vllm: {path}: `(file)` is not valid YAML at line 2. "
+                   "Fix: write `key: value` lines; lists as [a, b]"]

@@ -1,0 +1,167 @@
+"""One benchmark engine in a fresh process: start vLLM once, time every (context, batch) case.
+
+Spec (JSON): {"model", "mode", "llm_kwargs", "cases": [{"context", "batch"}],
+              "output_tokens", "repeats", "vocab_size", "seed"}
+Result: {"mode", "rotary_classes", "engine_start_s", "results": [summarise(...) per case]}
+
+The engine core runs inside the worker process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a
+killed worker takes its whole engine with it, and steps are timed without IPC in between.
+Progress goes to stdout as `PROGRESS {json}` lines; vLLM's logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from yarn_vllm.bench.measure import Step, summarise
+from yarn_vllm.engine_worker import apply_cpu_defaults
+
+_PR_SET_PDEATHSIG = 1
+_REQUESTS = 0  # request ids, unique within the worker
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def run_bench_engine(spec: dict, *, plugins: bool, timeout: float | None = None,
+                     on_progress=None) -> dict:
+    """Run `spec` in a fresh process (plugins=False: VLLM_PLUGINS="", vLLM's own layers).
+
+    The process dies with its parent and is killed, whole process group, after `timeout` s.
+    """
+    spec = dict(spec, llm_kwargs=dict(spec.get("llm_kwargs", {})))
+    apply_cpu_defaults(spec["llm_kwargs"])
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+    if plugins:
+        env.pop("VLLM_PLUGINS", None)
+    else:
+        env["VLLM_PLUGINS"] = ""
+    with tempfile.TemporaryDirectory(prefix="yarn_vllm_bench_") as tmp:
+        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+        log_path = os.path.join(tmp, "engine.log")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "yarn_vllm.bench.engine", spec_path, out_path],
+                env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+                preexec_fn=_die_with_parent, start_new_session=True)
+            timed_out = threading.Event()
+
+            def kill():
+                timed_out.set()
+                os.killpg(proc.pid, signal.SIGKILL)
+
+            timer = threading.Timer(timeout, kill) if timeout else None
+            if timer:
+                timer.daemon = True
+                timer.start()
+            try:
+                for line in proc.stdout:
+                    if line.startswith("PROGRESS ") and on_progress:
+                        on_progress(json.loads(line[len("PROGRESS "):]))
+                code = proc.wait()
+            finally:
+                if timer:
+                    timer.cancel()
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        if timed_out.is_set():
+            raise TimeoutError(f"benchmark engine ({spec.get('mode')}) timed out after "
+                               f"{timeout:.0f} s")
+        if code != 0:
+            with open(log_path) as f:
+                tail = f.read()[-3000:]
+            raise RuntimeError(f"benchmark engine ({spec.get('mode')}) failed "
+                               f"(exit {code}):\n{tail}")
+        with open(out_path) as f:
+            return json.load(f)
+
+
+def _prompts(rng: random.Random, vocab_size: int, context: int, batch: int) -> list[list[int]]:
+    low = min(100, vocab_size // 4)  # skip the special tokens at the start of most vocabularies
+    return [[rng.randrange(low, vocab_size) for _ in range(context)] for _ in range(batch)]
+
+
+def time_batch(llm, prompts: list[list[int]], output_tokens: int) -> dict:
+    """Step the engine by hand over one batch; see yarn_vllm.bench.measure."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True,
+                            detokenize=False)
+    engine = llm.llm_engine
+    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    # LLM.generate/enqueue ask for final outputs only; stepping by hand needs every step's
+    # (CUMULATIVE, SamplingParams' default), so requests go to the engine directly.
+    render = getattr(llm, "_preprocess_cmpl", None)
+    if render is not None:
+        inputs = render(inputs)
+    global _REQUESTS
+    t_start = time.perf_counter()
+    ids = []
+    for inp in inputs:
+        _REQUESTS += 1
+        ids.append(engine.add_request(f"bench-{_REQUESTS}", inp, params))
+    counts = {rid: 0 for rid in ids}
+    steps = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            counts[out.request_id] = len(out.outputs[0].token_ids)
+        steps.append(Step(time.perf_counter(), dict(counts)))
+    return summarise(t_start, steps, len(prompts[0]), len(prompts), output_tokens)
+
+
+def _median_case(runs: list[dict]) -> dict:
+    """The run with the median end-to-end time, plus every run's total for the spread."""
+    ordered = sorted(runs, key=lambda r: r["total_s"])
+    out = dict(ordered[len(ordered) // 2])
+    out["repeats"] = len(runs)
+    out["total_s_all"] = [r["total_s"] for r in runs]
+    return out
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from vllm import LLM
+
+    from yarn_vllm.introspect import rotary_layer_classes
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    t0 = time.perf_counter()
+    kwargs = {"seed": 0, "enable_prefix_caching": False, "skip_tokenizer_init": True,
+              **spec.get("llm_kwargs", {})}
+    llm = LLM(model=spec["model"], **kwargs)
+    start_s = time.perf_counter() - t0
+    rng = random.Random(spec.get("seed", 0))
+    vocab = spec["vocab_size"]
+    time_batch(llm, _prompts(rng, vocab, 16, 1), 2)  # warm-up: first-call costs
+    results = []
+    for case in spec["cases"]:
+        runs = [time_batch(llm, _prompts(rng, vocab, case["context"], case["batch"]),
+                           spec["output_tokens"]) for _ in range(spec.get("repeats", 1))]
+        row = dict(_median_case(runs), mode=spec["mode"])
+        results.append(row)
+        print("PROGRESS " + json.dumps(row), flush=True)
+    out = {"mode": spec["mode"], "engine_start_s": start_s,
+           "rotary_classes": llm.apply_model(rotary_layer_classes)[0], "results": results}
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,114 @@
+"""Benchmark outputs: JSON, CSV, PNG plots, and the ratio table against vLLM's own YaRN."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+METRICS = ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")
+CSV_FIELDS = ("mode", "context", "batch", "output_tokens", "prefill_tok_s", "decode_tok_s",
+              "e2e_tok_s", "prefill_s", "decode_s", "total_s", "tpot_ms", "ttft_mean_s",
+              "repeats")
+BASELINE = "vllm-yarn"
+
+
+def ratios(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
+    """Each non-baseline row's metrics divided by the baseline's at the same context and batch."""
+    base = {(r["context"], r["batch"]): r for r in rows if r["mode"] == baseline}
+    out = []
+    for r in rows:
+        b = base.get((r["context"], r["batch"]))
+        if r["mode"] == baseline or b is None:
+            continue
+        out.append({"mode": r["mode"], "context": r["context"], "batch": r["batch"],
+                    **{m: r[m] / b[m] if r.get(m) and b.get(m) else None for m in METRICS}})
+    return out
+
+
+def _fmt(x, spec=".1f"):
+    return "–" if x is None else format(x, spec)
+
+
+def markdown_table(rows: list[dict], metric: str = "prefill_tok_s") -> str:
+    """Modes as rows, (context, batch) as columns, `metric` in the cells."""
+    cols = sorted({(r["context"], r["batch"]) for r in rows})
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    cell = {(r["mode"], r["context"], r["batch"]): r.get(metric) for r in rows}
+    multi_batch = len({b for _, b in cols}) > 1
+    head = [f"{c:,}" + (f" ×{b}" if multi_batch else "") for c, b in cols]
+    lines = ["| mode | " + " | ".join(head) + " |", "|---|" + "---:|" * len(cols)]
+    for m in modes:
+        lines.append(f"| {m} | " + " | ".join(_fmt(cell.get((m, c, b))) for c, b in cols) + " |")
+    return "\n".join(lines)
+
+
+def ratio_table(rows: list[dict]) -> str:
+    rs = ratios(rows)
+    if not rs:
+        return f"(no ratios: {BASELINE} was not run)"
+    lines = [f"| mode | context | batch | prefill / {BASELINE} | decode / {BASELINE} | "
+             f"e2e / {BASELINE} |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rs:
+        lines.append(f"| {r['mode']} | {r['context']:,} | {r['batch']} | "
+                     + " | ".join(_fmt(r[m], ".2f") + ("x" if r[m] else "") for m in METRICS)
+                     + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in CSV_FIELDS})
+
+
+def plot(rows: list[dict], path: str, title: str = "") -> None:
+    """Throughput (prefill, decode) and latency (TTFT, per-token) against context length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("prefill_tok_s", "prefill tokens/s"), ("decode_tok_s", "decode tokens/s"),
+              ("prefill_s", "time to first token, s (batch prefill)"),
+              ("tpot_ms", "time per output token, ms")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    batches = sorted({r["batch"] for r in rows})
+    for ax, (key, label) in zip(axes.flat, panels):
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            for b in batches:
+                pts = sorted((r["context"], r[key]) for r in rows
+                             if r["mode"] == mode and r["batch"] == b and r.get(key) is not None)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o",
+                            label=mode + (f" ×{b}" if len(batches) > 1 else ""))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_offline(results: dict, out_dir: str, name: str = "offline", log=print) -> dict:
+    """Write {name}.json/.csv/.png under out_dir; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = results["rows"]
+    results["ratios"] = ratios(rows)
+    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "csv", "png")}
+    with open(paths["json"], "w") as f:
+        json.dump(results, f, indent=2)
+    write_csv(rows, paths["csv"])
+    s = results["settings"]
+    plot(rows, paths["png"], f"{os.path.basename(s['model'].rstrip('/'))}, "
+                             f"YaRN s={s['factor']:g}, {s['output_tokens']} output tokens")
+    for metric in METRICS:
+        log(f"\n{metric.replace('_tok_s', '')} tokens/s:\n" + markdown_table(rows, metric))
+    log(f"\nratios against vLLM's own YaRN ({BASELINE}; above 1 = faster):\n" + ratio_table(rows))
+    log(f"\nwrote {paths['json']}, {paths['csv']}, {paths['png']}")
+    return paths

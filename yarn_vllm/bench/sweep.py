@@ -1,0 +1,180 @@
+"""`yarn-vllm bench sweep sweep.yaml`: a grid of benchmark engines as Ray work.
+
+Each configuration runs in its own Ray actor (a fresh worker process declaring `num_cpus`),
+whose engine is in turn its own process (yarn_vllm.bench.engine). As many configurations run
+at once as the cluster's CPUs allow. Each result is appended to the JSONL file the moment it
+arrives, so a rerun skips every configuration already recorded as ok. A worker that dies is
+retried `retries` times on a fresh actor, then recorded as failed; a configuration past
+`timeout_s` has its actor killed and is recorded as failed; the sweep always finishes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+
+from yarn_vllm.bench.sweep_config import config_id
+
+
+def run_config(config: dict) -> dict:
+    """The real work of one configuration: one engine timing every (context, batch) case."""
+    from yarn_vllm.bench.engine import run_bench_engine
+    from yarn_vllm.bench.offline import default_factor, hf_config_of, mode_spec
+    from yarn_vllm.models import resolve_model
+
+    model = resolve_model(config["model"])
+    hf = hf_config_of(model)
+    factor = config["factor"] or default_factor(hf, max(config["context_lengths"])
+                                                + config["output_tokens"])
+    spec, plugins = mode_spec(model, config["mode"], hf, contexts=config["context_lengths"],
+                              batches=config["batch_sizes"],
+                              output_tokens=config["output_tokens"], factor=factor,
+                              repeats=config["repeats"], llm_kwargs=config["llm_kwargs"])
+    out = run_bench_engine(spec, plugins=plugins)
+    return {"factor": factor, "rotary_classes": out["rotary_classes"],
+            "engine_start_s": out["engine_start_s"], "rows": out["results"]}
+
+
+class _Worker:
+    """The Ray actor: one per configuration attempt, so every engine gets a fresh process."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, work, config: dict):
+        return work(config)
+
+
+def read_results(path: str) -> dict:
+    """{config id: record} from a sweep's JSONL (the last record per id wins)."""
+    records = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    records[rec["id"]] = rec
+                except (ValueError, KeyError):
+                    continue  # a line cut short by a crash: that configuration reruns
+    return records
+
+
+def _append(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _label(config: dict) -> str:
+    if not {"mode", "context_lengths", "batch_sizes"} <= set(config):
+        return json.dumps(config, sort_keys=True)[:80]
+    return (f"{config['mode']} ctx {','.join(map(str, config['context_lengths']))} "
+            f"batch {','.join(map(str, config['batch_sizes']))}")
+
+
+def run_sweep(configs: list[dict], output: str, *, num_cpus: float = 2, timeout_s: float = 1800,
+              retries: int = 1, work=run_config, log=print, poll_s: float = 0.5) -> dict:
+    """Run every configuration not yet recorded as ok in `output`; returns
+    {"ok": [records], "failed": [records], "skipped": [ids already done], "ran": n}.
+
+    Uses the Ray cluster this process is connected to, or starts a local one.
+    """
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    cluster_cpus = ray.cluster_resources().get("CPU", 0)
+    if num_cpus > cluster_cpus:
+        raise ValueError(f"num_cpus {num_cpus} per configuration is more than the Ray cluster's "
+                         f"{cluster_cpus:g} CPUs; lower num_cpus in the sweep file")
+    parallel = max(1, int(cluster_cpus // num_cpus))
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    done = {i for i, r in read_results(output).items() if r.get("status") == "ok"}
+    todo = deque((config_id(c), c, 1) for c in configs if config_id(c) not in done)
+    skipped = [config_id(c) for c in configs if config_id(c) in done]
+    total = len(todo)
+    log(f"sweep: {len(configs)} configurations, {len(skipped)} already done in {output}, "
+        f"running {total} ({parallel} at a time, {num_cpus:g} CPUs each, "
+        f"timeout {timeout_s:g} s, {retries} retr{'y' if retries == 1 else 'ies'} per dead worker)")
+    worker_cls = ray.remote(_Worker)
+    running = {}  # ObjectRef -> (id, config, attempt, actor, started)
+    ok, failed, finished = [], [], 0
+
+    def record(cid, config, attempt, started, status, result=None, error=None):
+        nonlocal finished
+        rec = {"id": cid, "config": config, "status": status, "attempts": attempt,
+               "seconds": round(time.time() - (started or time.time()), 3), "result": result,
+               "error": error,
+               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _append(output, rec)
+        (ok if status == "ok" else failed).append(rec)
+        finished += 1
+        log(f"[{finished}/{total}] {cid} {_label(config)}: {status} after {rec['seconds']:.1f} s"
+            + (f" ({error})" if error else ""))
+
+    while todo or running:
+        while todo and len(running) < parallel:
+            cid, config, attempt = todo.popleft()
+            actor = worker_cls.options(num_cpus=num_cpus, max_restarts=0,
+                                       max_task_retries=0).remote()
+            # first the actor's pid (its process is up), then the work; the timeout
+            # clock starts with the work, so waiting for a worker process does not count
+            running[actor.pid.remote()] = (cid, config, attempt, actor, None)
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
+        for ref in ready:
+            cid, config, attempt, actor, started = running.pop(ref)
+            try:
+                result = ray.get(ref)
+                if started is None:  # the actor is up: hand it the work
+                    running[actor.run.remote(work, config)] = (cid, config, attempt, actor,
+                                                               time.time())
+                    log(f"  start {cid} {_label(config)} (attempt {attempt}, pid {result})")
+                    continue
+            except (RayActorError, WorkerCrashedError) as e:
+                if attempt <= retries:
+                    log(f"  {cid} {_label(config)}: worker died ({type(e).__name__}); "
+                        f"retrying on a fresh worker")
+                    todo.appendleft((cid, config, attempt + 1))
+                else:
+                    record(cid, config, attempt, started, "failed",
+                           error=f"worker died on each of {attempt} attempts "
+                                 f"({type(e).__name__})")
+            except (RayTaskError, GetTimeoutError) as e:
+                cause = getattr(e, "cause", None) or e
+                record(cid, config, attempt, started, "failed",
+                       error=f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}")
+            else:
+                record(cid, config, attempt, started, "ok", result=result)
+            ray.kill(actor, no_restart=True)
+        now = time.time()
+        for ref, (cid, config, attempt, actor, started) in list(running.items()):
+            if started is not None and now - started > timeout_s:
+                del running[ref]
+                ray.kill(actor, no_restart=True)
+                record(cid, config, attempt, started, "failed",
+                       error=f"timed out after {timeout_s:g} s (timeout_s)")
+    log(f"sweep: {len(ok)} ok, {len(failed)} failed, {len(skipped)} skipped (already done)"
+        + "".join(f"\n  FAILED {r['id']} {_label(r['config'])}: {r['error']}" for r in failed))
+    return {"ok": ok, "failed": failed, "skipped": skipped, "ran": total}
+
+
+def write_summary(output: str, log=print) -> None:
+    """CSV and PNG of every ok record in the sweep's JSONL, beside it."""
+    from yarn_vllm.bench.report import markdown_table, plot, write_csv
+
+    rows = []
+    for rec in read_results(output).values():
+        if rec.get("status") == "ok":
+            for row in rec["result"]["rows"]:
+                rows.append({**row, "config_id": rec["id"]})
+    if not rows:
+        return
+    stem = os.path.splitext(output)[0]
+    write_csv(rows, stem + ".csv")
+    plot(rows, stem + ".png", os.path.basename(stem))
+    log(markdown_table(rows, "prefill_tok_s"))
+    log(f"wrote {stem}.csv, {stem}.png")
