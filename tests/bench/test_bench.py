@@ -221,3 +221,12 @@ def test_sweep_cli_bad_yaml_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"yarn-vllm: {path}: `(file)` is not valid YAML at line 2. "
                    "Fix: write `key: value` lines; lists as [a, b]"]
+
+
+def test_example_sweep_file_is_valid():
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "sweep.yaml")
+    s = load_sweep(path)
+    assert [c["mode"] for c in s["configs"]] == ["vllm-yarn", "ours-static", "none", "ours-dynamic"]
+    assert s["settings"]["output"] == "bench_results/sweep.jsonl"
