@@ -80,9 +80,18 @@ def run_engine(spec: dict, *, plugins: bool = True, timeout: float = 3600,
                               timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"vLLM engine process failed (exit {proc.returncode}):\n"
-                               f"{proc.stderr[-4000:]}")
+                               f"{_error_excerpt(proc.stderr)}")
         with open(out_path) as f:
             return json.load(f)
+
+
+def _error_excerpt(stderr: str, limit: int = 4000) -> str:
+    """The tail of stderr, and first the opening traceback when the tail does not hold it:
+    vLLM's engine core prints the root cause first, the client only EngineDeadError last."""
+    first = stderr.find("Traceback (most recent call last)")
+    if first < 0 or first >= len(stderr) - limit:
+        return stderr[-limit:]
+    return stderr[first:first + limit] + "\n[...]\n" + stderr[-limit // 2:]
 
 
 def _steps(steps) -> list:
