@@ -32,7 +32,12 @@ def run_config(config: dict) -> dict:
                               batches=config["batch_sizes"],
                               output_tokens=config["output_tokens"], factor=factor,
                               repeats=config["repeats"], llm_kwargs=config["llm_kwargs"])
-    out = run_bench_engine(spec, plugins=plugins)
+    def progress(row):  # printed in the actor; Ray forwards it to the driver's console
+        print(f"{config['mode']} ctx {row['context']} batch {row['batch']}: prefill "
+              f"{row['prefill_tok_s']:.1f} tok/s, decode {row['decode_tok_s'] or 0:.1f} tok/s",
+              flush=True)
+
+    out = run_bench_engine(spec, plugins=plugins, on_progress=progress)
     return {"factor": factor, "rotary_classes": out["rotary_classes"],
             "engine_start_s": out["engine_start_s"], "rows": out["results"]}
 
