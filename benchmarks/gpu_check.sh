@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check, at most ~8 minutes, on a machine with torch, triton and nvcc
 # but no vLLM: build the CUDA extension, run the gpu-marked tests, and time
-# the CUDA rotary op. Prints everything; results land in $OUT (or ./bench_results).
+# the CUDA rotary op and the pre-RoPE paged attention kernels. Prints everything; results land in $OUT (or ./bench_results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench_results}"
@@ -19,3 +19,9 @@ timeout 240 python -m pytest -q -m gpu -p no:cacheprovider tests/test_rotary_op.
 
 echo "== rope benchmark on CUDA"
 timeout 180 python benchmarks/bench_rope.py --device cuda --out "$OUT/rope_cuda.json" 2>&1 | tee "$OUT/rope_cuda.txt"
+
+echo "== gpu tests: pre-RoPE paged attention (CUDA decode op, Triton on CUDA, xformers if present)"
+timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/test_paged_attention_kernels.py 2>&1 | tail -15 | tee "$OUT/gpu_tests_paged_attention.txt"
+
+echo "== paged attention benchmark: rotate keys on load vs pre-rotated, Triton prefill"
+timeout 150 python benchmarks/bench_paged_attention_gpu.py --out "$OUT/paged_attention_gpu.json" 2>&1 | tee "$OUT/paged_attention_gpu.txt"
