@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check, at most ~8 minutes, on a machine with torch, triton and nvcc
 # but no vLLM: build the CUDA extension, run the gpu-marked tests, and time
-# the CUDA rotary op and the pre-RoPE paged attention kernels. Prints everything; results land in $OUT (or ./bench_results).
+# the CUDA rotary op and the pre-RoPE paged attention kernels. Prints
+# everything; results land in $OUT (or ./bench_results).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench_results}"

@@ -20,6 +20,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 256;      // keys scored per online-softmax step
+constexpr int kKeysPerWarp = 4;  // keys a warp scores together
 constexpr int kMaxSplits = 128;  // bounds the workspace and the merge loop
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -142,30 +143,56 @@ paged_decode_kernel(const PagedDecodeArgs a) {
 
   for (int base = lo; base < hi; base += kChunk) {
     const int n = min(kChunk, hi - base);
-    for (int k = warp; k < n; k += kWarps) {
-      const int pos = base + k;
-      const T* kp = kc + static_cast<int64_t>(bt[pos / a.block_size]) * a.k_strides[0] +
-                    (pos % a.block_size) * a.k_strides[2];
-      float part[G_TILE];
+    // A warp scores kKeysPerWarp keys at once: their loads are issued together,
+    // so each warp has that many in flight instead of waiting on one at a time.
+    for (int k0 = warp * kKeysPerWarp; k0 < n; k0 += kWarps * kKeysPerWarp) {
+      const T* kp[kKeysPerWarp];
+      float part[kKeysPerWarp][G_TILE];
 #pragma unroll
-      for (int g = 0; g < G_TILE; ++g) part[g] = 0.f;
+      for (int u = 0; u < kKeysPerWarp; ++u) {
+        const int pos = base + min(k0 + u, n - 1);  // a past-the-end key repeats the last
+        kp[u] = kc + static_cast<int64_t>(bt[pos / a.block_size]) * a.k_strides[0] +
+                (pos % a.block_size) * a.k_strides[2];
+#pragma unroll
+        for (int g = 0; g < G_TILE; ++g) part[u][g] = 0.f;
+      }
       for (int j = lane; j < half; j += 32) {
         int ia, ib;
         pair_channels(j, half, neox, ia, ib);
-        float xa = to_f32(kp[ia * a.k_strides[3]]), xb = to_f32(kp[ib * a.k_strides[3]]);
-        if (ROTATE) rotate(static_cast<float>(pos), inv_s[j], xa, xb);
+        float xa[kKeysPerWarp], xb[kKeysPerWarp];
 #pragma unroll
-        for (int g = 0; g < G_TILE; ++g) part[g] += q_s[g][ia] * xa + q_s[g][ib] * xb;
+        for (int u = 0; u < kKeysPerWarp; ++u) {
+          xa[u] = to_f32(kp[u][ia * a.k_strides[3]]);
+          xb[u] = to_f32(kp[u][ib * a.k_strides[3]]);
+        }
+        float qa[G_TILE], qb[G_TILE];
+#pragma unroll
+        for (int g = 0; g < G_TILE; ++g) {
+          qa[g] = q_s[g][ia];
+          qb[g] = q_s[g][ib];
+        }
+#pragma unroll
+        for (int u = 0; u < kKeysPerWarp; ++u) {
+          if (ROTATE) rotate(static_cast<float>(base + min(k0 + u, n - 1)), inv_s[j], xa[u], xb[u]);
+#pragma unroll
+          for (int g = 0; g < G_TILE; ++g) part[u][g] += qa[g] * xa[u] + qb[g] * xb[u];
+        }
       }
       for (int c = rot + lane; c < D; c += 32) {
-        const float x = to_f32(kp[c * a.k_strides[3]]);
 #pragma unroll
-        for (int g = 0; g < G_TILE; ++g) part[g] += q_s[g][c] * x;
+        for (int u = 0; u < kKeysPerWarp; ++u) {
+          const float x = to_f32(kp[u][c * a.k_strides[3]]);
+#pragma unroll
+          for (int g = 0; g < G_TILE; ++g) part[u][g] += q_s[g][c] * x;
+        }
       }
 #pragma unroll
-      for (int g = 0; g < G_TILE; ++g) {
-        const float s = warp_sum(part[g]);
-        if (lane == 0) p_s[g][k] = s;
+      for (int u = 0; u < kKeysPerWarp; ++u) {
+#pragma unroll
+        for (int g = 0; g < G_TILE; ++g) {
+          const float s = warp_sum(part[u][g]);
+          if (lane == 0 && k0 + u < n) p_s[g][k0 + u] = s;
+        }
       }
     }
     __syncthreads();
@@ -194,6 +221,7 @@ paged_decode_kernel(const PagedDecodeArgs a) {
     if (kl < key_lanes) {
 #pragma unroll
       for (int g = 0; g < G_TILE; ++g) acc[g] *= alpha_s[g];
+#pragma unroll 4
       for (int k = kl; k < n; k += key_lanes) {
         const int pos = base + k;
         const T* vp = vc + static_cast<int64_t>(bt[pos / a.block_size]) * a.v_strides[0] +
