@@ -382,6 +382,9 @@ def normalise_argv(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     argv = normalise_argv(sys.argv[1:] if argv is None else argv)
+    from yarn_vllm.bench.cli import default_to_offline
+
+    argv = default_to_offline(argv)  # `yarn-vllm bench ...` is `bench offline ...`
     args, unknown = build_parser().parse_known_args(argv)
     try:
         return args.func(args, unknown)

@@ -230,3 +230,18 @@ def test_example_sweep_file_is_valid():
     s = load_sweep(path)
     assert [c["mode"] for c in s["configs"]] == ["vllm-yarn", "ours-static", "none", "ours-dynamic"]
     assert s["settings"]["output"] == "bench_results/sweep.jsonl"
+
+
+def test_bench_cli_parses_offline_by_default():
+    from yarn_vllm.bench.cli import default_to_offline
+    from yarn_vllm.cli import build_parser
+
+    argv = default_to_offline(["bench", "--context-lengths", "1024,4096", "--modes",
+                               "vllm-yarn,ours-static", "--max-num-seqs", "4"])
+    args, unknown = build_parser().parse_known_args(argv)
+    assert (args.bench_command, args.context_lengths, args.modes, args.batch_sizes) == (
+        "offline", [1024, 4096], ["vllm-yarn", "ours-static"], [1])
+    assert unknown == ["--max-num-seqs", "4"]  # goes to vLLM's LLM(...)
+    assert default_to_offline(["bench", "sweep", "s.yaml"]) == ["bench", "sweep", "s.yaml"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_known_args(["bench", "offline", "--modes", "turbo"])

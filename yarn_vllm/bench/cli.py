@@ -84,11 +84,23 @@ def cmd_sweep(args, unknown) -> int:
     return 1 if report["failed"] else 0
 
 
+BENCH_COMMANDS = ("offline", "online", "sweep")
+
+
+def default_to_offline(argv: list[str]) -> list[str]:
+    """`bench --context-lengths ...` -> `bench offline --context-lengths ...`."""
+    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1] not in
+                                  (*BENCH_COMMANDS, "-h", "--help")):
+        return ["bench", "offline", *argv[1:]]
+    return argv
+
+
 def add_bench_parser(sub) -> None:
     """Register `bench` (offline, online, sweep) on the top-level subparsers."""
     from yarn_vllm.models import DEFAULT_MODEL
 
-    b = sub.add_parser("bench", help="throughput: offline per mode, online TTFT/TPOT, Ray sweeps")
+    b = sub.add_parser("bench", help="throughput: offline per mode (the default), online "
+                       "TTFT/TPOT, Ray sweeps")
     bsub = b.add_subparsers(dest="bench_command", required=True)
 
     o = bsub.add_parser("offline", help="prefill/decode/end-to-end tokens/s per mode, "

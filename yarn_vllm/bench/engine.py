@@ -71,9 +71,13 @@ def run_bench_engine(spec: dict, *, plugins: bool, timeout: float | None = None,
                 timer.daemon = True
                 timer.start()
             try:
-                for line in proc.stdout:
-                    if line.startswith("PROGRESS ") and on_progress:
-                        on_progress(json.loads(line[len("PROGRESS "):]))
+                for line in proc.stdout:  # vLLM logs to stdout too: those lines go to the log
+                    if line.startswith("PROGRESS "):
+                        if on_progress:
+                            on_progress(json.loads(line[len("PROGRESS "):]))
+                    else:
+                        log.write(line)
+                        log.flush()
                 code = proc.wait()
             finally:
                 if timer:
