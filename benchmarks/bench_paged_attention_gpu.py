@@ -38,8 +38,11 @@ DTYPE = torch.bfloat16
 
 def has_cuda_op() -> bool:
     from yarn_vllm import ops
-    return ops.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "yarn_vllm::paged_attention_decode_cuda", "CUDA")
+    try:
+        return ops.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "yarn_vllm::paged_attention_decode_cuda", "CUDA")
+    except RuntimeError:  # a build without the CUDA sources does not define the op
+        return False
 
 
 def make_batch(shape: str, context: int, q_len: int, num_seqs: int) -> dict:
