@@ -213,6 +213,41 @@ def test_launcher_module_imports_triton_lazily():
                              for name in names), names
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs the compiler")
+@pytest.mark.parametrize("dtype,group,head_size,rotary_dim,is_neox", [
+    ("bf16", 4, 128, 128, True), ("fp32", 2, 80, 20, False)])
+def test_triton_kernel_compiles_for_sm90(dtype, group, head_size, rotary_dim, is_neox):
+    """The interpreter skips Triton's GPU lowering (layouts, dot shapes, constexpr
+    branches); compiling to an sm_90 cubin here needs no GPU, only ptxas from the wheel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from yarn_vllm.attention._triton_paged_kernel import paged_attention_kernel as kernel
+
+    half, tail = rotary_dim // 2, head_size - rotary_dim
+    pow2 = lambda x: max(16, 1 << (max(x, 1) - 1).bit_length())  # noqa: E731
+    constexprs = dict(GROUP=group, BLOCK_M=64, BLOCK_N=64, BLOCK_HALF=pow2(half),
+                      BLOCK_TAIL=pow2(tail), BLOCK_D=pow2(head_size), HAS_TAIL=tail > 0,
+                      IS_NEOX=is_neox, PRECISION="ieee" if dtype == "fp32" else "tf32",
+                      EMULATE=False)
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr"):
+            signature[name] = f"*{dtype}"
+        elif name in ("block_table_ptr", "seq_lens_ptr", "q_start_ptr"):
+            signature[name] = "*i32"
+        else:
+            signature[name] = "*fp32" if name.endswith("_ptr") else "i32"
+    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v
+                                                      for n, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"]
+
+
 @pytest.mark.parametrize("mutate,match", [
     (lambda c: c.update(block_table=c["block_table"].long()), "block_table: expected int32"),
     (lambda c: c.update(seq_lens=c["seq_lens"][:-1]), "seq_lens: expected shape"),
