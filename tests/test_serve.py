@@ -1,0 +1,354 @@
+"""`yarn-vllm serve` on loopback, through a real `openai` client, against vLLM run offline.
+
+One server per module: the default model (SmolLM2-135M, trained to 8k) served with
+YaRN s=2 (16k context). The reference is the same prompts run offline through vLLM
+(`yarn_vllm.engine_worker`, a fresh process) with the same YaRN overrides, dtype,
+eager mode and CPU threads; greedy outputs must match token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from yarn_vllm.config import YarnConfig
+from yarn_vllm.engine_worker import run_engine
+from yarn_vllm.serve import on_cpu
+from yarn_vllm.server_process import LocalServer
+
+FACTOR, MAX_TOKENS = 2.0, 24
+# One setting for the server and the reference, so both engines use the same CPU threads.
+ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "VLLM_CPU_KVCACHE_SPACE": "4"}
+COMPLETIONS = ["The Library of Congress held a workshop on electronic texts. The main topics were",
+               "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+CHAT = [{"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "Name three uses of a long context window."}]
+SMALL_LOAD = (8, 300, 600)  # requests, shortest and longest prompt in tokens (default suite)
+
+
+def text_excerpts(tok, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    """`n` token-id prompts of lo..hi tokens, each from a different place in lcet10.txt."""
+    from yarn_vllm.eval.run import default_text
+
+    ids = tok(default_text(), add_special_tokens=False).input_ids
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi + 1, n)
+    starts = rng.choice(len(ids) - hi, n, replace=False)
+    return [ids[s:s + int(k)] for s, k in zip(starts, lengths)]
+
+
+def offline(model: str, prompts: list[list[int]], **sampling) -> list[dict]:
+    """Greedy outputs of `prompts` through vLLM offline, settings as the server's."""
+    hf = json.load(open(os.path.join(model, "config.json")))
+    overrides = YarnConfig(factor=FACTOR).hf_overrides(hf)
+    spec = {"model": model, "prompts": prompts,
+            "llm_kwargs": {"hf_overrides": overrides,
+                           "max_model_len": overrides["max_position_embeddings"]},
+            "sampling": {"max_tokens": MAX_TOKENS, "ignore_eos": False, **sampling}}
+    return run_engine(spec, env=ENV, timeout=1800)["outputs"]
+
+
+@pytest.fixture(scope="module")
+def tok(smol_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_model)
+
+
+@pytest.fixture(scope="module")
+def launched(smol_model, tmp_path_factory):
+    """The server process, started but not yet waited for (see `cases`)."""
+    log = str(tmp_path_factory.mktemp("serve") / "server.log")
+    s = LocalServer(smol_model, ["--factor", str(FACTOR)], env={**os.environ, **ENV},
+                    log_path=log).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(launched, cases):
+    """The server, ready. The offline reference (`cases`) runs while it boots."""
+    return launched.wait_ready()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    # max_retries=0: a retried request would hide a failure.
+    return openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=900)
+
+
+def chat_ids(tok) -> list[int]:
+    ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.fixture(scope="module")
+def cases(launched, smol_model, tok):
+    """Every default-suite prompt as token ids, and their offline outputs (one engine run,
+    overlapping the server's start-up: both are mostly single-threaded imports)."""
+    prompts = {"completion": [tok(p).input_ids for p in COMPLETIONS], "chat": [chat_ids(tok)],
+               "load": text_excerpts(tok, *SMALL_LOAD, seed=1)}
+    flat = [p for group in prompts.values() for p in group]
+    outs = iter(offline(smol_model, flat))
+    return {k: [(p, next(outs)) for p in group] for k, group in prompts.items()}
+
+
+# ---- the plugin is what serves ---------------------------------------------
+
+def test_plugin_serves_yarn_in_the_model_process(server):
+    log = server.log()
+    lines = [ln for ln in log.splitlines()
+             if "yarn_vllm: serving YaRN RoPE with YarnRotaryEmbedding" in ln]
+    # the model runs in vLLM's worker process; the line carries its process prefix
+    assert any("Worker" in ln or "EngineCore" in ln for ln in lines), log[-3000:]
+    assert '"rope_type": "yarn"' in log and "max_model_len': 16384" in log
+
+
+# ---- completion, chat, streaming, all against offline vLLM -------------------
+
+def test_completion_matches_offline(client, server, cases, tok):
+    for text, (ids, ref) in zip(COMPLETIONS, cases["completion"]):
+        r = client.completions.create(model=server.model, prompt=text, max_tokens=MAX_TOKENS,
+                                      temperature=0, extra_body={"return_token_ids": True})
+        c = r.choices[0]
+        assert c.prompt_token_ids == ids  # the server tokenised as HF does
+        assert c.token_ids == ref["token_ids"]
+        assert c.text == ref["text"]
+        assert r.usage.completion_tokens == len(ref["token_ids"])
+
+
+def test_chat_matches_offline(client, server, cases):
+    ids, ref = cases["chat"][0]
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=MAX_TOKENS,
+                                       temperature=0, extra_body={"return_token_ids": True})
+    c = r.choices[0]
+    assert r.prompt_token_ids == ids  # the chat template as HF renders it
+    assert c.token_ids == ref["token_ids"]
+    assert c.message.content == ref["text"]
+
+
+def test_streaming_equals_non_streaming(client, server, cases):
+    pieces = [ch.choices[0].text for ch in client.completions.create(
+        model=server.model, prompt=COMPLETIONS[0], max_tokens=MAX_TOKENS, temperature=0,
+        stream=True) if ch.choices]
+    assert len(pieces) > 1  # it really streamed
+    assert "".join(pieces) == cases["completion"][0][1]["text"]
+
+    chat = [ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model=server.model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+        if ch.choices]
+    assert "".join(chat) == cases["chat"][0][1]["text"]
+
+
+# ---- bad input ---------------------------------------------------------------
+
+def test_over_long_prompt_is_400_naming_the_limit(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=server.model, prompt=[100] * 16385, max_tokens=1)
+    assert e.value.status_code == 400
+    assert "maximum context length is 16384 tokens" in e.value.message
+
+
+def _hostile(model: str) -> list[tuple[str, str, bytes, int, str]]:
+    """(name, path, raw body, expected status, a word the message must contain)."""
+    def body(**fields) -> bytes:
+        return json.dumps({"model": model, **fields}).encode()
+
+    chat = [{"role": "user", "content": "Hi"}]
+    return [
+        ("negative max_tokens", "completions", body(prompt="Hi", max_tokens=-1), 400,
+         "max_tokens"),
+        ("max_tokens a string", "completions", body(prompt="Hi", max_tokens="lots"), 400,
+         "max_tokens"),
+        ("huge n", "completions", body(prompt="Hi", max_tokens=2, n=10 ** 6), 400, "n must be"),
+        ("invalid UTF-8 in the body", "completions",
+         b'{"model": "' + model.encode() + b'", "prompt": "\xff\xfe\xfd", "max_tokens": 2}',
+         400, "pars"),
+        ("empty prompt", "completions", body(prompt="", max_tokens=2), 400, "prompt"),
+        ("malformed JSON", "completions", b'{"model": "x", "prompt": ', 400, "JSON"),
+        ("body is a JSON array", "completions", b"[1, 2, 3]", 400, "dictionary"),
+        ("unknown model", "completions", json.dumps({"model": "no-such-model", "prompt": "Hi"})
+         .encode(), 404, "does not exist"),
+        ("huge logprobs", "completions", body(prompt="Hi", max_tokens=2, logprobs=10 ** 5), 400,
+         "logprobs"),
+        ("huge top_logprobs (chat)", "chat/completions",
+         body(messages=chat, max_tokens=2, logprobs=True, top_logprobs=1000), 400, "logprobs"),
+        ("messages not a list", "chat/completions", body(messages="Hi", max_tokens=2), 400,
+         "messages"),
+        ("max_tokens past the context", "completions", body(prompt="Hi", max_tokens=10 ** 5),
+         400, "max_model_len"),
+        ("negative temperature", "completions", body(prompt="Hi", max_tokens=2,
+                                                     temperature=-3), 400, "temperature"),
+        ("token id out of vocabulary", "completions", body(prompt=[99999999], max_tokens=2), 400,
+         "vocabulary"),
+        ("top_p NaN", "completions", b'{"model": "' + model.encode() +
+         b'", "prompt": "Hi", "max_tokens": 2, "top_p": NaN}', 400, "top_p"),
+    ]
+
+
+def hostile_results(server) -> list[dict]:
+    """Send each hostile request, then a valid one; what came back (also for the report)."""
+    rows = []
+    with httpx.Client(base_url=server.base_url, timeout=300) as http:
+        for name, path, raw, want, word in _hostile(server.model):
+            r = http.post(f"/{path}", content=raw, headers={"content-type": "application/json"})
+            ok = http.post("/completions", json={"model": server.model, "prompt": "Hello",
+                                                 "max_tokens": 1, "temperature": 0})
+            body = r.json()
+            message = (body.get("error") or {}).get("message") or body.get("detail") or ""
+            rows.append({"input": name, "status": r.status_code, "want": want, "word": word,
+                         "message": str(message), "then_valid": ok.status_code})
+    return rows
+
+
+def test_hostile_inputs_get_clean_4xx_and_the_server_keeps_serving(server):
+    rows = hostile_results(server)
+    assert len(rows) >= 8
+    for row in rows:
+        assert row["status"] == row["want"], row
+        assert row["word"].lower() in row["message"].lower(), row
+        assert "Traceback" not in row["message"], row
+        assert row["then_valid"] == 200, row
+    assert server.proc.poll() is None
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "yarn_vllm.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("yaml_text, field", [
+    ("factor: -2\n", "`factor` is -2.0"),
+    ("factr: 2\n", "`factr` is not a YaRN setting"),
+    ("factor: [2\n", "is not valid YAML"),
+    ("factor: 2\nbeta_fast: 0.5\n", "`beta_fast` is 0.5 with beta_slow 1.0"),
+    ("factor: two\n", "`factor` is 'two', not a float"),
+])
+def test_bad_yarn_config_exits_at_start_in_one_line(tmp_path, yaml_text, field):
+    """Refused before any model, engine or vLLM import: one line, exit 2, no traceback."""
+    path = tmp_path / "yarn.yaml"
+    path.write_text(yaml_text)
+    proc = run_cli("serve", str(tmp_path / "never-loaded"), "--yarn-config", str(path),
+                   "--port", "1")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("yarn-vllm: yarn config: "), proc.stderr
+    assert field in lines[0]
+
+
+def test_yarn_setting_the_model_cannot_take_exits_in_one_line(tiny_llama):
+    proc = run_cli("serve", tiny_llama, "--target-context", "512")  # trained to 1024
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "yarn-vllm: yarn config: `target_context` (512) is shorter than the original context "
+        "(1024). Fix: give a target of at least 1024 tokens"]
+
+
+@pytest.mark.skipif(not on_cpu(), reason="the Ray executor works on GPU platforms")
+def test_ray_executor_on_cpu_is_refused_in_one_line(tiny_llama):
+    proc = run_cli("serve", tiny_llama, "--factor", "2", "--tensor-parallel-size", "2",
+                   "--distributed-executor-backend", "ray")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "yarn-vllm serve: vLLM's CPU platform does not support the Ray executor "
+        "(--distributed-executor-backend ray). Fix: use --distributed-executor-backend mp "
+        "(Ray tensor parallelism is for GPUs)"]
+
+
+# ---- load: concurrent requests, none lost or mixed up -------------------------
+
+async def concurrent_completions(base_url: str, model: str, prompts: list[list[int]],
+                                 max_tokens: int) -> tuple[list, list[float], float]:
+    """All `prompts` at once; (choices, per-request latency in s, wall s)."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=3600)
+
+    async def one(p):
+        t0 = time.perf_counter()
+        r = await client.completions.create(model=model, prompt=p, max_tokens=max_tokens,
+                                            temperature=0, extra_body={"return_token_ids": True})
+        return r.choices[0], time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in prompts))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return [c for c, _ in results], [s for _, s in results], wall
+
+
+def check_load(server, pairs: list[tuple[list[int], dict]]) -> dict:
+    prompts = [p for p, _ in pairs]
+    choices, latency, wall = asyncio.run(
+        concurrent_completions(server.base_url, server.model, prompts, MAX_TOKENS))
+    assert len(choices) == len(prompts)
+    for (prompt, ref), c in zip(pairs, choices):
+        assert c.prompt_token_ids == prompt  # this answer belongs to this prompt
+        assert c.token_ids == ref["token_ids"] and c.text == ref["text"]
+    assert len({c.text for c in choices}) > 1  # distinct answers: a mix-up would show
+    p50, p90, p99 = np.percentile(latency, [50, 90, 99])
+    stats = {"requests": len(prompts), "prompt_tokens": [min(map(len, prompts)),
+                                                         max(map(len, prompts))],
+             "max_tokens": MAX_TOKENS, "wall_s": round(wall, 2), "p50_s": round(p50, 2),
+             "p90_s": round(p90, 2), "p99_s": round(p99, 2)}
+    print(f"\nload: {json.dumps(stats)}")
+    return stats
+
+
+def test_concurrent_requests_small(server, cases):
+    check_load(server, cases["load"])
+
+
+@pytest.mark.slow
+def test_32_concurrent_long_prompts(server, smol_model, tok):
+    """32 requests at once with 2k-4k-token prompts; each equals its offline greedy output."""
+    prompts = text_excerpts(tok, 32, 2000, 4000, seed=2)
+    t0 = time.perf_counter()
+    refs = offline(smol_model, prompts)
+    offline_s = time.perf_counter() - t0
+    stats = check_load(server, list(zip(prompts, refs)))
+    stats["offline_reference_s"] = round(offline_s, 1)
+    os.makedirs("results", exist_ok=True)
+    with open("results/serve_load.json", "w") as f:
+        json.dump(stats, f, indent=2)
+
+
+# ---- what reaches vLLM (no engine) ---------------------------------------------
+
+def test_gpu_platform_passes_tp_and_ray_flags_through(tiny_llama):
+    from yarn_vllm.serve import serve_command
+
+    flags = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "ray",
+             "--hf-overrides", '{"sliding_window": null}']
+    cmd, env = serve_command(tiny_llama, YarnConfig(factor=2.0), flags, cpu=False, env={})
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
+    assert cmd[cmd.index("--distributed-executor-backend") + 1] == "ray"
+    assert "--enforce-eager" not in cmd and env == {}  # no CPU defaults on GPU
+    overrides = json.loads(cmd[cmd.index("--hf-overrides") + 1])
+    assert cmd.count("--hf-overrides") == 1  # the user's keys merged into ours
+    hf = json.load(open(os.path.join(tiny_llama, "config.json")))
+    assert overrides == {**YarnConfig(factor=2.0).hf_overrides(hf), "sliding_window": None}
+    assert cmd[cmd.index("--max-model-len") + 1] == "2048"
+
+
+def test_cpu_tensor_parallel_binds_one_core_group_per_rank(tiny_llama):
+    from yarn_vllm.serve import ServeError, cpu_thread_binding, serve_command
+
+    assert cpu_thread_binding(2, [0, 1]) == "0|1"
+    assert cpu_thread_binding(2, [0, 1, 2, 3, 4]) == "0,1|2,3"
+    with pytest.raises(ServeError, match="--tensor-parallel-size 4 needs at least 4 CPU cores"):
+        cpu_thread_binding(4, [0, 1])
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    cmd, env = serve_command(tiny_llama, None, ["-tp", "2", "--distributed-executor-backend",
+                                                "mp"], cpu=True, env={})
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == cpu_thread_binding(2, cores)
+    assert "--enforce-eager" in cmd and env["VLLM_CPU_KVCACHE_SPACE"] == "4"
