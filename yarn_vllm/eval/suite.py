@@ -79,7 +79,7 @@ def save(store: str, job: Job, method: str, result: dict) -> None:
 
 def run_job(model: str, job: Job, method: str, llm_kwargs: dict | None = None) -> dict:
     """One (job, method) through vLLM: the eval's result for that method, plus provenance."""
-    t0 = time.perf_counter()
+    t0, load_before = time.perf_counter(), os.getloadavg()[0]
     llm_kwargs = {**dict(job.engine), **(llm_kwargs or {})}
     if job.kind == "ppl":
         res = run.eval_perplexity(model, [method], list(job.sizes), factor=job.factor,
@@ -90,6 +90,8 @@ def run_job(model: str, job: Job, method: str, llm_kwargs: dict | None = None) -
     res["wall_seconds"] = time.perf_counter() - t0
     res["job"] = dataclasses.asdict(job)
     res["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    # wall times on a shared machine mean little without the load they ran under
+    res["load_average_1min"] = {"start": load_before, "end": os.getloadavg()[0]}
     res["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return res
 
