@@ -22,7 +22,7 @@ echo "== rope benchmark on CUDA"
 timeout 180 python benchmarks/bench_rope.py --device cuda --out "$OUT/rope_cuda.json" 2>&1 | tee "$OUT/rope_cuda.txt"
 
 echo "== gpu tests: pre-RoPE paged attention (CUDA decode op, Triton on CUDA, xformers if present)"
-timeout 180 python -m pytest -q -m gpu -p no:cacheprovider tests/test_paged_attention_kernels.py 2>&1 | tail -15 | tee "$OUT/gpu_tests_paged_attention.txt"
+timeout 180 python -m pytest -q -m gpu -p no:cacheprovider tests/test_paged_attention_gpu.py 2>&1 | tail -15 | tee "$OUT/gpu_tests_paged_attention.txt"
 
 echo "== paged attention benchmark: rotate keys on load vs pre-rotated, Triton prefill"
 timeout 120 python benchmarks/bench_paged_attention_gpu.py --out "$OUT/paged_attention_gpu.json" 2>&1 | tee "$OUT/paged_attention_gpu.txt"

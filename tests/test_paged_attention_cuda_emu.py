@@ -19,7 +19,7 @@ import subprocess
 import pytest
 import torch
 
-from test_paged_attention_kernels import CUDA_TOL, _prerotate, make_case, new_out, reference
+from paged_cases import CUDA_TOL, make_case, new_out, prerotate, reference
 
 pytestmark = pytest.mark.slow
 
@@ -97,5 +97,5 @@ def test_emulated_prerotated_variant(emu):
     case = make_case("gqa3_split", "cpu", CASES["gqa3_split"])
     on_load, ahead = new_out(case), new_out(case)
     run_emulated(emu, case, on_load, rotate=True, num_sms=1000)
-    run_emulated(emu, _prerotate(case), ahead, rotate=False, num_sms=1000)
+    run_emulated(emu, prerotate(case), ahead, rotate=False, num_sms=1000)
     torch.testing.assert_close(ahead, on_load, **CUDA_TOL[torch.float32])
