@@ -92,7 +92,8 @@ def bench_decode(shape: str, context: int, num_seqs: int, reps: int, cuda_op: bo
         row[name] = measure(fn, reps=reps, warmup=5, device="cuda")
         row[name]["GBps"] = kv_bytes / row[name]["median"] / 1e6
     if cuda_op:
-        row["rotate_over_prerotated"] = row["cuda_rotate"]["median"] / row["cuda_prerotated"]["median"]
+        row["rotate_over_prerotated"] = (row["cuda_rotate"]["median"]
+                                         / row["cuda_prerotated"]["median"])
     row["triton_over_cuda_rotate"] = (row["triton"]["median"] / row["cuda_rotate"]["median"]
                                       if cuda_op else None)
     del b

@@ -41,7 +41,8 @@ def _check(out, query, key_cache, value_cache, block_table, seq_lens, query_star
          f"query: {query.shape[1]} heads is not a multiple of key_cache's {key_cache.shape[1]}")
     for name, t in (("query", query), ("out", out), ("key_cache", key_cache),
                     ("value_cache", value_cache)):
-        need(t.dtype in _FLOATS, f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
+        need(t.dtype in _FLOATS,
+             f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
         need(t.device == query.device, f"{name}: on {t.device}, query on {query.device}")
     need(value_cache.dtype == key_cache.dtype,
          f"value_cache: dtype {value_cache.dtype} != key_cache's {key_cache.dtype}")
