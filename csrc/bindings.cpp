@@ -18,9 +18,11 @@ TORCH_LIBRARY(yarn_vllm, m) {
   // out, query: (T, H_q, D), query before RoPE; key_cache, value_cache:
   // (num_blocks, H_kv, block_size, D) views, any strides; block_table: (B, max_blocks) int32;
   // seq_lens: (B,) int32; query_start_loc: (B + 1,) int32; inv_freq: (B, rotary_dim / 2) fp32;
-  // logit_scale: (B,) fp32 (softmax scale x mscale(s)^2). Optional precomputed angles:
-  // cos_sin: (sum_b seq_lens[b], rotary_dim) fp32 rows [cos | sin] of positions 0..seq_len-1 of
-  // each sequence at its own scale, sequence b starting at row cos_sin_start[b] (int64 (B,)).
+  // logit_scale: (B,) fp32 (softmax scale x mscale(s)^2). Optional precomputed angles
+  // (a CPU accelerator; other devices may compute them from inv_freq): cos_sin: fp32 rows
+  // [cos | sin] of rotary_dim; sequence b's rows start at cos_sin_start[b] (int64 (B,)) and are
+  // 32 "fine" rows for offsets 0..31, then a "coarse" row for each of positions 0, 32, 64, ...
+  // (angle(t) = coarse[t / 32] * fine[t % 32]); see DynamicRope.angle_table.
   m.def(
       "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, Tensor inv_freq, "

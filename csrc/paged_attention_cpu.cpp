@@ -213,9 +213,11 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
                 "cos_sin_start: expected int64 (B,)");
     const int64_t* st = cos_sin_start->data_ptr<int64_t>();
     const int32_t* lens = seq_lens.data_ptr<int32_t>();
-    for (int64_t b = 0; b < num_seqs; ++b)
-      TORCH_CHECK(st[b] >= 0 && st[b] + lens[b] <= cos_sin->size(0), "cos_sin: sequence ", b,
-                  " rows [", st[b], ", ", st[b] + lens[b], ") fall outside the table");
+    for (int64_t b = 0; b < num_seqs; ++b) {
+      const int64_t rows = kAngleStride + (lens[b] + kAngleStride - 1) / kAngleStride;
+      TORCH_CHECK(st[b] >= 0 && st[b] + rows <= cos_sin->size(0), "cos_sin: sequence ", b,
+                  " rows [", st[b], ", ", st[b] + rows, ") fall outside the table");
+    }
   }
   switch (query.scalar_type()) {
     case at::kFloat:

@@ -17,13 +17,16 @@
 
 #include "cpu_elements.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define YARN_PAGED_AVX2 1
+#include "rotary_cpu_avx2.h"
 #endif
 
 namespace yarn {
 
 constexpr int kKeyTile = 32;  // keys rotated and scored together; one L1-resident tile
+constexpr int kAngleStride = 32;  // positions per coarse angle row (== fine rows)
+constexpr int kFastRows = 64;  // the register path hsums per (row, key): cheap for few rows
 
 struct PagedShape {
   int num_q_heads, num_kv_heads, head_size, rotary_dim, block_size;
@@ -33,9 +36,14 @@ struct PagedShape {
   int64_t v_block_stride, v_head_stride, v_row_stride;
 };
 
-// What the kernel needs of one sequence. Angles come from `cos_sin`
-// ([seq_len, rotary_dim] rows of cos | sin, shared by every layer of a step) or,
-// when it is null, are computed from `inv_freq` per row.
+// What the kernel needs of one sequence. Angles come from `cos_sin` or, when it
+// is null, are computed from `inv_freq` in fp32 per row. `cos_sin` holds
+// kAngleStride "fine" rows (offsets m = 0..31) and then one "coarse" row per
+// 32 positions (0, 32, 64, ...), each [cos | sin]; the angle of t is composed as
+// coarse[t / 32] * fine[t % 32] (a complex product). A step's table is thus
+// O(seq_len / 32) rows, built once in double precision and read by every layer,
+// instead of a full [seq_len, rotary_dim] table that would cost as much memory
+// traffic as the keys.
 struct PagedSequence {
   const int32_t* blocks;
   int seq_len, q_len;
@@ -59,7 +67,7 @@ namespace detail {
 
 // exp of 8 lanes (Cephes-style: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2]),
 // with -inf (masked keys) mapped to exactly 0.
-#if defined(__AVX2__) && defined(__FMA__)
+#if YARN_PAGED_AVX2
 inline __m256 exp8(__m256 x) {
   const __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
@@ -82,7 +90,7 @@ inline __m256 exp8(__m256 x) {
 
 // x[j] = exp(x[j] - shift) for j < kKeyTile.
 inline void exp_shifted(float* x, float shift) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if YARN_PAGED_AVX2
   const __m256 s = _mm256_set1_ps(shift);
   for (int j = 0; j < kKeyTile; j += 8)
     _mm256_storeu_ps(x + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), s)));
@@ -91,9 +99,21 @@ inline void exp_shifted(float* x, float shift) {
 #endif
 }
 
+inline const float* fine_row(const PagedSequence& seq, int position, int half) {
+  return seq.cos_sin + static_cast<int64_t>(position % kAngleStride) * 2 * half;
+}
+inline const float* coarse_row(const PagedSequence& seq, int position, int half) {
+  return seq.cos_sin + static_cast<int64_t>(kAngleStride + position / kAngleStride) * 2 * half;
+}
+
 inline void angles_row(const PagedSequence& seq, int position, int half, float* row) {
   if (seq.cos_sin != nullptr) {
-    std::copy_n(seq.cos_sin + static_cast<int64_t>(position) * 2 * half, 2 * half, row);
+    const float* f = fine_row(seq, position, half);
+    const float* c = coarse_row(seq, position, half);
+    for (int j = 0; j < half; ++j) {
+      row[j] = c[j] * f[j] - c[half + j] * f[half + j];
+      row[half + j] = c[half + j] * f[j] + c[j] * f[half + j];
+    }
     return;
   }
   for (int j = 0; j < half; ++j) {
@@ -121,6 +141,133 @@ inline void rotate(float* x, const float* cs, int rotary_dim, bool is_neox) {
       x[2 * j + 1] = x2 * c[j] + x1 * s[j];
     }
   }
+}
+
+
+#if YARN_PAGED_AVX2
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The decode-shaped hot path (few query rows, NeoX pairs, 8-aligned halves):
+// each key is rotated in registers as it is loaded and scored against every
+// row, so nothing is transposed and values are read straight from the cache.
+template <typename T>
+void tile_scores_avx2(const PagedShape& sh, const PagedSequence& seq, const float* q, int rows,
+                      const T* key_cache, int kv_head, int kt, int n, float* scores,
+                      float* cs_buf) {
+  const int D = sh.head_size, half = sh.rotary_dim / 2;
+  alignas(32) float rotated[1024];
+  // The tile lies in one block (kt and block_size are multiples of kKeyTile).
+  const T* tile_keys = key_cache + seq.blocks[kt / sh.block_size] * sh.k_block_stride +
+                       kv_head * sh.k_head_stride + (kt % sh.block_size) * sh.k_row_stride;
+  for (int j = 0; j < n; ++j) {
+    const int t = kt + j;
+    const T* kp = tile_keys + j * sh.k_row_stride;
+    const float* fine = nullptr;
+    const float* coarse = nullptr;
+    if (seq.cos_sin != nullptr) {
+      fine = fine_row(seq, t, half);
+      coarse = coarse_row(seq, t, half);
+    } else {
+      angles_row(seq, t, half, cs_buf);
+    }
+    for (int c = 0; c < half; c += 8) {
+      const __m256 k1 = avx2::load8(kp + c), k2 = avx2::load8(kp + half + c);
+      __m256 co, si;
+      if (fine != nullptr) {
+        const __m256 cc = _mm256_loadu_ps(coarse + c), cs_ = _mm256_loadu_ps(coarse + half + c);
+        const __m256 fc = _mm256_loadu_ps(fine + c), fs = _mm256_loadu_ps(fine + half + c);
+        co = _mm256_fmsub_ps(cc, fc, _mm256_mul_ps(cs_, fs));
+        si = _mm256_fmadd_ps(cs_, fc, _mm256_mul_ps(cc, fs));
+      } else {
+        co = _mm256_loadu_ps(cs_buf + c);
+        si = _mm256_loadu_ps(cs_buf + half + c);
+      }
+      _mm256_store_ps(rotated + c, _mm256_fmsub_ps(k1, co, _mm256_mul_ps(k2, si)));
+      _mm256_store_ps(rotated + half + c, _mm256_fmadd_ps(k2, co, _mm256_mul_ps(k1, si)));
+    }
+    for (int c = 2 * half; c < D; c += 8) _mm256_store_ps(rotated + c, avx2::load8(kp + c));
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + static_cast<size_t>(r) * D;
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qr), _mm256_load_ps(rotated));
+      for (int c = 8; c < D; c += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + c), _mm256_load_ps(rotated + c), acc);
+      scores[static_cast<size_t>(r) * kKeyTile + j] = hsum8(acc);
+    }
+  }
+}
+
+// acc[r] += sum_j p[r][j] * v_j over the n keys of the tile.
+template <typename T>
+void tile_values_avx2(const PagedShape& sh, const PagedSequence& seq, const float* p, int rows,
+                      const T* value_cache, int kv_head, int kt, int n, float* acc) {
+  const int D = sh.head_size;
+  const T* tile_values = value_cache + seq.blocks[kt / sh.block_size] * sh.v_block_stride +
+                         kv_head * sh.v_head_stride + (kt % sh.block_size) * sh.v_row_stride;
+  for (int j = 0; j < n; ++j) {
+    const T* vp = tile_values + j * sh.v_row_stride;
+    for (int c = 0; c < D; c += 8) {
+      const __m256 v = avx2::load8(vp + c);
+      for (int r = 0; r < rows; ++r) {
+        float* a = acc + static_cast<size_t>(r) * D + c;
+        _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(p[static_cast<size_t>(r) * kKeyTile + j]),
+                                            v, _mm256_loadu_ps(a)));
+      }
+    }
+  }
+}
+#endif
+
+// Portable tile: keys rotated into a [D][tile] transpose so that scores vectorise
+// over keys; values staged in `vals` for tile_values_generic.
+template <typename T>
+void tile_scores_generic(const PagedShape& sh, const PagedSequence& seq, const float* q, int rows,
+                         const T* key_cache, const T* value_cache, int kv_head, int kt, int n,
+                         float* scores, float* cs, float* key, float* key_t, float* vals) {
+  const int D = sh.head_size, half = sh.rotary_dim / 2;
+  for (int j = 0; j < kKeyTile; ++j) {
+    if (j >= n) {
+      for (int d = 0; d < D; ++d) key_t[d * kKeyTile + j] = 0.f;
+      continue;
+    }
+    const int t = kt + j;
+    const int64_t block = seq.blocks[t / sh.block_size];
+    const int row = t % sh.block_size;
+    const T* kp = key_cache + block * sh.k_block_stride + kv_head * sh.k_head_stride +
+                  row * sh.k_row_stride;
+    const T* vp = value_cache + block * sh.v_block_stride + kv_head * sh.v_head_stride +
+                  row * sh.v_row_stride;
+    for (int d = 0; d < D; ++d) key[d] = load(kp[d]);
+    angles_row(seq, t, half, cs);
+    rotate(key, cs, sh.rotary_dim, sh.is_neox);
+    for (int d = 0; d < D; ++d) key_t[d * kKeyTile + j] = key[d];
+    for (int d = 0; d < D; ++d) vals[static_cast<size_t>(j) * D + d] = load(vp[d]);
+  }
+  for (int r = 0; r < rows; ++r) {
+    float* s = scores + static_cast<size_t>(r) * kKeyTile;
+    const float* qr = q + static_cast<size_t>(r) * D;
+    for (int j = 0; j < kKeyTile; ++j) s[j] = 0.f;
+    for (int d = 0; d < D; ++d) {
+      const float qd = qr[d];
+      const float* kd = key_t + d * kKeyTile;
+      for (int j = 0; j < kKeyTile; ++j) s[j] += qd * kd[j];
+    }
+  }
+}
+
+inline void tile_values_generic(int D, const float* p, int rows, const float* vals, int n,
+                                float* acc) {
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < n; ++j) {
+      const float pj = p[static_cast<size_t>(r) * kKeyTile + j];
+      const float* v = vals + static_cast<size_t>(j) * D;
+      float* a = acc + static_cast<size_t>(r) * D;
+      for (int d = 0; d < D; ++d) a[d] += pj * v[d];
+    }
 }
 
 }  // namespace detail
@@ -153,47 +300,44 @@ void paged_attend(const PagedShape& sh, const PagedSequence& seq, const T* query
     }
   }
 
-  std::vector<float> key_t(static_cast<size_t>(D) * kKeyTile);  // [D][tile]: scores vectorise over keys
-  std::vector<float> vals(static_cast<size_t>(kKeyTile) * D);
-  std::vector<float> key(D), scores(static_cast<size_t>(rows) * kKeyTile);
+#if YARN_PAGED_AVX2
+  const bool fast = sh.is_neox && half % 8 == 0 && D % 8 == 0 && D <= 1024 &&
+                    rows <= kFastRows && sh.block_size % kKeyTile == 0 && k0 % kKeyTile == 0;
+#else
+  const bool fast = false;
+#endif
+  std::vector<float> scores(static_cast<size_t>(rows) * kKeyTile);
+  std::vector<float> key, key_t, vals;
+  if (!fast) {
+    key.resize(D);
+    key_t.resize(static_cast<size_t>(D) * kKeyTile);
+    vals.resize(static_cast<size_t>(kKeyTile) * D);
+  }
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   for (int kt = k0; kt < k1; kt += kKeyTile) {
     const int n = std::min(kKeyTile, k1 - kt);
-    for (int j = 0; j < kKeyTile; ++j) {
-      if (j >= n) {
-        for (int d = 0; d < D; ++d) key_t[d * kKeyTile + j] = 0.f;
-        continue;
-      }
-      const int t = kt + j;
-      const int64_t block = seq.blocks[t / sh.block_size];
-      const int row = t % sh.block_size;
-      const T* kp = key_cache + block * sh.k_block_stride + kv_head * sh.k_head_stride +
-                    row * sh.k_row_stride;
-      const T* vp = value_cache + block * sh.v_block_stride + kv_head * sh.v_head_stride +
-                    row * sh.v_row_stride;
-      for (int d = 0; d < D; ++d) key[d] = load(kp[d]);
-      detail::angles_row(seq, t, half, cs.data());
-      detail::rotate(key.data(), cs.data(), R, sh.is_neox);
-      for (int d = 0; d < D; ++d) key_t[d * kKeyTile + j] = key[d];
-      float* vrow = vals.data() + static_cast<size_t>(j) * D;
-      for (int d = 0; d < D; ++d) vrow[d] = load(vp[d]);
-    }
-
+#if YARN_PAGED_AVX2
+    if (fast)
+      detail::tile_scores_avx2(sh, seq, q.data(), rows, key_cache, kv_head, kt, n, scores.data(),
+                               cs.data());
+#endif
+    if (!fast)
+      detail::tile_scores_generic(sh, seq, q.data(), rows, key_cache, value_cache, kv_head, kt, n,
+                                  scores.data(), cs.data(), key.data(), key_t.data(),
+                                  vals.data());
+    // Online softmax: fold this tile into each row's running max and denominator,
+    // leaving exp(score - max) in `scores` for the value pass.
     for (int r = 0; r < rows; ++r) {
       float* s = scores.data() + static_cast<size_t>(r) * kKeyTile;
-      const float* qr = q.data() + static_cast<size_t>(r) * D;
-      for (int j = 0; j < kKeyTile; ++j) s[j] = 0.f;
-      for (int d = 0; d < D; ++d) {
-        const float qd = qr[d];
-        const float* kd = key_t.data() + d * kKeyTile;
-        for (int j = 0; j < kKeyTile; ++j) s[j] += qd * kd[j];
-      }
       const int limit = first_pos + i0 + r / group - kt;  // last visible key, tile-relative
       for (int j = std::max(0, std::min(n, limit + 1)); j < kKeyTile; ++j) s[j] = neg_inf;
       float tile_max = neg_inf;
       for (int j = 0; j < kKeyTile; ++j) tile_max = std::max(tile_max, s[j]);
-      if (tile_max == neg_inf) continue;  // every key of this tile is in this row's future
+      if (tile_max == neg_inf) {  // every key of this tile is in this row's future
+        std::fill(s, s + kKeyTile, 0.f);
+        continue;
+      }
       const float m_new = std::max(state.m[r], tile_max);
       const float correction = std::exp(state.m[r] - m_new);  // 0 on the first tile
       detail::exp_shifted(s, m_new);
@@ -203,12 +347,14 @@ void paged_attend(const PagedShape& sh, const PagedSequence& seq, const T* query
       state.m[r] = m_new;
       float* acc = state.acc.data() + static_cast<size_t>(r) * D;
       for (int d = 0; d < D; ++d) acc[d] *= correction;
-      for (int j = 0; j < n; ++j) {
-        const float p = s[j];
-        const float* vrow = vals.data() + static_cast<size_t>(j) * D;
-        for (int d = 0; d < D; ++d) acc[d] += p * vrow[d];
-      }
     }
+#if YARN_PAGED_AVX2
+    if (fast)
+      detail::tile_values_avx2(sh, seq, scores.data(), rows, value_cache, kv_head, kt, n,
+                               state.acc.data());
+#endif
+    if (!fast) detail::tile_values_generic(D, scores.data(), rows, vals.data(), n,
+                                           state.acc.data());
   }
 }
 

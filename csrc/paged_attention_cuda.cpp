@@ -61,8 +61,8 @@ PagedDecodeArgs check_decode_args(at::Tensor& out, const at::Tensor& query,
               " != query's ", head_size);
   TORCH_CHECK(head_size <= kPagedMaxHeadSize, "query: head_size ", head_size,
               " exceeds the CUDA kernel's ", kPagedMaxHeadSize);
-  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "query: ", query.size(1),
-              " heads is not a multiple of key_cache's ", key_cache.size(1));
+  TORCH_CHECK(key_cache.size(1) > 0 && query.size(1) % key_cache.size(1) == 0, "query: ",
+              query.size(1), " heads is not a multiple of key_cache's ", key_cache.size(1));
   check_int32(block_table, "block_table", query);
   check_int32(seq_lens, "seq_lens", query);
   check_int32(query_start_loc, "query_start_loc", query);

@@ -325,6 +325,7 @@ int paged_decode_splits(int num_seqs, int num_q_heads, int num_kv_heads, int64_t
   const int group = num_q_heads / num_kv_heads;
   const int tile = head_tile(group);
   const int64_t ctas = static_cast<int64_t>(num_seqs) * num_kv_heads * ((group + tile - 1) / tile);
+  if (ctas <= 0) return 1;  // an empty batch launches nothing
   const int64_t chunks = (max_context + kChunk - 1) / kChunk;
   // about four resident CTAs per SM hide the load latency of the other three
   const int64_t want = (4LL * num_sms + ctas - 1) / ctas;

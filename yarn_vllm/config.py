@@ -14,7 +14,7 @@ import math
 from typing import Any, Mapping
 
 MODES = ("static", "dynamic")  # the interface: rope_parameters["yarn_mode"]
-SERVED_MODES = ("static",)  # dynamic needs the pre-RoPE attention backend (not yet here)
+SERVED_MODES = ("static", "dynamic")  # dynamic: yarn_vllm.attention (keys cached before RoPE)
 # Keys of rope_parameters that name the RoPE variant; "type" is the legacy rope_scaling spelling.
 _ROPE_TYPE_KEYS = ("rope_type", "type")
 _UNSCALED_ROPE_TYPES = ("default", None)

@@ -6,7 +6,8 @@ compare the plugin on and off; each engine therefore gets its own process
 
 Spec (JSON): {"model", "llm_kwargs": {...}, "prompts": [[token ids]],
               "sampling": {"max_tokens", "logprobs", "prompt_logprobs", ...}}
-Result: {"rotary_classes", "generate_seconds",
+Result: {"rotary_classes", "attention_backends", "prefix_caching", "chunked_prefill",
+         "generate_seconds",
          "outputs": [{"token_ids", "text", "logprobs", "prompt_logprobs"}]}
 where logprobs are lists (per step) of {token_id: logprob}.
 """
@@ -103,7 +104,7 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from yarn_vllm.introspect import rotary_layer_classes
+    from yarn_vllm.introspect import attention_backend_classes, rotary_layer_classes
 
     with open(spec_path) as f:
         spec = json.load(f)
@@ -115,7 +116,11 @@ def main(spec_path: str, out_path: str) -> None:
     t0 = time.perf_counter()
     results = llm.generate(prompts, params, use_tqdm=spec.get("progress", False))
     seconds = time.perf_counter() - t0
+    config = llm.llm_engine.vllm_config
     out = {"rotary_classes": llm.apply_model(rotary_layer_classes)[0],
+           "attention_backends": llm.apply_model(attention_backend_classes)[0],
+           "prefix_caching": bool(config.cache_config.enable_prefix_caching),
+           "chunked_prefill": bool(config.scheduler_config.enable_chunked_prefill),
            "generate_seconds": seconds, "outputs": []}
     for r in results:
         c = r.outputs[0]

@@ -45,19 +45,21 @@ if HAS_EXTENSION:
 
 
 def rotary_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                     mscale: float = 1.0, is_neox: bool = True) -> torch.Tensor:
+                     mscale: float = 1.0, is_neox: bool = True,
+                     angle_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """RoPE with `inv_freq` and magnitude `mscale`, in fp32: the reference for every kernel.
 
     x: [num_tokens, num_heads, head_size]; positions: [num_tokens] (int);
     inv_freq: [rotary_dim // 2]. Channels past rotary_dim pass through
     unscaled (as in vLLM and HF). NeoX pairs channel i with i + rotary_dim/2;
-    GPT-J pairs 2i with 2i + 1. Returns fp32 [num_tokens, num_heads, head_size].
+    GPT-J pairs 2i with 2i + 1. Angles are formed in `angle_dtype` (fp32, as HF
+    and vLLM do; float64 for an exact reference). Returns fp32 [num_tokens, num_heads, head_size].
     """
     rotary_dim = 2 * inv_freq.shape[-1]
     x = x.to(torch.float32)
-    angles = torch.outer(positions.to(torch.float32), inv_freq.to(torch.float32))  # [T, d/2]
-    cos = (angles.cos() * mscale)[:, None, :]
-    sin = (angles.sin() * mscale)[:, None, :]
+    angles = torch.outer(positions.to(angle_dtype), inv_freq.to(angle_dtype))  # [T, d/2]
+    cos = (angles.cos() * mscale).to(torch.float32)[:, None, :]
+    sin = (angles.sin() * mscale).to(torch.float32)[:, None, :]
     rot, tail = x[..., :rotary_dim], x[..., rotary_dim:]
     if is_neox:
         x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2:]

@@ -16,28 +16,30 @@ from vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope import (
     YaRNScalingRotaryEmbedding)
 
 from yarn_vllm import yarn_math
-from yarn_vllm.config import YarnConfigError, validate_rotary_dim
+from yarn_vllm.attention import rope_registry
+from yarn_vllm.attention.rope_spec import DynamicRope
+from yarn_vllm.config import validate_rotary_dim
 from yarn_vllm.ops import rotary_embedding_
 
 
-def _refuse_dynamic_mode() -> None:
-    """Dynamic YaRN needs the pre-RoPE attention backend; never serve it silently as static."""
+def _current_yarn_mode() -> tuple[str, int]:
+    """The model's `yarn_mode` (rope_parameters) and the id of the vLLM config that holds it."""
     from vllm.config import get_current_vllm_config
 
-    model_config = get_current_vllm_config().model_config
-    hf_config = getattr(model_config, "hf_config", None)
+    config = get_current_vllm_config()
+    hf_config = getattr(config.model_config, "hf_config", None)
     params = getattr(hf_config, "rope_parameters", None) or {}
-    if params.get("yarn_mode", "static") != "static":
-        raise YarnConfigError("yarn_mode", f"is {params['yarn_mode']!r}, which this version of "
-                              "yarn-vllm does not serve yet (it needs the pre-RoPE attention "
-                              "backend)", "set yarn_mode to 'static' or drop the key")
+    return params.get("yarn_mode", "static"), id(config)
 
 
 class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
-    """Static YaRN rotary embedding (same constructor as vLLM's YaRN layer).
+    """YaRN rotary embedding (same constructor as vLLM's YaRN layer).
 
     `max_position_embeddings` is the original (trained) context length and
     `scaling_factor` the YaRN factor s, as vLLM's `get_rope` passes them.
+    In dynamic mode the layer leaves q and k unrotated: the attention backend
+    (yarn_vllm.attention.backend) rotates them with each sequence's own scale,
+    and `scaling_factor` only bounds the context (max_position_embeddings).
     """
 
     def __init__(self, head_size: int, rotary_dim: int, max_position_embeddings: int,
@@ -46,7 +48,8 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
                  mscale_all_dim: float | None = None, attention_factor: float | None = None,
                  truncate: bool = True) -> None:
         validate_rotary_dim(rotary_dim, head_size)
-        _refuse_dynamic_mode()
+        mode, owner = _current_yarn_mode()
+        self.dynamic = mode == "dynamic"
         self.scaling_factor = scaling_factor
         self.beta_fast = beta_fast
         self.beta_slow = beta_slow
@@ -58,6 +61,11 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
         self.register_buffer("inv_freq", self._compute_inv_freq(scaling_factor),
                              persistent=False)
         self._tables: dict[tuple, torch.Tensor] = {}
+        if self.dynamic:
+            rope_registry.publish(DynamicRope(
+                head_size, rotary_dim, float(base), max_position_embeddings, is_neox_style,
+                float(beta_fast), float(beta_slow), truncate, mscale, mscale_all_dim,
+                attention_factor), owner)
 
     def _compute_inv_freq(self, scaling_factor: float) -> torch.Tensor:
         return yarn_math.yarn_inv_freq(self.rotary_dim, self.base, scaling_factor,
@@ -85,8 +93,11 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
                        key: torch.Tensor | None = None):
         """positions: [T]; query: [T, H_q * head_size]; key: [T, H_k * head_size] or None.
 
-        Rotates in place and returns (query, key), like vLLM's layer.
+        Rotates in place and returns (query, key), like vLLM's layer; in dynamic
+        mode returns them untouched for the attention backend to rotate.
         """
+        if self.dynamic:
+            return query, key
         rotary_embedding_(positions, query, key, self.inv_freq, self.mscale, self.head_size,
                           self.is_neox_style)
         return query, key
@@ -98,5 +109,5 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
     forward_oot = forward_native
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", factor={self.scaling_factor}, mscale={self.mscale:.4f}"
-                ", impl=yarn_vllm")
+        mode = "dynamic" if self.dynamic else f"factor={self.scaling_factor}, mscale={self.mscale:.4f}"
+        return super().extra_repr() + f", {mode}, impl=yarn_vllm"

@@ -26,12 +26,15 @@ def paged_attention_reference(query: torch.Tensor, key_cache: torch.Tensor,
                               value_cache: torch.Tensor, block_table: torch.Tensor,
                               seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                               inv_freq: torch.Tensor, logit_scale: torch.Tensor,
-                              is_neox: bool = True) -> torch.Tensor:
+                              is_neox: bool = True,
+                              angle_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Causal attention with per-sequence RoPE frequencies applied to q and cached k.
 
     query: [T, H_q, D], before RoPE; block_table: [B, max_blocks]; seq_lens: [B];
     query_start_loc: [B + 1]; inv_freq: [B, rotary_dim // 2]; logit_scale: [B]
-    (softmax scale times mscale(s)**2). Returns fp32 [T, H_q, D].
+    (softmax scale times mscale(s)**2). Angles position * inv_freq are formed in
+    `angle_dtype`: fp32 as HF and vLLM do, or float64 for kernels that are more exact
+    than that at long positions. Returns fp32 [T, H_q, D].
     """
     num_q_heads = query.shape[1]
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
@@ -44,8 +47,8 @@ def paged_attention_reference(query: torch.Tensor, key_cache: torch.Tensor,
         values = gather_sequence(value_cache, block_table[b], seq_len).float()
         key_pos = torch.arange(seq_len, device=query.device)
         q_pos = key_pos[seq_len - (end - start):]
-        q = rotary_reference(query[start:end], q_pos, inv_freq[b], 1.0, is_neox)
-        k = rotary_reference(keys, key_pos, inv_freq[b], 1.0, is_neox)
+        q = rotary_reference(query[start:end], q_pos, inv_freq[b], 1.0, is_neox, angle_dtype)
+        k = rotary_reference(keys, key_pos, inv_freq[b], 1.0, is_neox, angle_dtype)
         group = num_q_heads // k.shape[1]
         k = k.repeat_interleave(group, dim=1)
         v = values.repeat_interleave(group, dim=1)

@@ -8,6 +8,8 @@ import torch
 
 from yarn_vllm import yarn_math
 
+ANGLE_STRIDE = 32  # csrc/paged_attention_cpu_kernel.h: kAngleStride
+
 
 @dataclass(frozen=True)
 class DynamicRope:
@@ -60,3 +62,34 @@ class DynamicRope:
         inv = torch.stack(rows) if rows else torch.empty(0, self.rotary_dim // 2)
         mult = torch.tensor([self.logit_multiplier(s) for s in scales], dtype=torch.float32)
         return inv, mult
+
+    def angle_table(self, seq_lens: list[int], inv_freq: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CPU kernel's angles of every sequence, built once per engine step.
+
+        inv_freq: [B, rotary_dim // 2] (from `per_sequence`). Per distinct frequency
+        row: ANGLE_STRIDE "fine" rows for offsets 0..31, then a "coarse" row for each
+        of positions 0, 32, 64, ...; each row is [cos | sin]. The kernel composes
+        angle(t) = coarse[t // 32] * fine[t % 32]. Built in float64, so it is at least
+        as exact as angles formed in fp32. Returns the table [rows, rotary_dim] fp32
+        and each sequence's first row [B] int64 (sequences at one scale share rows).
+        """
+        blocks: list[torch.Tensor] = []
+        first_row: dict[bytes, int] = {}
+        longest: dict[bytes, int] = {}
+        keys = [inv_freq[b].numpy().tobytes() for b in range(len(seq_lens))]
+        for k, n in zip(keys, seq_lens):
+            longest[k] = max(longest.get(k, 0), int(n))
+        offset = 0
+        for b, k in enumerate(keys):
+            if k in first_row:
+                continue
+            freq = inv_freq[b].to(torch.float64)
+            coarse = torch.arange(0, longest[k], ANGLE_STRIDE, dtype=torch.float64)
+            fine = torch.arange(ANGLE_STRIDE, dtype=torch.float64)
+            angles = torch.outer(torch.cat((fine, coarse)), freq)
+            blocks.append(torch.cat((angles.cos(), angles.sin()), dim=-1).to(torch.float32))
+            first_row[k] = offset
+            offset += blocks[-1].shape[0]
+        table = torch.cat(blocks) if blocks else torch.empty(0, self.rotary_dim)
+        return table.contiguous(), torch.tensor([first_row[k] for k in keys], dtype=torch.int64)

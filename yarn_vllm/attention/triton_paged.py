@@ -37,7 +37,7 @@ def _check(out, query, key_cache, value_cache, block_table, seq_lens, query_star
          f"value_cache: shape {tuple(value_cache.shape)} != key_cache's {tuple(key_cache.shape)}")
     need(key_cache.shape[3] == query.shape[2],
          f"key_cache: head_size {key_cache.shape[3]} != query's {query.shape[2]}")
-    need(query.shape[1] % key_cache.shape[1] == 0,
+    need(key_cache.shape[1] > 0 and query.shape[1] % key_cache.shape[1] == 0,
          f"query: {query.shape[1]} heads is not a multiple of key_cache's {key_cache.shape[1]}")
     for name, t in (("query", query), ("out", out), ("key_cache", key_cache),
                     ("value_cache", value_cache)):

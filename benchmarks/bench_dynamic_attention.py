@@ -1,0 +1,111 @@
+"""Attention cost per engine step: Dynamic YaRN (ours, keys cached before RoPE and rotated
+on load) against vLLM's CPU_ATTN kernel on post-RoPE keys, same shapes, one run.
+
+A step of a model with `--layers` layers costs `layers` attention calls; ours also
+builds the per-step angle table once (shared by all layers), which is included.
+Decode: one sequence, one new token, at each context length. Prefill: one prompt.
+
+    .venv/bin/python benchmarks/bench_dynamic_attention.py --contexts 4096,16384,32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import environment, measure, write_json  # noqa: E402
+
+import yarn_vllm.ops  # noqa: E402,F401  (loads the extension)
+from yarn_vllm.attention.rope_spec import DynamicRope  # noqa: E402
+
+
+def _paged_cache(num_blocks, kv_heads, block_size, head, dtype):
+    """[num_blocks, H_kv, 2 * block_size, head] laid out as vLLM's CPU cache view; K | V halves."""
+    cache = torch.randn(num_blocks, kv_heads, 2 * block_size, head).to(dtype)
+    return cache, cache[:, :, :block_size], cache[:, :, block_size:]
+
+
+def one_case(ctx, q_len, args, dtype):
+    from vllm import _custom_ops as vops
+
+    hq, hkv, head, bs = args.q_heads, args.kv_heads, args.head_size, args.block_size
+    nblocks = (ctx + bs - 1) // bs
+    cache, kc, vc = _paged_cache(nblocks, hkv, bs, head, dtype)
+    block_table = torch.arange(nblocks, dtype=torch.int32)[None]
+    seq_lens = torch.tensor([ctx], dtype=torch.int32)
+    qsl = torch.tensor([0, q_len], dtype=torch.int32)
+    query = torch.randn(q_len, hq, head).to(dtype)
+    out = torch.empty_like(query)
+    spec = DynamicRope(head, head, args.rope_theta, args.original_max_position)
+
+    # vLLM's kernel wants its own packed cache: fill it through its own writer.
+    vcache, vkc, vvc = _paged_cache(nblocks, hkv, bs, head, dtype)
+    keys = torch.randn(ctx, hkv, head).to(dtype)
+    vops.cpu_attn_reshape_and_cache(keys, keys, vkc, vvc, torch.arange(ctx), "vec")
+    meta = vops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=hq, num_kv_heads=hkv, head_dim=head, seq_lens=seq_lens,
+        dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec",
+        enable_kv_split=True)
+
+    def vllm_step():
+        for _ in range(args.layers):
+            vops.cpu_attention_with_kv_cache(
+                query=query, key_cache=vkc, value_cache=vvc, output=out, query_start_loc=qsl,
+                seq_lens=seq_lens, scale=head ** -0.5, causal=True, alibi_slopes=None,
+                sliding_window=-1, block_table=block_table, softcap=0.0,
+                scheduler_metadata=meta, s_aux=None)
+
+    def ours_step():
+        inv, mult = spec.per_sequence([ctx])
+        table, starts = spec.angle_table([ctx], inv)
+        scale = mult * head ** -0.5
+        for _ in range(args.layers):
+            torch.ops.yarn_vllm.paged_attention(out, query, kc, vc, block_table, seq_lens, qsl,
+                                                inv, scale, table, starts, True)
+
+    reps = args.reps if q_len == 1 else max(2, args.reps // 5)
+    vllm = measure(vllm_step, reps=reps, warmup=1)
+    ours = measure(ours_step, reps=reps, warmup=1)
+    row = {"context": ctx, "q_len": q_len, "dtype": str(dtype).split(".")[-1],
+           "vllm_ms": vllm["median"], "ours_ms": ours["median"],
+           "ratio_ours_over_vllm": ours["median"] / vllm["median"], "vllm": vllm, "ours": ours}
+    kind = "decode " if q_len == 1 else "prefill"
+    print(f"{kind} ctx {ctx:6d} {row['dtype']:8s} vllm {vllm['median']:9.2f} ms  "
+          f"ours {ours['median']:9.2f} ms  ours/vllm {row['ratio_ours_over_vllm']:.2f}", flush=True)
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", default="4096,16384,32768")
+    p.add_argument("--prefill", default="2048,4096", help="prompt lengths for the prefill rows")
+    p.add_argument("--dtypes", default="float32")
+    p.add_argument("--layers", type=int, default=30, help="attention calls per step (SmolLM2: 30)")
+    p.add_argument("--q-heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--head-size", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--rope-theta", type=float, default=100000.0)
+    p.add_argument("--original-max-position", type=int, default=8192)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default="bench_results/dynamic_attention.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name)
+        for ctx in (int(c) for c in args.contexts.split(",") if c):
+            rows.append(one_case(ctx, 1, args, dtype))
+        for n in (int(c) for c in args.prefill.split(",") if c):
+            rows.append(one_case(n, n, args, dtype))
+    write_json(args.out, {"env": environment(), "args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Dynamic YaRN's pieces against their references: the per-scale maths, the angle table,
+the CPU pre-RoPE paged-attention kernel, the vLLM backend (cache writes, kernel and SDPA
+paths), and what dynamic mode changes in vLLM's engine config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TOL
+from yarn_vllm import yarn_math
+from yarn_vllm.attention.reference import paged_attention_reference
+from yarn_vllm.attention.rope_spec import DynamicRope
+from yarn_vllm.ops import HAS_EXTENSION
+
+needs_kernel = pytest.mark.skipif(not HAS_EXTENSION, reason="yarn_vllm._C not built")
+ROPE = DynamicRope(head_size=64, rotary_dim=64, base=10000.0, original_max_position=256)
+
+
+# ---- maths ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seq_len", [1, 255, 256, 257, 1000, 4096])
+def test_scale_frequencies_and_multiplier_follow_the_length(seq_len):
+    s = ROPE.scale(seq_len)
+    assert s == max(1.0, seq_len / 256)
+    static = yarn_math.yarn_inv_freq(64, 10000.0, s, 256)
+    assert torch.equal(ROPE.inv_freq(s), static)
+    assert ROPE.logit_multiplier(s) == pytest.approx((0.1 * torch.log(torch.tensor(s)).item()
+                                                      + 1.0) ** 2 if s > 1 else 1.0)
+
+
+def test_scale_one_is_plain_rope():
+    plain = yarn_math.rope_inv_freq(64, 10000.0)
+    torch.testing.assert_close(ROPE.inv_freq(1.0), plain, rtol=2 ** -23, atol=0)
+    assert ROPE.logit_multiplier(1.0) == 1.0
+
+
+def test_angle_table_composes_to_exact_angles():
+    lens = [70, 1000, 70, 300]
+    inv, _ = ROPE.per_sequence(lens)
+    table, start = ROPE.angle_table(lens, inv)
+    assert start[0] == start[2]  # one scale, one block of rows
+    half = 32
+    for b, n in enumerate(lens):
+        rows = table[int(start[b]):]
+        fine, coarse = rows[:32], rows[32:]
+        pos = torch.arange(n)
+        c = coarse[pos // 32]
+        f = fine[pos % 32]
+        cos = c[:, :half] * f[:, :half] - c[:, half:] * f[:, half:]
+        sin = c[:, half:] * f[:, :half] + c[:, :half] * f[:, half:]
+        exact = torch.outer(pos.double(), inv[b].double())
+        torch.testing.assert_close(cos.double(), exact.cos(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(sin.double(), exact.sin(), rtol=0, atol=1e-6)
+
+
+# ---- kernel -----------------------------------------------------------------------------
+
+def _batch(seq_lens, q_lens, *, q_heads=4, kv_heads=2, head=64, rotary=64, block=32,
+           dtype=torch.float32, is_neox=True, seed=0):
+    """A random paged batch in vLLM's CPU cache layout, with shuffled block tables."""
+    g = torch.Generator().manual_seed(seed)
+    per_seq = [(n + block - 1) // block for n in seq_lens]
+    num_blocks = sum(per_seq) + 2
+    kv = torch.randn(num_blocks, kv_heads, 2 * block, head, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
+    table = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(per_seq):
+        table[b, :n] = perm[used:used + n]
+        used += n
+    rope = DynamicRope(head, rotary, 10000.0, 256, is_neox)
+    inv, mult = rope.per_sequence(seq_lens)
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(q_lens).cumsum(0)
+    return {"query": torch.randn(sum(q_lens), q_heads, head, generator=g).to(dtype),
+            "key_cache": kv[:, :, :block], "value_cache": kv[:, :, block:], "block_table": table,
+            "seq_lens": torch.tensor(seq_lens, dtype=torch.int32), "query_start_loc": qsl,
+            "inv_freq": inv, "logit_scale": mult * head ** -0.5, "is_neox": is_neox,
+            "rope": rope, "kv": kv}
+
+
+def _run_kernel(b, with_table=True):
+    out = torch.empty_like(b["query"])
+    table = start = None
+    if with_table:
+        table, start = b["rope"].angle_table(b["seq_lens"].tolist(), b["inv_freq"])
+    torch.ops.yarn_vllm.paged_attention(
+        out, b["query"], b["key_cache"], b["value_cache"], b["block_table"], b["seq_lens"],
+        b["query_start_loc"], b["inv_freq"], b["logit_scale"], table, start, b["is_neox"])
+    return out
+
+
+def _reference(b):
+    return paged_attention_reference(b["query"], b["key_cache"], b["value_cache"],
+                                     b["block_table"], b["seq_lens"], b["query_start_loc"],
+                                     b["inv_freq"], b["logit_scale"], b["is_neox"], torch.float64)
+
+
+CASES = {
+    "decode": ([700], [1]),
+    "decode_long_split": ([5000], [1]),           # split along keys, merged
+    "decode_batch_scales": ([100, 3000, 257, 4500], [1, 1, 1, 1]),
+    "prefill": ([300], [300]),
+    "chunk_after_prefix": ([900], [200]),
+    "mixed": ([300, 2600, 40, 900], [300, 1, 40, 7]),
+    "short_extend_split": ([4100], [5]),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("with_table", [True, False])
+def test_kernel_matches_reference(case, with_table):
+    b = _batch(*CASES[case])
+    # Without the table the kernel forms angles in fp32, as the fp32 reference does.
+    ref = _reference(b) if with_table else paged_attention_reference(
+        b["query"], b["key_cache"], b["value_cache"], b["block_table"], b["seq_lens"],
+        b["query_start_loc"], b["inv_freq"], b["logit_scale"], True, torch.float32)
+    torch.testing.assert_close(_run_kernel(b, with_table), ref, rtol=1e-4, atol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kw", [dict(rotary=32), dict(is_neox=False), dict(block=16),
+                                dict(q_heads=6, kv_heads=2, head=128, rotary=128),
+                                dict(q_heads=2, kv_heads=2)], ids=str)
+def test_kernel_shapes_and_styles(kw):
+    b = _batch([1500, 90], [1, 90], **kw)
+    torch.testing.assert_close(_run_kernel(b), _reference(b), rtol=1e-4, atol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_half_precision(dtype):
+    b = _batch([1200, 64], [1, 64], dtype=dtype)
+    out = _run_kernel(b).float()
+    torch.testing.assert_close(out, _reference(b), rtol=2 * TOL[dtype]["rtol"], atol=2e-3)
+
+
+@needs_kernel
+def test_kernel_uses_each_sequences_own_scale():
+    b = _batch([3000, 3000], [1, 1])
+    b["query"][1] = b["query"][0]
+    b["block_table"][1] = b["block_table"][0]
+    b["inv_freq"][1], b["logit_scale"][1] = ROPE.inv_freq(1.0), 0.125  # as if unscaled
+    out = _run_kernel(b, with_table=False)
+    torch.testing.assert_close(out, _reference(b), rtol=1e-4, atol=2e-5)
+    assert (out[0] - out[1]).abs().max() > 1e-2
+
+
+@needs_kernel
+@pytest.mark.parametrize("field,mutate,message", [
+    ("block_table", lambda b: b.update(block_table=b["block_table"].long()), "block_table"),
+    ("seq_lens", lambda b: b.update(seq_lens=b["seq_lens"] * 100), "block_table"),
+    ("inv_freq", lambda b: b.update(inv_freq=b["inv_freq"].double()), "inv_freq"),
+    ("value_cache", lambda b: b.update(value_cache=b["value_cache"][:, :1]), "value_cache"),
+    ("query", lambda b: b.update(query=b["query"].double()), "key_cache"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_kernel_rejects_bad_arguments_by_name(field, mutate, message):
+    b = _batch([100], [1])
+    mutate(b)
+    with pytest.raises(RuntimeError, match=message):
+        _run_kernel(b, with_table=False)
+
+
+# ---- backend ----------------------------------------------------------------------------
+
+@needs_kernel
+def test_backend_writes_pre_rope_keys_and_attends_like_the_reference():
+    """do_kv_cache_update + forward over a mixed batch (kernel and SDPA paths together)."""
+    from types import SimpleNamespace
+
+    from yarn_vllm.attention import rope_registry
+    from yarn_vllm.attention.backend import (SDPA_MIN_QUERY, YarnDynamicAttentionImpl,
+                                             YarnDynamicMetadataBuilder)
+
+    rope_registry.publish(ROPE, owner=-1)
+    seq_lens, q_lens = [400, 900, 5, 2100], [400, 1, 5, 150]  # prefill, decode, tiny, chunk
+    assert max(q_lens) > SDPA_MIN_QUERY
+    b = _batch(seq_lens, q_lens)
+    g = torch.Generator().manual_seed(1)
+    new_k = torch.randn(sum(q_lens), 2, 64, generator=g)
+    new_v = torch.randn(sum(q_lens), 2, 64, generator=g)
+    # Slots of the new tokens: the last q_len positions of each sequence, plus one pad.
+    slots = []
+    for i, (n, q) in enumerate(zip(seq_lens, q_lens)):
+        for t in range(n - q, n):
+            slots.append(int(b["block_table"][i, t // 32]) * 32 + t % 32)
+    slot_mapping = torch.tensor(slots + [-1])
+    kv_cache = b["kv"].view(b["kv"].shape[0], 2, 32, 128)  # vLLM's CPU [nb, H, bs, 2D] view
+    impl = YarnDynamicAttentionImpl(4, 64, 64 ** -0.5, 2, None, None, "auto")
+    impl.do_kv_cache_update(None, torch.cat((new_k, new_k[:1])), torch.cat((new_v, new_v[:1])),
+                            kv_cache, slot_mapping)
+    common = SimpleNamespace(num_reqs=len(seq_lens), num_actual_tokens=sum(q_lens),
+                             query_start_loc_cpu=b["query_start_loc"], seq_lens=b["seq_lens"],
+                             block_table_tensor=b["block_table"], slot_mapping=slot_mapping)
+    meta = YarnDynamicMetadataBuilder.build(SimpleNamespace(), 0, common)
+    output = torch.empty(sum(q_lens), 4 * 64)
+    impl.forward(None, b["query"], new_k, new_v, kv_cache, meta, output)
+    # the cache must now hold the new keys and values unrotated, where the slots say
+    torch.testing.assert_close(_gather(b["key_cache"], b["block_table"], seq_lens, q_lens), new_k)
+    torch.testing.assert_close(_gather(b["value_cache"], b["block_table"], seq_lens, q_lens),
+                               new_v)
+    b["logit_scale"] = meta.logit_multiplier * 64 ** -0.5
+    torch.testing.assert_close(output.view(-1, 4, 64), _reference(b), rtol=1e-4, atol=2e-5)
+
+
+def _gather(cache, table, seq_lens, q_lens):
+    rows = []
+    for i, (n, q) in enumerate(zip(seq_lens, q_lens)):
+        for t in range(n - q, n):
+            rows.append(cache[int(table[i, t // 32]), :, t % 32])
+    return torch.stack(rows)
+
+
+def test_backend_refuses_unsupported_features_by_name():
+    from yarn_vllm.attention.backend import YarnDynamicAttentionImpl
+
+    with pytest.raises(NotImplementedError, match="sliding_window"):
+        YarnDynamicAttentionImpl(4, 64, 0.125, 2, None, 128, "auto")
+    with pytest.raises(NotImplementedError, match="kv_cache_dtype"):
+        YarnDynamicAttentionImpl(4, 64, 0.125, 2, None, None, "fp8")
+
+
+# ---- engine configuration ---------------------------------------------------------------
+
+def _vllm_config(model_dir, hf_overrides, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=model_dir, hf_overrides=hf_overrides, skip_tokenizer_init=True,
+                      max_model_len=hf_overrides["max_position_embeddings"], **kwargs)
+    return args.create_engine_config()
+
+
+def _overrides(tiny_llama, mode):
+    import json
+    import os
+
+    from yarn_vllm.config import YarnConfig
+
+    hf = json.load(open(os.path.join(tiny_llama, "config.json")))
+    return YarnConfig(factor=4.0, mode=mode).hf_overrides(hf)
+
+
+@needs_kernel
+def test_dynamic_mode_selects_our_backend_and_one_step_prefill(tiny_llama):
+    import yarn_vllm
+
+    yarn_vllm.register()
+    config = _vllm_config(tiny_llama, _overrides(tiny_llama, "dynamic"),
+                          enable_prefix_caching=True)
+    assert config.attention_config.backend.name == "CUSTOM"
+    assert config.cache_config.enable_prefix_caching is False
+    assert config.scheduler_config.enable_chunked_prefill is False
+    assert config.scheduler_config.max_num_batched_tokens >= config.model_config.max_model_len
+
+
+@needs_kernel
+def test_static_mode_config_is_untouched(tiny_llama):
+    import yarn_vllm
+
+    yarn_vllm.register()
+    ours = _vllm_config(tiny_llama, _overrides(tiny_llama, "static"), enable_prefix_caching=True)
+    assert ours.attention_config.backend is None
+    assert ours.cache_config.enable_prefix_caching is True
+
+
+@needs_kernel
+def test_dynamic_mode_with_another_backend_is_a_clear_error(tiny_llama):
+    import yarn_vllm
+    from yarn_vllm.config import YarnConfigError
+
+    yarn_vllm.register()
+    with pytest.raises(YarnConfigError, match="attention_backend.*drop --attention-backend"):
+        _vllm_config(tiny_llama, _overrides(tiny_llama, "dynamic"), attention_backend="CPU_ATTN")

@@ -1,0 +1,230 @@
+"""vLLM attention backend for Dynamic YaRN: keys cached before RoPE, rotated per sequence.
+
+In dynamic mode our rotary layer passes q and k through unrotated, so the
+paged KV cache holds pre-RoPE keys. Each engine step, the metadata builder
+takes every sequence's scale s = max(1, seq_len / L) from its length after the
+step's tokens, and builds its YaRN frequencies, logit multiplier mscale(s)^2
+and angle table once for all layers. Attention then rotates queries and cached
+keys with those angles:
+
+  * decode and short queries: the C++ kernel, rotating keys as it loads them;
+  * long queries (prefill chunks): keys gathered and rotated once, then
+    PyTorch's fused SDPA, which is quicker than a per-key kernel at O(n^2).
+
+The cache layout is vLLM's CPU one ([num_blocks, H_kv, block_size, 2 * D] with
+the K and V halves of each (block, head)); only our code reads or writes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.attention.backend import (AttentionImpl, AttentionMetadataBuilder, AttentionType,
+                                       CommonAttentionMetadata)
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+from yarn_vllm.attention import rope_registry
+from yarn_vllm.ops import rotary_embedding_
+
+# A query longer than this goes through gather + SDPA; shorter ones through the kernel.
+SDPA_MIN_QUERY = 64
+
+
+def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[num_blocks, H_kv, block_size, 2 * D] -> key and value views [num_blocks, H_kv, block_size, D]."""
+    num_blocks, heads, block_size, two_d = kv_cache.shape
+    kv = kv_cache.view(num_blocks, heads, 2, block_size, two_d // 2)
+    return kv[:, :, 0], kv[:, :, 1]
+
+
+def gather_tokens(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """One sequence's rows of a [num_blocks, H, block_size, D] cache: [seq_len, H, D]."""
+    block_size = cache.shape[2]
+    used = blocks[: (seq_len + block_size - 1) // block_size].long()
+    return cache[used].transpose(1, 2).reshape(-1, cache.shape[1], cache.shape[3])[:seq_len]
+
+
+class YarnDynamicAttentionBackend(CPUAttentionBackend):
+    """Registered as AttentionBackendEnum.CUSTOM; chosen when rope_parameters say yarn_mode dynamic."""
+
+    supported_kv_cache_dtypes = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return False
+
+    @staticmethod
+    def get_impl_cls() -> type["YarnDynamicAttentionImpl"]:
+        return YarnDynamicAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["YarnDynamicMetadataBuilder"]:
+        return YarnDynamicMetadataBuilder
+
+
+@dataclass
+class YarnDynamicMetadata:
+    """One step's batch. B sequences, T tokens; all tensors on the CPU.
+
+    query_start_loc [B + 1] and seq_lens [B] int32; block_table [B, max_blocks]
+    int32; inv_freq [B, rotary_dim / 2] and logit_multiplier [B] fp32 (mscale(s)^2);
+    angles / angle_start: the kernel's angle table (DynamicRope.angle_table).
+    """
+
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_lens: list[int]
+    seq_lens_list: list[int]
+    inv_freq: torch.Tensor
+    logit_multiplier: torch.Tensor
+    angles: torch.Tensor
+    angle_start: torch.Tensor
+    long_queries: list[int]  # sequences served by gather + SDPA
+
+
+class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> YarnDynamicMetadata:
+        m = common_attn_metadata
+        rope = rope_registry.current()
+        num_reqs = m.num_reqs
+        qsl = m.query_start_loc_cpu[: num_reqs + 1].to(torch.int32)
+        seq_lens = m.seq_lens[:num_reqs].cpu().to(torch.int32)
+        seq_list = seq_lens.tolist()
+        query_lens = (qsl[1:] - qsl[:-1]).tolist()
+        inv_freq, multiplier = rope.per_sequence(seq_list)
+        angles, start = rope.angle_table(seq_list, inv_freq)
+        return YarnDynamicMetadata(
+            num_actual_tokens=m.num_actual_tokens, query_start_loc=qsl, seq_lens=seq_lens,
+            block_table=m.block_table_tensor[:num_reqs].to(torch.int32),
+            slot_mapping=m.slot_mapping, query_lens=query_lens, seq_lens_list=seq_list,
+            inv_freq=inv_freq, logit_multiplier=multiplier, angles=angles, angle_start=start,
+            long_queries=[b for b, n in enumerate(query_lens) if n > SDPA_MIN_QUERY])
+
+
+def _refuse(field: str, value) -> None:
+    raise NotImplementedError(f"yarn_vllm dynamic attention: `{field}` = {value!r} is not "
+                              "supported. Fix: serve this model with yarn_mode 'static'.")
+
+
+class YarnDynamicAttentionImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes, sliding_window, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, sinks=None, **_) -> None:
+        for field, value, ok in (("alibi_slopes", alibi_slopes, alibi_slopes is None),
+                                 ("sliding_window", sliding_window, sliding_window is None),
+                                 ("logits_soft_cap", logits_soft_cap, not logits_soft_cap),
+                                 ("kv_cache_dtype", kv_cache_dtype, kv_cache_dtype == "auto"),
+                                 ("attn_type", attn_type, attn_type == AttentionType.DECODER),
+                                 ("sinks", sinks, sinks is None)):
+            if not ok:
+                _refuse(field, value)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """key, value: [T, H_kv, D] before RoPE; slot_mapping: [T'] (-1 pads)."""
+        key_cache, value_cache = split_kv_cache(kv_cache)
+        slots = slot_mapping[: key.shape[0]].long()
+        keep = slots >= 0
+        if not bool(keep.all()):
+            slots, key, value = slots[keep], key[: keep.shape[0]][keep], value[: keep.shape[0]][keep]
+        block_size = key_cache.shape[2]
+        blocks, rows = slots // block_size, slots % block_size
+        key_cache[blocks, :, rows] = key[: slots.shape[0]].to(key_cache.dtype)
+        value_cache[blocks, :, rows] = value[: slots.shape[0]].to(value_cache.dtype)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: YarnDynamicMetadata | None,
+                output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
+        """query: [T, H_q, D] before RoPE; output: [T, H_q * D] or [T, H_q, D]."""
+        if output_scale is not None or output_block_scale is not None:
+            _refuse("output quantization", "fused")
+        if attn_metadata is None:  # profiling run
+            return output
+        meta = attn_metadata
+        n = meta.num_actual_tokens
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        key_cache, value_cache = split_kv_cache(kv_cache)
+        logit_scale = meta.logit_multiplier * self.scale
+        rope = rope_registry.current()
+        short = [b for b in range(len(meta.query_lens))
+                 if meta.query_lens[b] and b not in meta.long_queries]
+        if short:
+            self._kernel(short, meta, q, out, key_cache, value_cache, logit_scale, rope.is_neox)
+        for b in meta.long_queries:
+            self._sdpa(b, meta, q, out, key_cache, value_cache, float(logit_scale[b]), rope)
+        return output
+
+    def _kernel(self, seqs: list[int], meta: YarnDynamicMetadata, q, out, key_cache,
+                value_cache, logit_scale, is_neox: bool) -> None:
+        """The C++ kernel over `seqs`; a sub-batch is gathered when others take the SDPA path."""
+        if len(seqs) == len(meta.query_lens):
+            torch.ops.yarn_vllm.paged_attention(
+                out, q, key_cache, value_cache, meta.block_table, meta.seq_lens,
+                meta.query_start_loc, meta.inv_freq, logit_scale, meta.angles, meta.angle_start,
+                is_neox)
+            return
+        idx = torch.tensor(seqs)
+        starts = meta.query_start_loc
+        tokens = torch.cat([torch.arange(int(starts[b]), int(starts[b + 1])) for b in seqs])
+        lens = torch.tensor([meta.query_lens[b] for b in seqs])
+        sub_qsl = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        sub_qsl[1:] = lens.cumsum(0)
+        sub_out = torch.empty((tokens.shape[0],) + tuple(q.shape[1:]), dtype=q.dtype)
+        torch.ops.yarn_vllm.paged_attention(
+            sub_out, q[tokens].contiguous(), key_cache, value_cache,
+            meta.block_table[idx].contiguous(), meta.seq_lens[idx].contiguous(), sub_qsl,
+            meta.inv_freq[idx].contiguous(), logit_scale[idx].contiguous(), meta.angles,
+            meta.angle_start[idx].contiguous(), is_neox)
+        out[tokens] = sub_out
+
+    def _sdpa(self, b: int, meta: YarnDynamicMetadata, q, out, key_cache, value_cache,
+              logit_scale: float, rope) -> None:
+        """A long query: rotate it and its sequence's cached keys once, then fused SDPA."""
+        start, end = int(meta.query_start_loc[b]), int(meta.query_start_loc[b + 1])
+        seq_len = meta.seq_lens_list[b]
+        keys = gather_tokens(key_cache, meta.block_table[b], seq_len)
+        values = gather_tokens(value_cache, meta.block_table[b], seq_len)
+        query = q[start:end].clone()
+        positions = torch.arange(seq_len, dtype=torch.int64)
+        rotary_embedding_(positions[seq_len - (end - start):], query, None, meta.inv_freq[b],
+                          1.0, self.head_size, rope.is_neox)
+        rotary_embedding_(positions, keys, None, meta.inv_freq[b], 1.0, self.head_size,
+                          rope.is_neox)
+        group = self.num_heads // self.num_kv_heads
+        k = keys.repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        v = values.repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        mask = None
+        if end - start != seq_len:  # a later chunk: causal from the bottom-right corner
+            pos_q = positions[seq_len - (end - start):]
+            mask = positions[None, :] <= pos_q[:, None]
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(0, 1)[None], k, v, attn_mask=mask, is_causal=mask is None,
+            scale=logit_scale)
+        out[start:end] = attended[0].transpose(0, 1)

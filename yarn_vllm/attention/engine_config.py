@@ -1,0 +1,78 @@
+"""What dynamic mode changes in vLLM's engine configuration, applied at config time.
+
+vLLM calls the platform's `check_and_update_config` while it builds a
+VllmConfig (before the scheduler or any worker exists); the plugin wraps that
+hook so that a model whose rope_parameters say `yarn_mode: dynamic` gets:
+
+  * our pre-RoPE attention backend (AttentionBackendEnum.CUSTOM);
+  * no chunked prefill, and a token budget of at least max_model_len, so that a
+    prompt is prefilled in one step at the scale of its full length (chunks
+    would each see a different scale, and results would follow the scheduler);
+  * no prefix caching: a cached block's keys at layers >= 1 depend on the scale
+    they were computed at, which another request may not share.
+
+vLLM's CPU platform makes the same two scheduler changes for MLA models.
+Static mode and models without YaRN are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from yarn_vllm.config import YarnConfig
+
+logger = logging.getLogger("yarn_vllm")
+
+BACKEND_PATH = "yarn_vllm.attention.backend.YarnDynamicAttentionBackend"
+
+
+def wants_dynamic(vllm_config) -> bool:
+    model_config = getattr(vllm_config, "model_config", None)
+    hf_config = getattr(model_config, "hf_config", None)
+    if hf_config is None:
+        return False
+    yarn = YarnConfig.from_hf_config(hf_config)  # validates; raises YarnConfigError naming the field
+    return yarn is not None and yarn.mode == "dynamic"
+
+
+def configure_dynamic(vllm_config) -> None:
+    """Adjust `vllm_config` in place for dynamic mode; a no-op otherwise."""
+    if not wants_dynamic(vllm_config):
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from yarn_vllm.config import YarnConfigError
+
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    from yarn_vllm.rotary import YarnRotaryEmbedding
+
+    if op_registry_oot.get("YaRNScalingRotaryEmbedding") is not YarnRotaryEmbedding:
+        raise YarnConfigError("yarn_mode", "is 'dynamic', but yarn-vllm's rotary layer is not "
+                              "active (no compiled kernel for this platform)",
+                              "rebuild yarn-vllm with its extension (pip install "
+                              "--no-build-isolation -e .) or use yarn_mode 'static'")
+    attention = vllm_config.attention_config
+    if attention.backend not in (None, AttentionBackendEnum.CUSTOM):
+        raise YarnConfigError("attention_backend", f"is {attention.backend.name}, but yarn_mode "
+                              "'dynamic' needs yarn-vllm's pre-RoPE backend",
+                              "drop --attention-backend (or use yarn_mode 'static')")
+    if AttentionBackendEnum.CUSTOM.get_path() != BACKEND_PATH:
+        raise YarnConfigError("attention_backend", "CUSTOM is registered by another plugin",
+                              "disable that plugin to serve yarn_mode 'dynamic'")
+    attention.backend = AttentionBackendEnum.CUSTOM
+    scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
+    max_len = vllm_config.model_config.max_model_len
+    changes = []
+    if scheduler.enable_chunked_prefill:
+        scheduler.enable_chunked_prefill = False
+        changes.append("chunked prefill off")
+    if scheduler.max_num_batched_tokens < max_len:
+        scheduler.max_num_batched_tokens = max_len
+        changes.append(f"max_num_batched_tokens={max_len}")
+    if cache.enable_prefix_caching:
+        cache.enable_prefix_caching = False
+        changes.append("prefix caching off")
+    logger.info("yarn_vllm: Dynamic YaRN: pre-RoPE attention backend%s",
+                f"; {', '.join(changes)} (each prompt is prefilled in one step at its own "
+                "scale, and cached blocks are not shared across scales)" if changes else "")
