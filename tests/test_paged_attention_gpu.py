@@ -70,6 +70,15 @@ def test_cuda_prerotated_variant_is_the_same_attention():
 
 
 @needs_cuda_op
+def test_cuda_op_empty_batch():
+    case = make_case("decode_gqa3", "cuda")
+    empty = {k: (v[:0] if torch.is_tensor(v) and k not in ("key_cache", "value_cache") else v)
+             for k, v in case.items()}
+    empty["query_start_loc"] = case["query_start_loc"][:1]
+    _cuda_op(empty, new_out(empty))  # launches nothing, and does not divide by zero
+
+
+@needs_cuda_op
 def test_cuda_op_refuses_prefill():
     case = make_case("chunked_prefill", "cuda")
     with pytest.raises(RuntimeError, match="decode batches only"):
