@@ -210,3 +210,20 @@ def test_suite_runs_stores_resumes_and_writes_the_readme(smol_model, tmp_path):
                     log=logged.append)
     assert logged == ["ppl-small / trained: stored, reused", "passkey-small / trained: stored, reused"]
     assert readme.read_text() == text
+
+
+def test_partial_result_is_shown_and_not_taken_as_done(tmp_path):
+    """A reduced or interrupted run fills its cells in the report, and the suite still
+    counts the job as to be run for that method."""
+    from yarn_vllm.eval import suite
+
+    job = suite.Job("pk", "passkey", (8192, 16384), 4.0, depths=(0.1, 0.5), trials=1)
+    part = {"model": "m", "methods": {"yarn": {"seconds": 600.0, "grid": {
+        "16384": {"0.5": {"found": 1, "trials": 1}}}}}}
+    suite.save(str(tmp_path), job, "yarn", part)
+    assert suite.measured_cells(job, "yarn", part) == ["16384@0.5"]
+    assert not suite.is_complete(str(tmp_path), job, "yarn")
+    text = suite.report(str(tmp_path), methods=["yarn"], jobs=(job,))
+    assert "| yarn (static) | – | – | – | 1/1 | 1/1 |" in text
+    assert "| passkey 8k, 16k × 2 depths × 1 (s=4) | 10.0 min (1 of 4 cells) |" in text
+    assert "pk/yarn (1 of 4 cells measured)" in text

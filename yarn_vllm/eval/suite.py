@@ -77,6 +77,28 @@ def save(store: str, job: Job, method: str, result: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+def cells(job: Job) -> list[str]:
+    """The cells a complete result holds: windows, or length@depth."""
+    if job.kind == "ppl":
+        return [str(w) for w in job.sizes]
+    return [f"{n}@{d}" for n in job.sizes for d in job.depths]
+
+
+def measured_cells(job: Job, method: str, result: dict | None) -> list[str]:
+    """The cells of `job` that `result` holds in full (all trials, for passkey)."""
+    if result is None:
+        return []
+    r = result["methods"][method]
+    if job.kind == "ppl":
+        return [c for c in cells(job) if c in r["ppl"]]
+    return [f"{n}@{d}" for n in job.sizes for d in job.depths
+            if r["grid"].get(str(n), {}).get(str(d), {}).get("trials", 0) >= job.trials]
+
+
+def is_complete(store: str, job: Job, method: str) -> bool:
+    return len(measured_cells(job, method, load(store, job, method))) == len(cells(job))
+
+
 def run_job(model: str, job: Job, method: str, llm_kwargs: dict | None = None) -> dict:
     """One (job, method) through vLLM: the eval's result for that method, plus provenance."""
     t0, load_before = time.perf_counter(), os.getloadavg()[0]
@@ -108,9 +130,10 @@ def run_suite(model: str, *, store: str, readme: str | None, methods=None, jobs=
     report_jobs, shown = report_jobs or jobs, list(dict.fromkeys([*METHODS, *methods]))
     for job in jobs:
         for method in methods:
-            if not force and load(store, job, method) is not None:
+            if not force and is_complete(store, job, method):
                 log(f"{job.name} / {method}: stored, reused")
                 continue
+            # a partial result (an interrupted or reduced run) is shown until this replaces it
             log(f"{job.name} / {method}: running")
             save(store, job, method, run_job(model, job, method, llm_kwargs))
             report(store, readme=readme, methods=shown, jobs=report_jobs)
@@ -147,14 +170,16 @@ def _minutes(seconds: float | None) -> str:
 def wall_time_table(store: str, methods, jobs) -> str:
     rows = []
     for j in jobs:
-        cells = []
+        row = []
         for m in methods:
             r = load(store, j, m)
-            cells.append("–" if r is None else _minutes(r["methods"][m].get("seconds")))
+            done = len(measured_cells(j, m, r))
+            part = "" if done == len(cells(j)) else f" ({done} of {len(cells(j))} cells)"
+            row.append("–" if r is None else _minutes(r["methods"][m].get("seconds")) + part)
         sizes = ", ".join(f"{n // 1024}k" for n in j.sizes)
         what = (f"perplexity {sizes}" if j.kind == "ppl"
                 else f"passkey {sizes} × {len(j.depths)} depths × {j.trials}")
-        rows.append([f"{what} (s={j.factor:g})"] + cells)
+        rows.append([f"{what} (s={j.factor:g})"] + row)
     return run.markdown_table(["evaluation"] + list(methods), rows)
 
 
@@ -187,7 +212,13 @@ def report(store: str, *, readme: str | None = None, methods=None, jobs=SUITE) -
     if notes:
         parts += ["", "Provenance of results not measured by this command itself:", ""]
         parts += [f"- {n}" for n in notes]
-    missing = [f"{j.name}/{m}" for j in jobs for m in methods if load(store, j, m) is None]
+    missing = []
+    for j in jobs:
+        for m in methods:
+            done = len(measured_cells(j, m, load(store, j, m)))
+            if done < len(cells(j)):
+                missing.append(f"{j.name}/{m}" + (f" ({done} of {len(cells(j))} cells measured)"
+                                                  if done else ""))
     if missing:
         parts += ["", "Not yet measured (– above): " + ", ".join(missing) + "."]
     section = "\n".join(parts)
