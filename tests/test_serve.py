@@ -32,7 +32,7 @@ COMPLETIONS = ["The Library of Congress held a workshop on electronic texts. The
                "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
 CHAT = [{"role": "system", "content": "You are a concise assistant."},
         {"role": "user", "content": "Name three uses of a long context window."}]
-SMALL_LOAD = (8, 300, 600)  # requests, shortest and longest prompt in tokens (default suite)
+SMALL_LOAD = (8, 128, 256)  # requests, shortest and longest prompt in tokens (default suite)
 
 
 def text_excerpts(tok, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -212,6 +212,9 @@ def hostile_results(server) -> list[dict]:
 
 def test_hostile_inputs_get_clean_4xx_and_the_server_keeps_serving(server):
     rows = hostile_results(server)
+    print("\n| input | status | message |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row['input']} | {row['status']} | {row['message'][:160]} |".replace("\n", " "))
     assert len(rows) >= 8
     for row in rows:
         assert row["status"] == row["want"], row
