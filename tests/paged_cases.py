@@ -29,6 +29,8 @@ ATTN_TOL = {torch.float32: TOL[torch.float32],
             torch.float16: {"rtol": 2.0 ** -9, "atol": 6e-3},
             torch.bfloat16: {"rtol": 2.0 ** -6, "atol": 5e-2}}
 
+SPLIT_CASES = ["chunked_prefill", "mixed", "mixed_bf16"]
+
 # name: seq_lens, q_lens, (H_q, H_kv), head_size, rotary_dim, block_size, dtype, extras
 CASES = {
     "prefill": ([19, 33], [19, 33], (2, 2), 32, 32, 8, torch.float32, {}),
@@ -120,6 +122,9 @@ def interpret_worker(path: str) -> None:
         # small tiles: several query tiles and key blocks per sequence
         results[name] = run_triton(case, strided_out=spec[7].get("strided", False),
                                    block_m=16, block_n=32).float()
+    for name in SPLIT_CASES:  # contexts split over programs, then merged
+        results[name + "/split"] = run_triton(make_case(name), block_m=16, block_n=16,
+                                              num_splits=3).float()
     torch.save(results, path)
 
 

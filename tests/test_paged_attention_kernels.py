@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import TOL
-from paged_cases import ATTN_TOL, CASES, make_case, reference, run_triton
+from paged_cases import ATTN_TOL, CASES, SPLIT_CASES, make_case, reference, run_triton
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,9 +64,9 @@ def triton_outputs(background):
     return results
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES) + [n + "/split" for n in SPLIT_CASES])
 def test_triton_interpreted_matches_reference(name, triton_outputs):
-    case = make_case(name)
+    case = make_case(name.split("/")[0])
     torch.testing.assert_close(triton_outputs[name], reference(case),
                                **ATTN_TOL[case["query"].dtype])
 
@@ -107,25 +107,12 @@ def test_launcher_module_imports_triton_lazily():
                              for name in names), names
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs the compiler")
-@pytest.mark.parametrize("dtype,group,head_size,rotary_dim,is_neox", [
-    ("bf16", 4, 128, 128, True), ("fp32", 2, 80, 20, False)])
-def test_triton_kernel_compiles_for_sm90(dtype, group, head_size, rotary_dim, is_neox):
-    """The interpreter skips Triton's GPU lowering (layouts, dot shapes, constexpr
-    branches); compiling to an sm_90 cubin here needs no GPU, only ptxas from the wheel."""
+def _compile_sm90(kernel, constexprs: dict, dtype: str):
+    """An sm_90 cubin of `kernel`; tensors of `dtype` except int32 tables and fp32 extras."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from yarn_vllm.attention._triton_paged_kernel import paged_attention_kernel as kernel
-
-    half, tail = rotary_dim // 2, head_size - rotary_dim
-    pow2 = lambda x: max(16, 1 << (max(x, 1) - 1).bit_length())  # noqa: E731
-    constexprs = dict(GROUP=group, BLOCK_M=64, BLOCK_N=64, BLOCK_HALF=pow2(half),
-                      BLOCK_TAIL=pow2(tail), BLOCK_D=pow2(head_size), HAS_TAIL=tail > 0,
-                      IS_NEOX=is_neox, PRECISION="ieee" if dtype == "fp32" else "tf32",
-                      EMULATE=False)
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -138,8 +125,27 @@ def test_triton_kernel_compiles_for_sm90(dtype, group, head_size, rotary_dim, is
             signature[name] = "*fp32" if name.endswith("_ptr") else "i32"
     source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v
                                                       for n, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-    assert compiled.asm["cubin"]
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs the compiler")
+@pytest.mark.parametrize("dtype,group,head_size,rotary_dim,is_neox,split", [
+    ("bf16", 4, 128, 128, True, True), ("fp32", 2, 80, 20, False, False)])
+def test_triton_kernels_compile_for_sm90(dtype, group, head_size, rotary_dim, is_neox, split):
+    """The interpreter skips Triton's GPU lowering (layouts, dot shapes, constexpr
+    branches); compiling to an sm_90 cubin here needs no GPU, only ptxas from the wheel."""
+    from yarn_vllm.attention import _triton_paged_kernel as k
+
+    half, tail = rotary_dim // 2, head_size - rotary_dim
+    pow2 = lambda x: max(16, 1 << (max(x, 1) - 1).bit_length())  # noqa: E731
+    assert _compile_sm90(k.paged_attention_kernel, dict(
+        GROUP=group, BLOCK_M=64, BLOCK_N=64, BLOCK_HALF=pow2(half), BLOCK_TAIL=pow2(tail),
+        BLOCK_D=pow2(head_size), HAS_TAIL=tail > 0, IS_NEOX=is_neox,
+        PRECISION="ieee" if dtype == "fp32" else "tf32", EMULATE=False, SPLIT=split), dtype)
+    if split:
+        assert _compile_sm90(k.merge_splits_kernel, dict(
+            GROUP=group, BLOCK_M=64, BLOCK_D=pow2(head_size)), dtype)
 
 
 @pytest.mark.parametrize("mutate,match", [

@@ -1,14 +1,20 @@
 """Triton kernel of pre-RoPE paged attention. Imports triton: load it through triton_paged.py.
 
-One program owns BLOCK_M rows of (query token, q head) pairs of one sequence and
-one kv head: row r is token r // GROUP, q head kv_head * GROUP + r % GROUP. Putting
-the GQA group into the rows makes every key, and its rotation, serve the whole
-group, and gives decode (one token) GROUP rows instead of one.
+One program owns BLOCK_M rows of (query token, q head) pairs of one sequence,
+one kv head and one split of the context: row r is token r // GROUP, q head
+kv_head * GROUP + r % GROUP. Putting the GQA group into the rows makes every
+key, and its rotation, serve the whole group, and gives decode (one token)
+GROUP rows instead of one.
 
 A head is split into its rotation pairs: channels `ia` and `ib` (NeoX: j and
 j + rotary_dim/2; GPT-J: 2j and 2j + 1) and the unrotated tail, so
 q . k = q_a . k_a + q_b . k_b + q_tail . k_tail, each a matmul, and cos/sin are
 computed once per pair rather than once per channel.
+
+Split contexts: with num_splits > 1 a program covers keys [split * split_size,
+(split + 1) * split_size) only and writes its unnormalised output, running max
+and sum to a workspace; `merge_splits_kernel` combines them. That gives a
+decode batch of few long sequences more programs than B * H_kv.
 """
 
 from __future__ import annotations
@@ -51,22 +57,23 @@ def _operand(x, dtype, EMULATE: tl.constexpr):
 def paged_attention_kernel(
         # pointers
         out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, q_start_ptr,
-        inv_freq_ptr, logit_scale_ptr,
+        inv_freq_ptr, logit_scale_ptr, ws_acc_ptr, ws_ml_ptr,
         # strides, in elements
         stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
         stride_kb, stride_kh, stride_kr, stride_kd, stride_vb, stride_vh, stride_vr, stride_vd,
         stride_bt, stride_inv,
         # sizes
-        block_size, half, head_size,
+        block_size, half, head_size, num_q_heads, num_splits, split_size,
         # Tile shapes must be constexpr (they size registers); GROUP too, so that
         # row -> (token, head) divides by a constant.
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_TAIL: tl.constexpr, IS_NEOX: tl.constexpr, PRECISION: tl.constexpr,
-        EMULATE: tl.constexpr):
+        EMULATE: tl.constexpr, SPLIT: tl.constexpr):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    kv_head = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
     q_start = tl.load(q_start_ptr + seq)
     q_len = tl.load(q_start_ptr + seq + 1) - q_start
     if tile * BLOCK_M >= q_len * GROUP:
@@ -81,6 +88,10 @@ def paged_attention_kernel(
     q_pos = context + tok
     # keys past the tile's last query are masked for every row: don't load them
     hi = context + tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // GROUP, q_len - 1) + 1
+    lo = split * split_size
+    if lo >= hi:
+        return
+    hi = tl.minimum(hi, lo + split_size)
 
     j = tl.arange(0, BLOCK_HALF)
     j_ok = j < half
@@ -116,7 +127,7 @@ def paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, hi, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
         blk = tl.load(block_table_ptr + seq * stride_bt + n // block_size, mask=n_ok, other=0)
@@ -139,10 +150,13 @@ def paged_attention_kernel(
             s += tl.dot(qt, _operand(kt, dot_dtype, EMULATE), input_precision=PRECISION)
         s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
 
-        # key 0 is in the first block and visible to every row, so m_new is finite
+        # A row that sees no key yet (q_pos < lo, in a split past it) keeps m = -inf;
+        # shifting by 0 instead keeps it at p = 0, l = 0 rather than NaN. The merge
+        # never reads such a row's split.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_tok = v_cache_ptr + blk * stride_vb + kv_head * stride_vh + r * stride_vr
         v = tl.load(v_tok[:, None] + d[None, :] * stride_vd, mask=n_ok[:, None] & d_ok[None, :],
@@ -152,7 +166,58 @@ def paged_attention_kernel(
                                             input_precision=PRECISION)
         m_i = m_new
 
+    if SPLIT:
+        ws_row = ((q_start + tok).to(tl.int64) * num_q_heads + head) * num_splits + split
+        tl.store(ws_acc_ptr + ws_row[:, None] * head_size + d[None, :], acc,
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(ws_ml_ptr + 2 * ws_row, m_i, mask=row_ok)
+        tl.store(ws_ml_ptr + 2 * ws_row + 1, l_i, mask=row_ok)
+        return
     acc = acc / l_i[:, None]
+    o_row = out_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
+    tl.store(o_row + d[None, :] * stride_od, acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def merge_splits_kernel(
+        out_ptr, q_start_ptr, seq_lens_ptr, ws_acc_ptr, ws_ml_ptr,
+        stride_ot, stride_oh, stride_od,
+        head_size, num_q_heads, num_splits, split_size,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows as in paged_attention_kernel; row r reads the splits that hold its keys."""
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(q_start_ptr + seq)
+    q_len = tl.load(q_start_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len * GROUP:
+        return
+    context = tl.load(seq_lens_ptr + seq) - q_len
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = tok < q_len
+    used = (context + tok) // split_size + 1  # splits holding keys 0..q_pos
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_size
+    ws_row0 = ((q_start + tok).to(tl.int64) * num_q_heads + head) * num_splits
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        ok = row_ok & (s < used)
+        m = tl.maximum(m, tl.load(ws_ml_ptr + 2 * (ws_row0 + s), mask=ok, other=float("-inf")))
+    m = tl.where(row_ok, m, 0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    for s in range(0, num_splits):
+        ok = row_ok & (s < used)
+        m_s = tl.load(ws_ml_ptr + 2 * (ws_row0 + s), mask=ok, other=float("-inf"))
+        w = tl.where(ok, tl.exp2(m_s - m), 0.0)
+        total += w * tl.load(ws_ml_ptr + 2 * (ws_row0 + s) + 1, mask=ok, other=0.0)
+        part = tl.load(ws_acc_ptr + (ws_row0 + s)[:, None] * head_size + d[None, :],
+                       mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc += w[:, None] * part
+    acc = acc / tl.where(row_ok, total, 1.0)[:, None]
     o_row = out_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
     tl.store(o_row + d[None, :] * stride_od, acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
