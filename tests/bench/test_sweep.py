@@ -138,3 +138,27 @@ def test_real_tiny_engine_config(cluster, tiny_llama, tmp_path):
         "ours-static", 1100, 2, 8)
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
     assert result["rotary_classes"] == ["yarn_vllm.rotary.YarnRotaryEmbedding"]
+
+
+def test_cli_sweep_resumes_and_summarises(cluster, tmp_path, capsys):
+    """`yarn-vllm bench sweep` on a file whose results are all recorded: no work, a summary."""
+    from yarn_vllm.bench.sweep_config import load_sweep
+    from yarn_vllm.cli import main
+
+    out = tmp_path / "s.jsonl"
+    path = tmp_path / "s.yaml"
+    path.write_text(f"model: /nowhere\noutput: {out}\ncontext_lengths: [1024, 2048]\n"
+                    "grid:\n  mode: [vllm-yarn, ours-static]\n")
+    with open(out, "w") as f:
+        for i, config in enumerate(load_sweep(str(path))["configs"]):
+            rows = [{"mode": config["mode"], "context": c, "batch": 1, "output_tokens": 32,
+                     "prefill_tok_s": 100.0 * (i + 1), "decode_tok_s": 5.0, "e2e_tok_s": 20.0,
+                     "prefill_s": c / 100.0, "decode_s": 6.0, "total_s": 10.0, "tpot_ms": 200.0}
+                    for c in config["context_lengths"]]
+            f.write(json.dumps({"id": config_id(config), "config": config, "status": "ok",
+                                "result": {"rows": rows}}) + "\n")
+    assert main(["bench", "sweep", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "0 ok, 0 failed, 2 skipped" in printed
+    assert "| ours-static | 200.0 | 200.0 |" in printed  # the summary table
+    assert (tmp_path / "s.csv").read_text().count("\n") == 5 and (tmp_path / "s.png").exists()

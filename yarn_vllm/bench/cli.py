@@ -74,7 +74,9 @@ def cmd_sweep(args, unknown) -> int:
     output = args.output or s["output"]
     import ray
 
-    if args.address:
+    if ray.is_initialized():
+        pass  # a caller's cluster (e.g. `python -c` after ray.init)
+    elif args.address:
         ray.init(address=args.address)
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False)
