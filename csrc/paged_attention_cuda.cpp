@@ -147,9 +147,10 @@ void run_decode(PagedDecodeArgs a, const at::Tensor& query, const at::Tensor& bl
   TORCH_CHECK(err == 0, "yarn_vllm paged_attention CUDA kernel failed with cudaError ", err);
 }
 
-// cos_sin / cos_sin_start are ignored here: the kernel forms each angle as
-// pos * inv_freq[b, j] in fp32 and takes sincosf of it, which is the table's
-// definition, and a table read would cost as much bandwidth as the key itself.
+// cos_sin / cos_sin_start (the CPU kernel's coarse x fine angle table) are
+// ignored here: the kernel forms each angle as pos * inv_freq[b, j] in fp32 and
+// takes sincosf of it, the reference's own definition, and on a GPU that is
+// cheaper than reading table rows next to every key.
 void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                           const at::Tensor& value_cache, const at::Tensor& block_table,
                           const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
