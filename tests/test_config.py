@@ -59,9 +59,11 @@ def test_from_hf_config_reads_yarn_mode():
               "original_max_position_embeddings": 4096}
     hf = dict(LLAMA, rope_parameters=dict(params, yarn_mode="static"))
     assert YarnConfig.from_hf_config(hf).mode == "static"
-    # dynamic is the stable interface, refused loudly until its backend lands
-    with pytest.raises(YarnConfigError, match="`mode` is 'dynamic'.*Fix: use mode 'static'"):
-        YarnConfig.from_hf_config(dict(LLAMA, rope_parameters=dict(params, yarn_mode="dynamic")))
+    dynamic = YarnConfig.from_hf_config(dict(LLAMA, rope_parameters=dict(params,
+                                                                         yarn_mode="dynamic")))
+    assert dynamic.mode == "dynamic"
+    # the stable interface: the same key comes back out for vLLM's --hf-overrides
+    assert dynamic.hf_overrides(LLAMA)["rope_parameters"]["yarn_mode"] == "dynamic"
 
 
 def test_target_context_is_exact():

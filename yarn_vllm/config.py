@@ -14,7 +14,7 @@ import math
 from typing import Any, Mapping
 
 MODES = ("static", "dynamic")  # the interface: rope_parameters["yarn_mode"]
-SERVED_MODES = ("static", "dynamic")  # dynamic: yarn_vllm.attention (keys cached before RoPE)
+SERVED_MODES = MODES  # every mode is served; dynamic by yarn_vllm.attention (pre-RoPE keys)
 # Keys of rope_parameters that name the RoPE variant; "type" is the legacy rope_scaling spelling.
 _ROPE_TYPE_KEYS = ("rope_type", "type")
 _UNSCALED_ROPE_TYPES = ("default", None)
@@ -54,10 +54,6 @@ class YarnConfig:
             setattr(self, name, _coerce(name, getattr(self, name), kind))
         if self.mode not in MODES:
             raise YarnConfigError("mode", f"is {self.mode!r}", f"use one of {', '.join(MODES)}")
-        if self.mode not in SERVED_MODES:
-            raise YarnConfigError("mode", f"is {self.mode!r}, which this version of yarn-vllm "
-                                  "does not serve yet (it needs the pre-RoPE attention backend)",
-                                  "use mode 'static' (yarn_mode in rope_parameters)")
         if self.original_max_position is not None and self.original_max_position <= 0:
             raise YarnConfigError("original_max_position", f"is {self.original_max_position}",
                                   "give the model's trained context length, a positive integer")

@@ -7,12 +7,12 @@ understand, so the same setting runs in either:
   ntk       NTK-aware scaling: plain RoPE with base b * s^(d / (d - 2))
             (bloc97, 2023; YaRN paper Eq. 15)
   yarn      YaRN, static (one factor for every request)
+  yarn-dynamic  YaRN, dynamic: each sequence at s = max(1, len / L) in every
+            step (yarn_vllm.attention); `factor` only bounds the context
 
 A method is one entry of METHODS: a label for tables and a function
 (hf_config, factor) -> hf_overrides. The evaluations, the CLI and the
-results suite all read this registry, so Dynamic YaRN joins with one line,
-once the pre-RoPE attention backend serves it:
-  "yarn-dynamic": Method("YaRN dynamic", lambda hf, s: _yarn(hf, s, mode="dynamic")),
+results suite all read this registry.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ METHODS: dict[str, Method] = {
     "pi": Method("pi (linear interpolation)", _pi),
     "ntk": Method("ntk (NTK-aware, base·s^(d/(d−2)))", _ntk),
     "yarn": Method("yarn (static)", _yarn),
+    "yarn-dynamic": Method("yarn-dynamic (s follows length)",
+                           lambda hf, s: _yarn(hf, s, mode="dynamic")),
 }
 
 

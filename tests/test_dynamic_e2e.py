@@ -1,0 +1,130 @@
+"""Dynamic YaRN end to end on the real vLLM engine (CPU), against independent references.
+
+One engine serves three prompts of a random tiny Llama trained to L = 1024 in one
+batch, in dynamic mode (each sequence at its own scale in every step):
+  * 300 tokens + 48 new: never past L, so it must be the model as trained (HF);
+  * 1000 tokens + 48 new: crosses L while decoding, so the scale changes every
+    step (plain-PyTorch loop with a pre-RoPE cache, tests/dynamic_reference.py);
+  * 2500 tokens: its first token must be static YaRN at s = 2500 / L (HF).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from dynamic_reference import generate, rope_of
+from yarn_vllm.config import YarnConfig
+from yarn_vllm.engine_worker import run_engine
+
+L, NEW = 1024, 48
+PROMPTS = {"short": 300, "crossing": 1000, "long": 2500}
+LOGPROB_TOL = 1e-2  # bf16-level on logprobs; the engine runs fp32 and lands far inside it
+
+
+def _case(tiny_llama, **llm_kwargs):
+    hf = json.load(open(os.path.join(tiny_llama, "config.json")))
+    overrides = YarnConfig(factor=4.0, mode="dynamic").hf_overrides(hf)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(2, hf["vocab_size"], (n,), generator=g).tolist()
+               for n in PROMPTS.values()]
+    return {"model": tiny_llama, "prompts": prompts, "hf": hf,
+            "llm_kwargs": {"dtype": "float32", "hf_overrides": overrides,
+                           "max_model_len": overrides["max_position_embeddings"],
+                           "skip_tokenizer_init": True, **llm_kwargs},
+            "sampling": {"max_tokens": NEW, "logprobs": 5, "detokenize": False}}
+
+
+@pytest.fixture(scope="session")
+def dynamic_run(tiny_llama):
+    # Prefix caching is asked for: dynamic mode must turn it off (see engine_config.py).
+    case = _case(tiny_llama, enable_prefix_caching=True)
+    return case, run_engine({k: v for k, v in case.items() if k != "hf"}, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_llama):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+
+
+def _outputs(dynamic_run, name):
+    case, result = dynamic_run
+    i = list(PROMPTS).index(name)
+    return case["prompts"][i], result["outputs"][i]
+
+
+def _assert_steps_match(ours, tokens, logprobs):
+    """ours: the engine's output; logprobs: [vocab] log-softmax per step from a reference."""
+    assert ours["token_ids"] == tokens
+    for step, token in enumerate(tokens):
+        assert ours["logprobs"][step][str(token)] == pytest.approx(
+            logprobs[step][token].item(), abs=LOGPROB_TOL)
+
+
+def test_engine_serves_dynamic_mode_with_our_backend(dynamic_run):
+    _, result = dynamic_run
+    assert result["attention_backends"] == [
+        "yarn_vllm.attention.backend.YarnDynamicAttentionBackend"]
+    assert result["rotary_classes"] == ["yarn_vllm.rotary.YarnRotaryEmbedding"]
+    assert result["prefix_caching"] is False and result["chunked_prefill"] is False
+
+
+def test_within_trained_length_is_the_model_as_trained(dynamic_run, hf_model):
+    prompt, ours = _outputs(dynamic_run, "short")
+    with torch.no_grad():
+        hf = hf_model.generate(torch.tensor([prompt]), max_new_tokens=NEW, min_new_tokens=NEW,
+                               do_sample=False, output_scores=True, return_dict_in_generate=True,
+                               eos_token_id=None, pad_token_id=0)
+    tokens = hf.sequences[0, len(prompt):].tolist()
+    _assert_steps_match(ours, tokens, [torch.log_softmax(s[0].float(), -1) for s in hf.scores])
+
+
+def test_decoding_across_the_boundary_rescales_every_step(dynamic_run, hf_model):
+    prompt, ours = _outputs(dynamic_run, "crossing")
+    assert len(prompt) < L < len(prompt) + NEW
+    case, _ = dynamic_run
+    tokens, logprobs = generate(hf_model, prompt, NEW, rope_of(case["hf"], L))
+    _assert_steps_match(ours, tokens, logprobs)
+    # and a static scale would not do: the references part ways
+    static_tokens, static_lp = generate(hf_model, prompt, NEW, _frozen(case["hf"], L))
+    assert max(abs(a[t] - b[t]).item() for a, b, t in zip(logprobs, static_lp, tokens)) > 1e-3
+
+
+def test_first_token_after_a_long_prompt_is_static_yarn_at_its_length(dynamic_run, tiny_llama):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    prompt, ours = _outputs(dynamic_run, "long")
+    factor = len(prompt) / L
+    config = AutoConfig.from_pretrained(tiny_llama)
+    config.rope_parameters = {"rope_type": "yarn", "factor": factor, "rope_theta": 10000.0,
+                              "original_max_position_embeddings": L}
+    config.max_position_embeddings = 4 * L
+    model = LlamaForCausalLM.from_pretrained(tiny_llama, config=config, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model.eval()(torch.tensor([prompt])).logits[0, -1]
+    expected = torch.log_softmax(logits.float(), -1)
+    first = ours["logprobs"][0]
+    assert ours["token_ids"][0] == int(expected.argmax())
+    for token, lp in first.items():
+        assert lp == pytest.approx(expected[int(token)].item(), abs=LOGPROB_TOL)
+
+
+def _frozen(hf: dict, original: int):
+    """A rope whose scale never moves past 1: the model as trained, for contrast."""
+    rope = rope_of(hf, original)
+    return type(rope)(**{**rope.__dict__, "original_max_position": 10 ** 9})
+
+
+@pytest.mark.slow
+def test_tensor_parallel_two_gives_the_same_tokens(tiny_llama, dynamic_run):
+    """TP 2 on the mp executor (one core per rank) against the TP 1 run above."""
+    case = _case(tiny_llama, tensor_parallel_size=2, distributed_executor_backend="mp")
+    result = run_engine({k: v for k, v in case.items() if k != "hf"}, timeout=1200,
+                        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    assert [o["token_ids"] for o in result["outputs"]] == [
+        o["token_ids"] for o in dynamic_run[1]["outputs"]]
