@@ -80,8 +80,10 @@ def run_engine(spec: dict, *, plugins: bool = True, timeout: float = 3600,
                                out_path], env=child_env, capture_output=True, text=True,
                               timeout=timeout)
         if proc.returncode != 0:
+            # vLLM logs (the engine core's ERROR lines included) to stdout, tracebacks to stderr
             raise RuntimeError(f"vLLM engine process failed (exit {proc.returncode}):\n"
-                               f"{_error_excerpt(proc.stderr)}")
+                               f"{_error_excerpt(proc.stderr)}\n--- vLLM's log (stdout) ---\n"
+                               f"{_error_excerpt(proc.stdout or '', 3000)}")
         with open(out_path) as f:
             return json.load(f)
 
