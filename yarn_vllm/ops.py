@@ -43,6 +43,12 @@ if HAS_EXTENSION:
                                head_size, is_neox):
         return None
 
+    @torch.library.register_fake("yarn_vllm::paged_attention")
+    def _paged_attention_fake(out, query, key_cache, value_cache, block_table, seq_lens,
+                              query_start_loc, inv_freq, logit_scale, cos_sin, cos_sin_start,
+                              is_neox):
+        return None
+
 
 def rotary_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                      mscale: float = 1.0, is_neox: bool = True,

@@ -11,6 +11,10 @@ keys with those angles:
   * long queries (prefill chunks): keys gathered and rotated once, then
     PyTorch's fused SDPA, which is quicker than a per-key kernel at O(n^2).
 
+On a GPU, all-decode batches go to the CUDA kernel (csrc/paged_attention_cuda*)
+and every other batch to the Triton kernel (triton_paged.py). That routing has
+only been exercised kernel by kernel: no CUDA build of vLLM was at hand.
+
 The cache layout is vLLM's CPU one ([num_blocks, H_kv, block_size, 2 * D] with
 the K and V halves of each (block, head)); only our code reads or writes it.
 """
@@ -95,7 +99,8 @@ class YarnDynamicMetadata:
     logit_multiplier: torch.Tensor
     angles: torch.Tensor
     angle_start: torch.Tensor
-    long_queries: list[int]  # sequences served by gather + SDPA
+    long_queries: list[int]  # sequences served by gather + SDPA (CPU)
+    device_args: tuple | None = None  # GPU: (seq_lens, query_start_loc, inv_freq, multiplier)
 
 
 class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
@@ -112,13 +117,27 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
         seq_list = seq_lens.tolist()
         query_lens = (qsl[1:] - qsl[:-1]).tolist()
         inv_freq, multiplier = rope.per_sequence(seq_list)
-        angles, start = rope.angle_table(seq_list, inv_freq)
+        device = m.block_table_tensor.device
+        if device.type == "cpu":
+            angles, start = rope.angle_table(seq_list, inv_freq)
+            device_args = None
+        else:  # the GPU kernels form angles themselves; move the per-step tensors once
+            angles = start = None
+            device_args = tuple(t.to(device, non_blocking=True)
+                                for t in (seq_lens, qsl, inv_freq, multiplier))
         return YarnDynamicMetadata(
             num_actual_tokens=m.num_actual_tokens, query_start_loc=qsl, seq_lens=seq_lens,
             block_table=m.block_table_tensor[:num_reqs].to(torch.int32),
             slot_mapping=m.slot_mapping, query_lens=query_lens, seq_lens_list=seq_list,
             inv_freq=inv_freq, logit_multiplier=multiplier, angles=angles, angle_start=start,
-            long_queries=[b for b, n in enumerate(query_lens) if n > SDPA_MIN_QUERY])
+            long_queries=[b for b, n in enumerate(query_lens) if n > SDPA_MIN_QUERY],
+            device_args=device_args)
+
+
+def _has_cuda_op() -> bool:
+    from yarn_vllm.ops import extension_supports
+
+    return extension_supports(torch.device("cuda"))
 
 
 def _refuse(field: str, value) -> None:
@@ -171,8 +190,11 @@ class YarnDynamicAttentionImpl(AttentionImpl):
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         key_cache, value_cache = split_kv_cache(kv_cache)
-        logit_scale = meta.logit_multiplier * self.scale
         rope = rope_registry.current()
+        if meta.device_args is not None:
+            self._gpu(meta, q, out, key_cache, value_cache, rope.is_neox)
+            return output
+        logit_scale = meta.logit_multiplier * self.scale
         short = [b for b in range(len(meta.query_lens))
                  if meta.query_lens[b] and b not in meta.long_queries]
         if short:
@@ -180,6 +202,22 @@ class YarnDynamicAttentionImpl(AttentionImpl):
         for b in meta.long_queries:
             self._sdpa(b, meta, q, out, key_cache, value_cache, float(logit_scale[b]), rope)
         return output
+
+    def _gpu(self, meta: YarnDynamicMetadata, q, out, key_cache, value_cache,
+             is_neox: bool) -> None:
+        """CUDA decode kernel for all-decode batches (one token per sequence), else Triton."""
+        seq_lens, qsl, inv_freq, multiplier = meta.device_args
+        logit_scale = multiplier * self.scale
+        if max(meta.query_lens) == 1 == min(meta.query_lens) and _has_cuda_op():
+            torch.ops.yarn_vllm.paged_attention(out, q, key_cache, value_cache, meta.block_table,
+                                                seq_lens, qsl, inv_freq, logit_scale, None, None,
+                                                is_neox)
+            return
+        from yarn_vllm.attention.triton_paged import paged_attention_triton
+
+        paged_attention_triton(out, q, key_cache, value_cache, meta.block_table, seq_lens, qsl,
+                               inv_freq, logit_scale, is_neox,
+                               max_query_len=max(meta.query_lens))
 
     def _kernel(self, seqs: list[int], meta: YarnDynamicMetadata, q, out, key_cache,
                 value_cache, logit_scale, is_neox: bool) -> None:
