@@ -32,7 +32,11 @@ COMPLETIONS = ["The Library of Congress held a workshop on electronic texts. The
                "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
 CHAT = [{"role": "system", "content": "You are a concise assistant."},
         {"role": "user", "content": "Name three uses of a long context window."}]
-SMALL_LOAD = (8, 128, 256)  # requests, shortest and longest prompt in tokens (default suite)
+SMALL_LOAD = (8, 128, 256)  # requests, shortest and longest prompt in tokens
+# Tests that need the server and the offline engine. Measured on the shared 2-core box
+# (load average 10-100): ~9 min of set-up and ~2.5 min of requests, past the default
+# suite's budget, so they run with -m slow; the start-up checks below stay in it.
+served = pytest.mark.slow
 
 
 def text_excerpts(tok, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -105,6 +109,7 @@ def cases(launched, smol_model, tok):
 
 # ---- the plugin is what serves ---------------------------------------------
 
+@served
 def test_plugin_serves_yarn_in_the_model_process(server):
     log = server.log()
     lines = [ln for ln in log.splitlines()
@@ -116,6 +121,7 @@ def test_plugin_serves_yarn_in_the_model_process(server):
 
 # ---- completion, chat, streaming, all against offline vLLM -------------------
 
+@served
 def test_completion_matches_offline(client, server, cases, tok):
     for text, (ids, ref) in zip(COMPLETIONS, cases["completion"]):
         r = client.completions.create(model=server.model, prompt=text, max_tokens=MAX_TOKENS,
@@ -127,6 +133,7 @@ def test_completion_matches_offline(client, server, cases, tok):
         assert r.usage.completion_tokens == len(ref["token_ids"])
 
 
+@served
 def test_chat_matches_offline(client, server, cases):
     ids, ref = cases["chat"][0]
     r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=MAX_TOKENS,
@@ -137,6 +144,7 @@ def test_chat_matches_offline(client, server, cases):
     assert c.message.content == ref["text"]
 
 
+@served
 def test_streaming_equals_non_streaming(client, server, cases):
     pieces = [ch.choices[0].text for ch in client.completions.create(
         model=server.model, prompt=COMPLETIONS[0], max_tokens=MAX_TOKENS, temperature=0,
@@ -152,6 +160,7 @@ def test_streaming_equals_non_streaming(client, server, cases):
 
 # ---- bad input ---------------------------------------------------------------
 
+@served
 def test_over_long_prompt_is_400_naming_the_limit(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=server.model, prompt=[100] * 16385, max_tokens=1)
@@ -211,6 +220,7 @@ def hostile_results(server) -> list[dict]:
     return rows
 
 
+@served
 def test_hostile_inputs_get_clean_4xx_and_the_server_keeps_serving(server):
     rows = hostile_results(server)
     print("\n| input | status | message |\n|---|---|---|")
@@ -306,6 +316,7 @@ def check_load(server, pairs: list[tuple[list[int], dict]]) -> dict:
     return stats
 
 
+@served
 def test_concurrent_requests_small(server, cases):
     check_load(server, cases["load"])
 
