@@ -159,8 +159,10 @@ def test_online_streaming_percentiles(fake_server, tmp_path):
     for row in out["rows"]:
         reqs = row["per_request"]
         assert len(reqs) == 6 and all(r["output_tokens"] == 5 for r in reqs)
-        # the server waits before the first token and between tokens: lower bounds
-        assert all(r["ttft_s"] >= FIRST_DELAY and r["tpot_s"] >= TOKEN_GAP for r in reqs)
+        # the server waits before the first token and between tokens: lower bounds on the
+        # first arrival and the last (chunks in between may arrive bunched together)
+        assert all(r["ttft_s"] >= FIRST_DELAY and r["tpot_s"] >= 0 and
+                   r["latency_s"] >= FIRST_DELAY + 4 * TOKEN_GAP for r in reqs)
         for key in ("ttft", "tpot"):
             vals = [r[f"{key}_s"] for r in reqs]
             assert row[f"{key}_p50_ms"] == pytest.approx(1e3 * float(np.percentile(vals, 50)))
