@@ -1,9 +1,11 @@
 """Attention cost per engine step: Dynamic YaRN (ours, keys cached before RoPE and rotated
 on load) against vLLM's CPU_ATTN kernel on post-RoPE keys, same shapes, one run.
 
-A step of a model with `--layers` layers costs `layers` attention calls; ours also
-builds the per-step angle table once (shared by all layers), which is included.
-Decode: one sequence, one new token, at each context length. Prefill: one prompt.
+Ours runs as the engine runs it: the backend's metadata builder once per step (scales,
+frequencies, angle table), then `--layers` calls of the backend's forward, which take
+the C++ kernel for decode and gather + rotate + SDPA for a prefill. vLLM's side is
+`--layers` calls of its CPU attention kernel. Decode: one sequence, one new token, at
+each context length. Prefill: one prompt in one step.
 
     .venv/bin/python benchmarks/bench_dynamic_attention.py --contexts 4096,16384,32768
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -20,6 +23,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from timing import environment, measure, write_json  # noqa: E402
 
 import yarn_vllm.ops  # noqa: E402,F401  (loads the extension)
+from yarn_vllm.attention import rope_registry  # noqa: E402
+from yarn_vllm.attention.backend import (YarnDynamicAttentionImpl,  # noqa: E402
+                                         YarnDynamicMetadataBuilder)
 from yarn_vllm.attention.rope_spec import DynamicRope  # noqa: E402
 
 
@@ -34,7 +40,7 @@ def one_case(ctx, q_len, args, dtype):
 
     hq, hkv, head, bs = args.q_heads, args.kv_heads, args.head_size, args.block_size
     nblocks = (ctx + bs - 1) // bs
-    cache, kc, vc = _paged_cache(nblocks, hkv, bs, head, dtype)
+    cache, _, _ = _paged_cache(nblocks, hkv, bs, head, dtype)
     block_table = torch.arange(nblocks, dtype=torch.int32)[None]
     seq_lens = torch.tensor([ctx], dtype=torch.int32)
     qsl = torch.tensor([0, q_len], dtype=torch.int32)
@@ -59,13 +65,18 @@ def one_case(ctx, q_len, args, dtype):
                 sliding_window=-1, block_table=block_table, softcap=0.0,
                 scheduler_metadata=meta, s_aux=None)
 
+    rope_registry.publish(spec, owner=-1)
+    impl = YarnDynamicAttentionImpl(hq, head, head ** -0.5, hkv, None, None, "auto")
+    common = SimpleNamespace(num_reqs=1, num_actual_tokens=q_len, query_start_loc_cpu=qsl,
+                             seq_lens=seq_lens, block_table_tensor=block_table,
+                             slot_mapping=torch.arange(ctx - q_len, ctx))
+    flat_out = out.view(q_len, hq * head)
+
     def ours_step():
-        inv, mult = spec.per_sequence([ctx])
-        table, starts = spec.angle_table([ctx], inv)
-        scale = mult * head ** -0.5
+        meta = YarnDynamicMetadataBuilder.build(SimpleNamespace(), 0, common)
         for _ in range(args.layers):
-            torch.ops.yarn_vllm.paged_attention(out, query, kc, vc, block_table, seq_lens, qsl,
-                                                inv, scale, table, starts, True)
+            impl.forward(None, query, None, None, cache.view(nblocks, hkv, bs, 2 * head), meta,
+                         flat_out)
 
     reps = args.reps if q_len == 1 else max(2, args.reps // 5)
     vllm = measure(vllm_step, reps=reps, warmup=1)

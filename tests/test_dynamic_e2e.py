@@ -23,6 +23,7 @@ from yarn_vllm.engine_worker import run_engine
 L, NEW = 1024, 48
 PROMPTS = {"short": 300, "crossing": 1000, "long": 2500}
 LOGPROB_TOL = 1e-2  # bf16-level on logprobs; the engine runs fp32 and lands far inside it
+TIE = 1e-3  # two tokens this close are a tie that summation order may break either way
 
 
 def _case(tiny_llama, **llm_kwargs):
@@ -59,9 +60,17 @@ def _outputs(dynamic_run, name):
 
 
 def _assert_steps_match(ours, tokens, logprobs):
-    """ours: the engine's output; logprobs: [vocab] log-softmax per step from a reference."""
-    assert ours["token_ids"] == tokens
+    """ours: the engine's output; logprobs: [vocab] log-softmax per step from a reference.
+
+    Greedy tokens must agree. Should they part at an exact tie (top two within TIE
+    in the reference), the rest is a different continuation and is not compared.
+    """
+    assert len(ours["token_ids"]) == len(tokens)
     for step, token in enumerate(tokens):
+        mine = ours["token_ids"][step]
+        if mine != token:
+            assert logprobs[step][token] - logprobs[step][mine] < TIE, f"step {step}"
+            break
         assert ours["logprobs"][step][str(token)] == pytest.approx(
             logprobs[step][token].item(), abs=LOGPROB_TOL)
 
@@ -126,5 +135,8 @@ def test_tensor_parallel_two_gives_the_same_tokens(tiny_llama, dynamic_run):
     case = _case(tiny_llama, tensor_parallel_size=2, distributed_executor_backend="mp")
     result = run_engine({k: v for k, v in case.items() if k != "hf"}, timeout=1200,
                         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
-    assert [o["token_ids"] for o in result["outputs"]] == [
-        o["token_ids"] for o in dynamic_run[1]["outputs"]]
+    for tp2, tp1 in zip(result["outputs"], dynamic_run[1]["outputs"]):
+        reference = [torch.full((case["hf"]["vocab_size"],), -1e9).index_put_(
+            (torch.tensor([int(t) for t in step]),), torch.tensor(list(step.values())))
+            for step in tp1["logprobs"]]
+        _assert_steps_match(tp2, tp1["token_ids"], reference)
