@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -76,14 +77,21 @@ def run_engine(spec: dict, *, plugins: bool = True, timeout: float = 3600,
         spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        proc = subprocess.run([sys.executable, "-m", "yarn_vllm.engine_worker", spec_path,
-                               out_path], env=child_env, capture_output=True, text=True,
-                              timeout=timeout)
+        # Its own session, so that a timeout takes vLLM's EngineCore and workers down too.
+        proc = subprocess.Popen([sys.executable, "-m", "yarn_vllm.engine_worker", spec_path,
+                                 out_path], env=child_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
         if proc.returncode != 0:
             # vLLM logs (the engine core's ERROR lines included) to stdout, tracebacks to stderr
             raise RuntimeError(f"vLLM engine process failed (exit {proc.returncode}):\n"
-                               f"{_error_excerpt(proc.stderr)}\n--- vLLM's log (stdout) ---\n"
-                               f"{_error_excerpt(proc.stdout or '', 3000)}")
+                               f"{_error_excerpt(stderr)}\n--- vLLM's log (stdout) ---\n"
+                               f"{_error_excerpt(stdout or '', 3000)}")
         with open(out_path) as f:
             return json.load(f)
 
