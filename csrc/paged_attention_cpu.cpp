@@ -83,7 +83,11 @@ void run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
     TORCH_CHECK((seq_len + sh.block_size - 1) / sh.block_size <= block_table.size(1),
                 "block_table: sequence ", b, " needs more blocks than the table's ",
                 block_table.size(1), " columns");
-    seqs[b] = PagedSequence{block_table.data_ptr<int32_t>() + b * block_table.stride(0),
+    const int32_t* row = block_table.data_ptr<int32_t>() + b * block_table.stride(0);
+    for (int i = 0; i < (seq_len + sh.block_size - 1) / sh.block_size; ++i)
+      TORCH_CHECK(row[i] >= 0 && row[i] < key_cache.size(0), "block_table: sequence ", b,
+                  " uses block ", row[i], " outside the cache's ", key_cache.size(0), " blocks");
+    seqs[b] = PagedSequence{row,
                             seq_len, q_len, starts[b], scale[b],
                             table ? table + table_start[b] * sh.rotary_dim : nullptr,
                             freq + b * inv_freq.stride(0)};
@@ -180,7 +184,7 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
               out.scalar_type());
   check_cache(key_cache, "key_cache", query);
   check_cache(value_cache, "value_cache", query);
-  TORCH_CHECK(value_cache.size(1) == key_cache.size(1) && value_cache.size(2) == key_cache.size(2),
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(),
               "value_cache: shape ", value_cache.sizes(), " differs from key_cache's ",
               key_cache.sizes());
   TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "query: ", query.size(1),

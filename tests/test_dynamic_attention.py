@@ -4,6 +4,8 @@ paths), and what dynamic mode changes in vLLM's engine config."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -201,7 +203,11 @@ def test_backend_writes_pre_rope_keys_and_attends_like_the_reference():
     torch.testing.assert_close(_gather(b["key_cache"], b["block_table"], seq_lens, q_lens), new_k)
     torch.testing.assert_close(_gather(b["value_cache"], b["block_table"], seq_lens, q_lens),
                                new_v)
-    b["logit_scale"] = meta.logit_multiplier * 64 ** -0.5
+    # expected scales from the paper's formulas, not from the builder under test
+    scales = [max(1.0, n / 256) for n in seq_lens]
+    b["inv_freq"] = torch.stack([yarn_math.yarn_inv_freq(64, 10000.0, s, 256) for s in scales])
+    b["logit_scale"] = torch.tensor([(0.1 * math.log(s) + 1.0) ** 2 * 64 ** -0.5
+                                     for s in scales])
     torch.testing.assert_close(output.view(-1, 4, 64), _reference(b), rtol=1e-4, atol=2e-5)
 
 
@@ -273,3 +279,41 @@ def test_dynamic_mode_with_another_backend_is_a_clear_error(tiny_llama):
     # vLLM wraps errors raised while it validates its config (pydantic ValidationError)
     with pytest.raises(ValueError, match="`attention_backend` is CPU_ATTN.*drop --attention-backend"):
         _vllm_config(tiny_llama, _overrides(tiny_llama, "dynamic"), attention_backend="CPU_ATTN")
+
+
+OTHER_ROPES = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 512,
+               "rope_theta": 10000.0},
+    "static_yarn_odd_betas": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                              "original_max_position_embeddings": 1024, "beta_fast": 0.5},
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(OTHER_ROPES))
+def test_models_not_in_dynamic_mode_pass_the_hook_untouched(tiny_llama, name):
+    """The hook runs for every model vLLM configures; it must neither raise nor change them."""
+    import copy
+
+    import yarn_vllm
+    from yarn_vllm.attention.engine_config import configure_dynamic
+
+    yarn_vllm.register()
+    config = _vllm_config(tiny_llama, {"max_position_embeddings": 4096,
+                                       "rope_parameters": OTHER_ROPES[name]})
+    parts = ("scheduler_config", "cache_config", "attention_config")
+    before = {p: copy.deepcopy(vars(getattr(config, p))) for p in parts}
+    configure_dynamic(config)
+    assert {p: vars(getattr(config, p)) for p in parts} == before
+    assert config.attention_config.backend is None
+
+
+@needs_kernel
+def test_dynamic_mode_refuses_architectures_it_does_not_cover(tiny_llama):
+    import yarn_vllm
+
+    yarn_vllm.register()
+    overrides = dict(_overrides(tiny_llama, "dynamic"), architectures=["GraniteForCausalLM"])
+    with pytest.raises(ValueError, match="`architectures` is .*Granite.*yarn_mode 'static'"):
+        _vllm_config(tiny_llama, overrides)

@@ -142,7 +142,8 @@ def _has_cuda_op() -> bool:
 
 def _refuse(field: str, value) -> None:
     raise NotImplementedError(f"yarn_vllm dynamic attention: `{field}` = {value!r} is not "
-                              "supported. Fix: serve this model with yarn_mode 'static'.")
+                              "supported. Fix: serve this model with yarn_mode 'static' "
+                              "(rope_parameters.yarn_mode, via config.json or --hf-overrides).")
 
 
 class YarnDynamicAttentionImpl(AttentionImpl):

@@ -19,20 +19,49 @@ from __future__ import annotations
 
 import logging
 
-from yarn_vllm.config import YarnConfig
+from yarn_vllm.config import YarnConfig, YarnConfigError, rope_parameters_of
 
 logger = logging.getLogger("yarn_vllm")
 
 BACKEND_PATH = "yarn_vllm.attention.backend.YarnDynamicAttentionBackend"
 
+# Decoders whose every attention layer applies the model's one YaRN RoPE through
+# `rotary_emb(positions, q, k)` and nothing else: the backend may then own RoPE.
+# Others (RoPE-less layers, MLA, models reading cos_sin_cache) would be silently wrong.
+DYNAMIC_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                         "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+
+_FIX_STATIC = "serve it with yarn_mode 'static' (rope_parameters, --hf-overrides or --yarn-mode)"
+
 
 def wants_dynamic(vllm_config) -> bool:
+    """True when the model's rope_parameters say yarn_mode 'dynamic'.
+
+    Nothing else is read or validated: every other model, whatever its RoPE, must
+    pass through the plugin's config hook untouched.
+    """
     model_config = getattr(vllm_config, "model_config", None)
     hf_config = getattr(model_config, "hf_config", None)
     if hf_config is None:
         return False
-    yarn = YarnConfig.from_hf_config(hf_config)  # validates; raises YarnConfigError naming the field
-    return yarn is not None and yarn.mode == "dynamic"
+    return rope_parameters_of(hf_config).get("yarn_mode") == "dynamic"
+
+
+def _refuse_unsupported(vllm_config) -> None:
+    model = vllm_config.model_config
+    archs = list(getattr(model.hf_config, "architectures", None) or [])
+    if not set(archs) & set(DYNAMIC_ARCHITECTURES):
+        raise YarnConfigError("architectures", f"is {archs}, which Dynamic YaRN does not cover "
+                              f"(it covers {', '.join(DYNAMIC_ARCHITECTURES)})", _FIX_STATIC)
+    if getattr(model, "use_mla", False):
+        raise YarnConfigError("yarn_mode", "is 'dynamic' for an MLA model", _FIX_STATIC)
+    if vllm_config.speculative_config is not None:
+        raise YarnConfigError("speculative_config", "is set; draft tokens would move each "
+                              "sequence's scale", "drop speculative decoding, or " + _FIX_STATIC)
+    if vllm_config.attention_config.backend_per_kind:
+        raise YarnConfigError("attention_config.backend_per_kind", "routes layers to other "
+                              "backends, which would see keys without RoPE",
+                              "drop it, or " + _FIX_STATIC)
 
 
 def configure_dynamic(vllm_config) -> None:
@@ -41,7 +70,8 @@ def configure_dynamic(vllm_config) -> None:
         return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from yarn_vllm.config import YarnConfigError
+    YarnConfig.from_hf_config(vllm_config.model_config.hf_config)  # raises naming the field
+    _refuse_unsupported(vllm_config)
 
     from vllm.model_executor.custom_op import op_registry_oot
 

@@ -28,7 +28,9 @@ def publish(rope: DynamicRope, owner: int) -> None:
 
 def current() -> DynamicRope:
     if _current is None:
-        raise RuntimeError("yarn_vllm: the dynamic attention backend is active but no YaRN "
-                           "rotary layer was built. Fix: set rope_parameters rope_type 'yarn' "
-                           "with yarn_mode 'dynamic', and keep the yarn_vllm plugin enabled.")
+        raise RuntimeError("yarn_vllm: the dynamic attention backend is active but the model "
+                           "built no yarn_vllm rotary layer in dynamic mode (its RoPE is not "
+                           "YaRN, or the plugin is disabled). Fix: rope_parameters rope_type "
+                           "'yarn' with yarn_mode 'dynamic' and the plugin enabled, or "
+                           "yarn_mode 'static'.")
     return _current
