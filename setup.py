@@ -112,7 +112,7 @@ setup(
         "cuda": ["vllm==0.32.0", "xformers"],
         "ray": ["ray"],
         "eval": ["gguf", "accelerate", "matplotlib"],
-        "test": ["pytest", "pytest-timeout", "openai", "gguf", "accelerate"],
+        "test": ["pytest", "pytest-timeout", "openai", "gguf", "accelerate", "triton"],
     },
     entry_points={
         "vllm.general_plugins": ["yarn_vllm = yarn_vllm:register"],
