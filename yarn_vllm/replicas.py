@@ -76,6 +76,9 @@ def generate_replicated(model: str, llm_kwargs: dict, prompts: list, sampling: d
     per = num_cpus if num_cpus is not None else cluster_cpus / len(parts)
     base_env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
     base_env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
+    if "VLLM_CPU_KVCACHE_SPACE" in base_env:  # the node's KV budget, shared by the replicas
+        base_env["VLLM_CPU_KVCACHE_SPACE"] = str(
+            max(1, int(float(base_env["VLLM_CPU_KVCACHE_SPACE"])) // len(parts)))
     actor_cls = ray.remote(EngineReplica)
     actors = []
     for i, cores in enumerate(core_sets(len(parts))):
