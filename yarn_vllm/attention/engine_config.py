@@ -103,6 +103,23 @@ def configure_dynamic(vllm_config) -> None:
     if cache.enable_prefix_caching:
         cache.enable_prefix_caching = False
         changes.append("prefix caching off")
+    _allow_long_steps()
     logger.info("yarn_vllm: Dynamic YaRN: pre-RoPE attention backend%s",
                 f"; {', '.join(changes)} (each prompt is prefilled in one step at its own "
                 "scale, and cached blocks are not shared across scales)" if changes else "")
+
+
+def _allow_long_steps() -> None:
+    """Let one step run as long as a whole prompt's prefill takes on a CPU.
+
+    vLLM's executor gives a step VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (300 s) and then
+    kills the engine; a 16k prompt prefilled in one step took longer than that on a
+    busy 2-core CPU. Set here, before the engine core starts, so its processes inherit
+    it; a value the user set is kept.
+    """
+    import os
+
+    from vllm.platforms import current_platform
+
+    if current_platform.device_type == "cpu":
+        os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "7200")
