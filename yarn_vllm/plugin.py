@@ -15,6 +15,9 @@ ROTARY_OP_NAME = "YaRNScalingRotaryEmbedding"
 
 def register() -> None:
     """Swap vLLM's YaRN rotary layer for ours and hook dynamic mode. Safe to call repeatedly."""
+    from yarn_vllm.logs import route_plugin_log_to_vllm
+
+    route_plugin_log_to_vllm()  # our lines then show in vLLM's log, in every process
     _register_rotary()
     _register_dynamic_backend()
 

@@ -17,7 +17,6 @@ Two halves:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
@@ -202,43 +201,13 @@ def serve_command(model: str, yarn: YarnConfig | None, passthrough: list[str],
 
 # ---- the server ------------------------------------------------------------
 
-class _ToVllmHandlers(logging.Handler):
-    """Hands each record to the handlers the `vllm` logger has at that moment.
-
-    vLLM (re)configures its handlers with dictConfig in every process it starts,
-    after our logger exists, so they are looked up at emit time.
-    """
-
-    def emit(self, record: logging.LogRecord) -> None:
-        for handler in logging.getLogger("vllm").handlers:
-            if record.levelno >= handler.level:
-                handler.handle(record)
-
-
-def route_plugin_log_to_vllm() -> None:
-    """Send the `yarn_vllm` logger's records to vLLM's log, at vLLM's level (idempotent).
-
-    Called in the server's main process and, through multiprocessing's re-import
-    of the main module (`__mp_main__`), in the engine core and worker processes.
-    """
-    ours = logging.getLogger(PLUGIN_NAME)
-    if any(isinstance(h, _ToVllmHandlers) for h in ours.handlers):
-        return
-    ours.addHandler(_ToVllmHandlers())
-    ours.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
-    ours.propagate = False
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run vLLM's OpenAI server with `argv` (vLLM's own serve flags)."""
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_server_main
 
-    route_plugin_log_to_vllm()
     sys.argv = ["yarn-vllm serve"] + (sys.argv[1:] if argv is None else argv)
     vllm_server_main()
 
 
-if __name__ == "__mp_main__":  # a server subprocess (engine core, worker)
-    route_plugin_log_to_vllm()
 if __name__ == "__main__":
     main()
