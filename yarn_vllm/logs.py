@@ -16,7 +16,11 @@ class _ToVllmHandlers(logging.Handler):
     """
 
     def emit(self, record: logging.LogRecord) -> None:
-        for handler in logging.getLogger("vllm").handlers:
+        handlers = logging.getLogger("vllm").handlers
+        if not handlers and logging.lastResort is not None:
+            # vLLM has not configured its log in this process (yet): stderr, as before.
+            logging.lastResort.handle(record)
+        for handler in handlers:
             if record.levelno >= handler.level:
                 handler.handle(record)
 
