@@ -188,6 +188,7 @@ def test_suite_section_replaces_only_the_marked_block(tmp_path):
     assert text.count(suite.RESULTS_BEGIN) == 1 and text.count(suite.RESULTS_END) == 1
 
 
+@pytest.mark.slow  # two real engines: minutes on 2 cores; the store/report logic has fast tests
 def test_suite_runs_stores_resumes_and_writes_the_readme(smol_model, tmp_path):
     """The one command at a small size on the real model: each (job, method) is stored as
     it finishes, the README block is rewritten from the store, a second run reuses it."""
