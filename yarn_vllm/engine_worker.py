@@ -60,19 +60,26 @@ def cpu_lacks_bf16() -> bool:
     return "avx512_bf16" not in flags and "amx_bf16" not in flags
 
 
+def engine_env(plugins: bool, extra: dict | None = None) -> dict:
+    """An engine process's environment: ours by default, then `extra`, then the plugin switch
+    (plugins=False sets VLLM_PLUGINS="", so vLLM's own layers serve)."""
+    env = dict(os.environ)
+    for key, value in _ENV_DEFAULTS.items():
+        env.setdefault(key, value)
+    env.update(extra or {})
+    if plugins:
+        env.pop("VLLM_PLUGINS", None)
+    else:
+        env["VLLM_PLUGINS"] = ""
+    return env
+
+
 def run_engine(spec: dict, *, plugins: bool = True, timeout: float = 3600,
                env: dict | None = None) -> dict:
     """Run `spec` in a fresh process; plugins=False sets VLLM_PLUGINS="" (vLLM's own layers)."""
     spec = dict(spec, llm_kwargs=dict(spec.get("llm_kwargs", {})))
     apply_cpu_defaults(spec["llm_kwargs"])
-    child_env = dict(os.environ)
-    for key, value in _ENV_DEFAULTS.items():
-        child_env.setdefault(key, value)
-    child_env.update(env or {})
-    if plugins:
-        child_env.pop("VLLM_PLUGINS", None)
-    else:
-        child_env["VLLM_PLUGINS"] = ""
+    child_env = engine_env(plugins, env)
     with tempfile.TemporaryDirectory(prefix="yarn_vllm_engine_") as tmp:
         spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
         with open(spec_path, "w") as f:

@@ -23,7 +23,7 @@ import threading
 import time
 
 from yarn_vllm.bench.measure import Step, summarise
-from yarn_vllm.engine_worker import apply_cpu_defaults
+from yarn_vllm.engine_worker import apply_cpu_defaults, engine_env
 
 _PR_SET_PDEATHSIG = 1
 _REQUESTS = 0  # request ids, unique within the worker
@@ -44,12 +44,7 @@ def run_bench_engine(spec: dict, *, plugins: bool, timeout: float | None = None,
     """
     spec = dict(spec, llm_kwargs=dict(spec.get("llm_kwargs", {})))
     apply_cpu_defaults(spec["llm_kwargs"])
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               VLLM_ALLOW_INSECURE_SERIALIZATION="1")
-    if plugins:
-        env.pop("VLLM_PLUGINS", None)
-    else:
-        env["VLLM_PLUGINS"] = ""
+    env = engine_env(plugins, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     with tempfile.TemporaryDirectory(prefix="yarn_vllm_bench_") as tmp:
         spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
         log_path = os.path.join(tmp, "engine.log")
