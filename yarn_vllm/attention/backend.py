@@ -100,13 +100,11 @@ class YarnDynamicMetadata:
     angles: torch.Tensor
     angle_start: torch.Tensor
     long_queries: list[int]  # sequences served by gather + SDPA (CPU)
+    short_queries: list[int]  # sequences with queries served by the kernel (CPU)
     device_args: tuple | None = None  # GPU: (seq_lens, query_start_loc, inv_freq, multiplier)
 
 
 class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> YarnDynamicMetadata:
         m = common_attn_metadata
@@ -131,6 +129,7 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
             slot_mapping=m.slot_mapping, query_lens=query_lens, seq_lens_list=seq_list,
             inv_freq=inv_freq, logit_multiplier=multiplier, angles=angles, angle_start=start,
             long_queries=[b for b, n in enumerate(query_lens) if n > SDPA_MIN_QUERY],
+            short_queries=[b for b, n in enumerate(query_lens) if 0 < n <= SDPA_MIN_QUERY],
             device_args=device_args)
 
 
@@ -196,10 +195,8 @@ class YarnDynamicAttentionImpl(AttentionImpl):
             self._gpu(meta, q, out, key_cache, value_cache, rope.is_neox)
             return output
         logit_scale = meta.logit_multiplier * self.scale
-        short = [b for b in range(len(meta.query_lens))
-                 if meta.query_lens[b] and b not in meta.long_queries]
-        if short:
-            self._kernel(short, meta, q, out, key_cache, value_cache, logit_scale, rope.is_neox)
+        if meta.short_queries:  # split once per step by the builder, not once per layer
+            self._kernel(meta.short_queries, meta, q, out, key_cache, value_cache, logit_scale, rope.is_neox)
         for b in meta.long_queries:
             self._sdpa(b, meta, q, out, key_cache, value_cache, float(logit_scale[b]), rope)
         return output
