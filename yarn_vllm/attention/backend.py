@@ -105,6 +105,10 @@ class YarnDynamicMetadata:
 
 
 class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
+    # vLLM declares __init__ abstract on the base, so a builder must define one.
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> YarnDynamicMetadata:
         m = common_attn_metadata
