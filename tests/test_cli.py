@@ -53,6 +53,17 @@ def test_generate_bad_yarn_setting_is_one_line(tmp_path):
         "e.g. 4.0 to extend 4x"]
 
 
+def test_builtin_passkey_leaves_room_for_the_answer():
+    from yarn_vllm.cli import builtin_passkey_length
+    from yarn_vllm.config import YarnConfig
+
+    hf = {"max_position_embeddings": 8192, "rope_theta": 1e5, "head_dim": 64}
+    assert builtin_passkey_length(hf, YarnConfig(factor=4.0), 8) == 16384
+    # factor 2: max_model_len is 16384, so the prompt must stop 8 tokens short of it
+    assert builtin_passkey_length(hf, YarnConfig(factor=2.0), 8) == 16384 - 8
+    assert builtin_passkey_length(hf, None, 8) == 8192 - 8
+
+
 def test_passthrough_kwargs():
     assert passthrough_kwargs(["--max-num-seqs", "4", "--enforce-eager", "--dtype=float32",
                                "--hf-overrides", '{"a": 1}']) == {

@@ -66,6 +66,19 @@ def test_from_hf_config_reads_yarn_mode():
     assert dynamic.hf_overrides(LLAMA)["rope_parameters"]["yarn_mode"] == "dynamic"
 
 
+def test_dynamic_headroom_round_trips_and_static_overrides_do_not_carry_it(tmp_path):
+    from yarn_vllm.cli import build_parser, yarn_config_from_args
+
+    args, _ = build_parser().parse_known_args(
+        ["generate", "--factor", "4", "--yarn-mode", "dynamic", "--dynamic-headroom", "2"])
+    cfg = yarn_config_from_args(args)
+    params = cfg.hf_overrides(LLAMA)["rope_parameters"]
+    assert params["yarn_dynamic_headroom"] == 2.0
+    assert YarnConfig.from_hf_config(dict(LLAMA, rope_parameters=params)).dynamic_headroom == 2.0
+    assert "yarn_dynamic_headroom" not in YarnConfig(factor=4.0).hf_overrides(LLAMA)[
+        "rope_parameters"]
+
+
 def test_target_context_is_exact():
     """factor = target / original must not round max_position below the target."""
     cfg = YarnConfig(target_context=3211).resolve(dict(LLAMA, max_position_embeddings=1217))
@@ -111,6 +124,11 @@ def test_cli_length_flag_replaces_yaml_length(tmp_path):
     (lambda: YarnConfig.from_dict({"factor": 2.0, "truncate": "maybe"}), "truncate", "true or false"),
     (lambda: YarnConfig.from_dict({"factor": 2.0, "original_max_position": 10.5}),
      "original_max_position", "plain int"),
+    (lambda: YarnConfig(factor=2.0, mode="dynamic", dynamic_headroom=0.5), "dynamic_headroom",
+     "number >= 1"),
+    (lambda: YarnConfig(factor=2.0, mode="dynamic", dynamic_headroom=float("nan")),
+     "dynamic_headroom", "number >= 1"),
+    (lambda: YarnConfig(factor=2.0, dynamic_headroom=2.0), "dynamic_headroom", "mode: dynamic"),
 ])
 
 

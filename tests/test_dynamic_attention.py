@@ -31,6 +31,17 @@ def test_scale_frequencies_and_multiplier_follow_the_length(seq_len):
                                                       + 1.0) ** 2 if s > 1 else 1.0)
 
 
+@pytest.mark.parametrize("seq_len", [1, 100, 128, 300, 700, 1024, 1500, 3000])
+def test_headroom_leads_the_scale_up_to_the_factor(seq_len):
+    """c = 2, factor 4, L = 256: s is twice what the length needs, until s reaches 4; past
+    4 L the length alone decides (as with c = 1)."""
+    rope = DynamicRope(64, 64, 10000.0, 256, headroom=2.0, factor=4.0)
+    needs = seq_len / 256
+    expected = 1.0 if 2 * needs <= 1 else (2 * needs if 2 * needs <= 4 else max(4.0, needs))
+    assert rope.scale(seq_len) == pytest.approx(expected, rel=1e-12)
+    assert ROPE.scale(seq_len) == max(1.0, needs)  # headroom 1 is the paper's rule
+
+
 def test_scale_one_is_plain_rope():
     plain = yarn_math.rope_inv_freq(64, 10000.0)
     torch.testing.assert_close(ROPE.inv_freq(1.0), plain, rtol=2 ** -23, atol=0)
@@ -168,7 +179,8 @@ def test_kernel_rejects_bad_arguments_by_name(field, mutate, message):
 # ---- backend ----------------------------------------------------------------------------
 
 @needs_kernel
-def test_backend_writes_pre_rope_keys_and_attends_like_the_reference():
+@pytest.mark.parametrize("headroom", [1.0, 2.0])
+def test_backend_writes_pre_rope_keys_and_attends_like_the_reference(headroom):
     """do_kv_cache_update + forward over a mixed batch (kernel and SDPA paths together)."""
     from types import SimpleNamespace
 
@@ -176,7 +188,8 @@ def test_backend_writes_pre_rope_keys_and_attends_like_the_reference():
     from yarn_vllm.attention.backend import (SDPA_MIN_QUERY, YarnDynamicAttentionImpl,
                                              YarnDynamicMetadataBuilder)
 
-    rope_registry.publish(ROPE, owner=-1)
+    rope_registry.publish(DynamicRope(64, 64, 10000.0, 256, headroom=headroom, factor=4.0),
+                          owner=headroom)
     seq_lens, q_lens = [400, 900, 5, 2100], [400, 1, 5, 150]  # prefill, decode, tiny, chunk
     assert max(q_lens) > SDPA_MIN_QUERY
     b = _batch(seq_lens, q_lens)
@@ -203,8 +216,10 @@ def test_backend_writes_pre_rope_keys_and_attends_like_the_reference():
     torch.testing.assert_close(_gather(b["key_cache"], b["block_table"], seq_lens, q_lens), new_k)
     torch.testing.assert_close(_gather(b["value_cache"], b["block_table"], seq_lens, q_lens),
                                new_v)
-    # expected scales from the paper's formulas, not from the builder under test
-    scales = [max(1.0, n / 256) for n in seq_lens]
+    # expected scales from the paper's formulas, not from the builder under test; with
+    # headroom 2 (factor 4) they are 3.125, 4 (capped), 1 and 8.2 (the length needs > 4)
+    scales = ([max(1.0, n / 256) for n in seq_lens] if headroom == 1.0
+              else [3.125, 4.0, 1.0, 2100 / 256])
     b["inv_freq"] = torch.stack([yarn_math.yarn_inv_freq(64, 10000.0, s, 256) for s in scales])
     b["logit_scale"] = torch.tensor([(0.1 * math.log(s) + 1.0) ** 2 * 64 ** -0.5
                                      for s in scales])
@@ -279,6 +294,43 @@ def test_dynamic_mode_with_another_backend_is_a_clear_error(tiny_llama):
     # vLLM wraps errors raised while it validates its config (pydantic ValidationError)
     with pytest.raises(ValueError, match="`attention_backend` is CPU_ATTN.*drop --attention-backend"):
         _vllm_config(tiny_llama, _overrides(tiny_llama, "dynamic"), attention_backend="CPU_ATTN")
+
+
+@needs_kernel
+def test_headroom_reaches_the_published_rope(tiny_llama):
+    """rope_parameters.yarn_dynamic_headroom (from --dynamic-headroom) -> the rotary layer
+    -> the DynamicRope the backend reads, with the configured factor as its cap."""
+    import json
+    import os
+
+    from vllm.config import set_current_vllm_config
+
+    import yarn_vllm
+    from yarn_vllm.attention import rope_registry
+    from yarn_vllm.config import YarnConfig
+    from yarn_vllm.rotary import YarnRotaryEmbedding
+
+    yarn_vllm.register()
+    hf = json.load(open(os.path.join(tiny_llama, "config.json")))
+    overrides = YarnConfig(factor=4.0, mode="dynamic", dynamic_headroom=2.0).hf_overrides(hf)
+    assert overrides["rope_parameters"]["yarn_dynamic_headroom"] == 2.0
+    config = _vllm_config(tiny_llama, overrides)
+    with set_current_vllm_config(config):
+        YarnRotaryEmbedding(64, 64, 1024, 10000.0, True, 4.0, torch.float32)
+    rope = rope_registry.current()
+    assert (rope.headroom, rope.factor, rope.original_max_position) == (2.0, 4.0, 1024)
+    assert rope.scale(1024) == 2.0 and rope.scale(3000) == 4.0
+
+
+@needs_kernel
+def test_bad_headroom_in_rope_parameters_is_a_clear_error(tiny_llama):
+    import yarn_vllm
+
+    yarn_vllm.register()
+    overrides = _overrides(tiny_llama, "dynamic")
+    overrides["rope_parameters"]["yarn_dynamic_headroom"] = 0.5
+    with pytest.raises(ValueError, match="`dynamic_headroom` is 0.5.*number >= 1"):
+        _vllm_config(tiny_llama, overrides)
 
 
 OTHER_ROPES = {

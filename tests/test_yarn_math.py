@@ -114,3 +114,9 @@ def test_dynamic_factor():
     assert yarn_math.dynamic_factor(4096, 1024) == 4.0
     lens = torch.tensor([10, 1024, 3072])
     torch.testing.assert_close(yarn_math.dynamic_factor(lens, 1024), torch.tensor([1.0, 1.0, 3.0]))
+    # headroom 2 and factor 4: twice the needed scale, capped at 4 unless the length needs more
+    lens = torch.tensor([100, 1024, 1536, 3072, 6144])
+    expected = [1.0, 2.0, 3.0, 4.0, 6.0]
+    assert [yarn_math.dynamic_factor(int(n), 1024, 2.0, 4.0) for n in lens] == expected
+    torch.testing.assert_close(yarn_math.dynamic_factor(lens, 1024, 2.0, 4.0),
+                               torch.tensor(expected))

@@ -36,6 +36,9 @@ def add_yarn_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta-fast", type=float)
     g.add_argument("--beta-slow", type=float)
     g.add_argument("--yarn-mode", choices=["static", "dynamic"])
+    g.add_argument("--dynamic-headroom", type=float,
+                   help="dynamic mode: run each sequence at up to this multiple of the scale "
+                        "its length needs, capped at --factor (default 1, the paper's rule)")
     g.add_argument("--no-yarn", action="store_true", help="run the model as trained")
 
 
@@ -54,7 +57,7 @@ def yarn_config_from_args(args) -> YarnConfig | None:
     for flag, field in [("factor", "factor"), ("target_context", "target_context"),
                         ("original_max_position", "original_max_position"),
                         ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"),
-                        ("yarn_mode", "mode")]:
+                        ("yarn_mode", "mode"), ("dynamic_headroom", "dynamic_headroom")]:
         if getattr(args, flag) is not None:
             values[field] = getattr(args, flag)
     return YarnConfig.from_dict(values) if values else None
@@ -112,6 +115,14 @@ def read_prompts(args) -> list[dict]:
     return prompts
 
 
+def builtin_passkey_length(hf_config: dict, yarn: YarnConfig | None, max_tokens: int) -> int:
+    """2x the trained context, less the answer's room where the extension is only 2x: a 16k
+    prompt at factor 2 would fill max_model_len, and vLLM refuses a prompt with no room."""
+    trained = int(hf_config["max_position_embeddings"])
+    limit = yarn.resolve(hf_config).max_position if yarn else trained
+    return min(2 * trained, limit - max_tokens)
+
+
 def cmd_generate(args, unknown) -> int:
     from yarn_vllm.models import resolve_model
 
@@ -124,15 +135,17 @@ def cmd_generate(args, unknown) -> int:
 
         from yarn_vllm.tasks.passkey import make_passkey_prompt
 
-        trained = AutoConfig.from_pretrained(model).max_position_embeddings
+        hf_config = AutoConfig.from_pretrained(model)
+        trained = hf_config.max_position_embeddings
         if yarn is None and not args.no_yarn:
             yarn = YarnConfig(factor=4.0)
         tok = AutoTokenizer.from_pretrained(model)
-        length = args.passkey_length or 2 * trained
+        args.max_tokens = min(args.max_tokens, 8)
+        length = args.passkey_length or builtin_passkey_length(hf_config.to_dict(), yarn,
+                                                               args.max_tokens)
         task = [make_passkey_prompt(tok, length, d, seed=i)
                 for i, d in enumerate(args.passkey_depths)]
         prompts = [{"prompt_token_ids": t.token_ids, "key": t.key, "depth": t.depth} for t in task]
-        args.max_tokens = min(args.max_tokens, 8)
         print(f"yarn-vllm: passkey task, {len(task)} prompts of {length} tokens "
               f"(the model was trained to {trained}), YaRN "
               f"{yarn.factor or yarn.target_context if yarn else 'off'}")

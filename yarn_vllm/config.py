@@ -36,6 +36,8 @@ class YarnConfig:
     defaults to the model's `max_position_embeddings` when resolved against a
     model. `mode` is "static" (one factor for every request) or "dynamic"
     (s = max(1, length / original_max_position) per sequence and step).
+    `dynamic_headroom` c >= 1 (dynamic mode only) lets s run ahead of the length,
+    s = max(1, min(c length / original, max(factor, length / original))); 1 is the paper.
     """
 
     factor: float | None = None
@@ -48,6 +50,7 @@ class YarnConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
+    dynamic_headroom: float = 1.0
 
     def __post_init__(self):
         for name, kind in _FIELD_TYPES.items():
@@ -69,6 +72,13 @@ class YarnConfig:
         if not self.beta_fast > self.beta_slow > 0:
             raise YarnConfigError("beta_fast", f"is {self.beta_fast} with beta_slow {self.beta_slow}",
                                   "need beta_fast > beta_slow > 0 (defaults 32 and 1)")
+        if not (1.0 <= self.dynamic_headroom < math.inf):
+            raise YarnConfigError("dynamic_headroom", f"is {self.dynamic_headroom}",
+                                  "give a finite number >= 1 (1 is the paper's Dynamic YaRN; "
+                                  "2 runs each sequence at twice the scale its length needs)")
+        if self.dynamic_headroom != 1.0 and self.mode != "dynamic":
+            raise YarnConfigError("dynamic_headroom", f"is {self.dynamic_headroom} with mode "
+                                  f"{self.mode!r}", "set mode: dynamic, or drop dynamic_headroom")
         if self.attention_factor is not None and self.attention_factor <= 0:
             raise YarnConfigError("attention_factor", f"is {self.attention_factor}",
                                   "give a positive multiplier, or leave it unset for 0.1 ln(s) + 1")
@@ -136,6 +146,7 @@ class YarnConfig:
             mscale=params.get("mscale"),
             mscale_all_dim=params.get("mscale_all_dim"),
             attention_factor=params.get("attention_factor"),
+            dynamic_headroom=params.get("yarn_dynamic_headroom", 1.0),
         )
 
     # ---- use against a model -----------------------------------------
@@ -180,6 +191,8 @@ class YarnConfig:
         for key in ("mscale", "mscale_all_dim", "attention_factor"):
             if getattr(cfg, key) is not None:
                 params[key] = float(getattr(cfg, key))
+        if cfg.mode == "dynamic":
+            params["yarn_dynamic_headroom"] = float(cfg.dynamic_headroom)
         partial = rope_parameters_of(hf_config).get("partial_rotary_factor")
         if partial is not None:
             params["partial_rotary_factor"] = partial
@@ -189,8 +202,9 @@ class YarnConfig:
 
 _FIELD_TYPES = {"factor": float, "original_max_position": int, "target_context": int,
                 "beta_fast": float, "beta_slow": float, "mode": str, "truncate": bool,
-                "mscale": float, "mscale_all_dim": float, "attention_factor": float}
-_REQUIRED = ("beta_fast", "beta_slow", "mode", "truncate")
+                "mscale": float, "mscale_all_dim": float, "attention_factor": float,
+                "dynamic_headroom": float}
+_REQUIRED = ("beta_fast", "beta_slow", "mode", "truncate", "dynamic_headroom")
 
 
 def _coerce(name: str, value, kind):

@@ -9,6 +9,9 @@ understand, so the same setting runs in either:
   yarn      YaRN, static (one factor for every request)
   yarn-dynamic  YaRN, dynamic: each sequence at s = max(1, len / L) in every
             step (yarn_vllm.attention); `factor` only bounds the context
+  yarn-dynamic-h2  dynamic with headroom 2: s = max(1, min(2 len / L, factor)),
+            the scale a static model would pick for twice the length, so a
+            prompt is never served at the very edge of its interpolated range
 
 A method is one entry of METHODS: a label for tables and a function
 (hf_config, factor) -> hf_overrides. The evaluations, the CLI and the
@@ -52,8 +55,8 @@ def _ntk(hf_config: dict, factor: float) -> dict:
                                 "rope_theta": rope_theta_of(hf_config) * factor ** (d / (d - 2))}}
 
 
-def _yarn(hf_config: dict, factor: float, mode: str = "static") -> dict:
-    return YarnConfig(factor=factor, mode=mode).hf_overrides(hf_config)
+def _yarn(hf_config: dict, factor: float, mode: str = "static", headroom: float = 1.0) -> dict:
+    return YarnConfig(factor=factor, mode=mode, dynamic_headroom=headroom).hf_overrides(hf_config)
 
 
 METHODS: dict[str, Method] = {
@@ -63,6 +66,8 @@ METHODS: dict[str, Method] = {
     "yarn": Method("yarn (static)", _yarn),
     "yarn-dynamic": Method("yarn-dynamic (s follows length)",
                            lambda hf, s: _yarn(hf, s, mode="dynamic")),
+    "yarn-dynamic-h2": Method("yarn-dynamic-h2 (s leads length 2x, up to factor)",
+                              lambda hf, s: _yarn(hf, s, mode="dynamic", headroom=2.0)),
 }
 
 

@@ -22,14 +22,16 @@ from yarn_vllm.config import validate_rotary_dim
 from yarn_vllm.ops import rotary_embedding_
 
 
-def _current_yarn_mode() -> tuple[str, int]:
-    """The model's `yarn_mode` (rope_parameters) and the id of the vLLM config that holds it."""
+def _current_yarn_mode() -> tuple[str, float, int]:
+    """The model's `yarn_mode` and `yarn_dynamic_headroom` (rope_parameters), and the id of
+    the vLLM config that holds them."""
     from vllm.config import get_current_vllm_config
 
     config = get_current_vllm_config()
     hf_config = getattr(config.model_config, "hf_config", None)
     params = getattr(hf_config, "rope_parameters", None) or {}
-    return params.get("yarn_mode", "static"), id(config)
+    return (params.get("yarn_mode", "static"), float(params.get("yarn_dynamic_headroom", 1.0)),
+            id(config))
 
 
 class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
@@ -48,7 +50,7 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
                  mscale_all_dim: float | None = None, attention_factor: float | None = None,
                  truncate: bool = True) -> None:
         validate_rotary_dim(rotary_dim, head_size)
-        mode, owner = _current_yarn_mode()
+        mode, headroom, owner = _current_yarn_mode()
         self.dynamic = mode == "dynamic"
         self.scaling_factor = scaling_factor
         self.beta_fast = beta_fast
@@ -65,7 +67,7 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
             rope_registry.publish(DynamicRope(
                 head_size, rotary_dim, float(base), max_position_embeddings, is_neox_style,
                 float(beta_fast), float(beta_slow), truncate, mscale, mscale_all_dim,
-                attention_factor), owner)
+                attention_factor, headroom, float(scaling_factor)), owner)
 
     def _compute_inv_freq(self, scaling_factor: float) -> torch.Tensor:
         return yarn_math.yarn_inv_freq(self.rotary_dim, self.base, scaling_factor,

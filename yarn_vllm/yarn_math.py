@@ -124,12 +124,17 @@ def attention_scale(mscale: float) -> float:
     return mscale * mscale
 
 
-def dynamic_factor(seq_len: int | torch.Tensor, original_max_position: int):
+def dynamic_factor(seq_len: int | torch.Tensor, original_max_position: int,
+                   headroom: float = 1.0, factor: float = 1.0):
     """Dynamic scaling's s(l) = max(1, l / L) (paper Section 3.3, Eq. 24).
 
+    `headroom` c >= 1 is our extension: s = max(1, min(c l / L, max(factor, l / L))).
+    The scale runs ahead of the length by c but stops at the configured `factor`
+    (unless the length itself needs more); c = 1 is the paper's rule exactly.
     Accepts an int (returns float) or an integer tensor of lengths (returns fp32).
     """
     if isinstance(seq_len, torch.Tensor):
-        return (seq_len.to(torch.float32) / original_max_position).clamp_min(1.0)
-    return max(1.0, seq_len / original_max_position)
-
+        ratio = seq_len.to(torch.float32) / original_max_position
+        return torch.minimum(headroom * ratio, ratio.clamp_min(factor)).clamp_min(1.0)
+    ratio = seq_len / original_max_position
+    return max(1.0, min(headroom * ratio, max(factor, ratio)))

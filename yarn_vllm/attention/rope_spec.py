@@ -15,7 +15,8 @@ ANGLE_STRIDE = 32  # csrc/paged_attention_cpu_kernel.h: kAngleStride
 class DynamicRope:
     """YaRN parameters that do not depend on s; `inv_freq(s)` and `logit_multiplier(s)` do.
 
-    `original_max_position` is the trained context L: s = max(1, len / L).
+    `original_max_position` is the trained context L: s = max(1, len / L), or with
+    `headroom` c > 1, max(1, min(c len / L, max(factor, len / L))) (yarn_math.dynamic_factor).
     """
 
     head_size: int
@@ -29,10 +30,13 @@ class DynamicRope:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
+    headroom: float = 1.0
+    factor: float = 1.0
 
     def scale(self, seq_len: int) -> float:
-        """s(l) of the paper's Dynamic scaling (Eq. 24)."""
-        return yarn_math.dynamic_factor(int(seq_len), self.original_max_position)
+        """s(l) of the paper's Dynamic scaling (Eq. 24), led by `headroom`."""
+        return yarn_math.dynamic_factor(int(seq_len), self.original_max_position,
+                                        self.headroom, self.factor)
 
     def inv_freq(self, s: float) -> torch.Tensor:
         """[rotary_dim // 2] fp32 NTK-by-parts frequencies at scale s (Eq. 17-19)."""
