@@ -115,12 +115,10 @@ def read_prompts(args) -> list[dict]:
     return prompts
 
 
-def builtin_passkey_length(hf_config: dict, yarn: YarnConfig | None, max_tokens: int) -> int:
-    """2x the trained context, less the answer's room where the extension is only 2x: a 16k
-    prompt at factor 2 would fill max_model_len, and vLLM refuses a prompt with no room."""
-    trained = int(hf_config["max_position_embeddings"])
-    limit = yarn.resolve(hf_config).max_position if yarn else trained
-    return min(2 * trained, limit - max_tokens)
+def builtin_passkey_length(trained: int, max_model_len: int, max_tokens: int) -> int:
+    """2x the trained context, less the answer's room where the engine's limit is only 2x: a
+    16k prompt at factor 2 would fill max_model_len, and vLLM refuses a prompt with no room."""
+    return min(2 * trained, max_model_len - max_tokens)
 
 
 def cmd_generate(args, unknown) -> int:
@@ -130,26 +128,26 @@ def cmd_generate(args, unknown) -> int:
     model = resolve_model(args.model)
     prompts = read_prompts(args)
     task = None
+    if not prompts and yarn is None and not args.no_yarn:
+        yarn = YarnConfig(factor=4.0)  # the built-in task's extension
+    kwargs = engine_kwargs(model, yarn, passthrough_kwargs(unknown))
     if not prompts:  # the built-in task: a passkey at 2x the trained context
         from transformers import AutoConfig, AutoTokenizer
 
         from yarn_vllm.tasks.passkey import make_passkey_prompt
 
-        hf_config = AutoConfig.from_pretrained(model)
-        trained = hf_config.max_position_embeddings
-        if yarn is None and not args.no_yarn:
-            yarn = YarnConfig(factor=4.0)
+        trained = AutoConfig.from_pretrained(model).max_position_embeddings
         tok = AutoTokenizer.from_pretrained(model)
         args.max_tokens = min(args.max_tokens, 8)
-        length = args.passkey_length or builtin_passkey_length(hf_config.to_dict(), yarn,
-                                                               args.max_tokens)
+        # the engine's own limit: YaRN's extended length, or the user's --max-model-len
+        length = args.passkey_length or builtin_passkey_length(
+            trained, kwargs.get("max_model_len", trained), args.max_tokens)
         task = [make_passkey_prompt(tok, length, d, seed=i)
                 for i, d in enumerate(args.passkey_depths)]
         prompts = [{"prompt_token_ids": t.token_ids, "key": t.key, "depth": t.depth} for t in task]
         print(f"yarn-vllm: passkey task, {len(task)} prompts of {length} tokens "
               f"(the model was trained to {trained}), YaRN "
               f"{yarn.factor or yarn.target_context if yarn else 'off'}")
-    kwargs = engine_kwargs(model, yarn, passthrough_kwargs(unknown))
 
     sampling = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": 0}
     if args.replicas > 1:  # Ray actors, one engine each; outputs in input order

@@ -9,7 +9,7 @@ understand, so the same setting runs in either:
   yarn      YaRN, static (one factor for every request)
   yarn-dynamic  YaRN, dynamic: each sequence at s = max(1, len / L) in every
             step (yarn_vllm.attention); `factor` only bounds the context
-  yarn-dynamic-h2  dynamic with headroom 2: s = max(1, min(2 len / L, factor)),
+  yarn-dynamic-h2  dynamic with headroom 2: s = max(1, min(2 len / L, max(factor, len / L))),
             the scale a static model would pick for twice the length, so a
             prompt is never served at the very edge of its interpolated range
 
