@@ -200,7 +200,8 @@ class YarnDynamicAttentionImpl(AttentionImpl):
             return output
         logit_scale = meta.logit_multiplier * self.scale
         if meta.short_queries:  # split once per step by the builder, not once per layer
-            self._kernel(meta.short_queries, meta, q, out, key_cache, value_cache, logit_scale, rope.is_neox)
+            self._kernel(meta.short_queries, meta, q, out, key_cache, value_cache, logit_scale,
+                         rope.is_neox)
         for b in meta.long_queries:
             self._sdpa(b, meta, q, out, key_cache, value_cache, float(logit_scale[b]), rope)
         return output
