@@ -229,4 +229,7 @@ def test_partial_result_is_shown_and_not_taken_as_done(tmp_path):
     text = suite.report(str(tmp_path), methods=["yarn"], jobs=(job,))
     assert "| yarn (static) | – | – | – | 1/1 | 1/1 |" in text
     assert "| passkey 8k, 16k × 2 depths × 1 (s=4) | 10.0 min (1 of 4 cells) |" in text
+    suite.save(str(tmp_path), job, "yarn", {**part, "cores": 1})  # a run pinned to one core says so
+    text = suite.report(str(tmp_path), methods=["yarn"], jobs=(job,))
+    assert "| 10.0 min on 1 core (1 of 4 cells) |" in text
     assert "pk/yarn (1 of 4 cells measured)" in text

@@ -112,6 +112,8 @@ def run_job(model: str, job: Job, method: str, llm_kwargs: dict | None = None) -
     res["wall_seconds"] = time.perf_counter() - t0
     res["job"] = dataclasses.asdict(job)
     res["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
+    # two evaluations may share the machine, each pinned (taskset) to its own cores
+    res["cores"] = len(os.sched_getaffinity(0))
     # wall times on a shared machine mean little without the load they ran under
     res["load_average_1min"] = {"start": load_before, "end": os.getloadavg()[0]}
     res["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -163,8 +165,11 @@ def merged(store: str, methods, jobs, kind: str) -> dict | None:
     return out
 
 
-def _minutes(seconds: float | None) -> str:
-    return "not recorded" if seconds is None else f"{seconds / 60:.1f} min"
+def _minutes(seconds: float | None, cores: int | None = None) -> str:
+    if seconds is None:
+        return "not recorded"
+    on = "" if cores is None else f" on {cores} core{'s' if cores > 1 else ''}"
+    return f"{seconds / 60:.1f} min{on}"
 
 
 def wall_time_table(store: str, methods, jobs) -> str:
@@ -175,7 +180,8 @@ def wall_time_table(store: str, methods, jobs) -> str:
             r = load(store, j, m)
             done = len(measured_cells(j, m, r))
             part = "" if done == len(cells(j)) else f" ({done} of {len(cells(j))} cells)"
-            row.append("–" if r is None else _minutes(r["methods"][m].get("seconds")) + part)
+            row.append("–" if r is None
+                       else _minutes(r["methods"][m].get("seconds"), r.get("cores")) + part)
         sizes = ", ".join(f"{n // 1024}k" for n in j.sizes)
         what = (f"perplexity {sizes}" if j.kind == "ppl"
                 else f"passkey {sizes} × {len(j.depths)} depths × {j.trials}")
