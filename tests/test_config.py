@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from yarn_vllm.config import YarnConfig, YarnConfigError
+from yarn_vllm.config import YarnConfig
+from yarn_vllm.errors import UserError
 
 LLAMA = {"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9, "head_dim": 64,
          "max_position_embeddings": 8192, "rope_theta": 100000.0}
@@ -133,7 +134,7 @@ def test_cli_length_flag_replaces_yaml_length(tmp_path):
 
 
 def test_bad_input_names_field_and_fix(make, field, fix):
-    with pytest.raises(YarnConfigError) as e:
+    with pytest.raises(UserError) as e:
         make()
     assert e.value.field == field
     assert f"`{field}`" in str(e.value) and "Fix:" in str(e.value) and fix in str(e.value)
@@ -144,5 +145,5 @@ def test_empty_and_broken_yaml(tmp_path):
     empty.write_text("yarn:\n")
     broken.write_text("factor: [4\n")
     assert YarnConfig.from_yaml(str(empty)).factor is None
-    with pytest.raises(YarnConfigError, match="not valid YAML"):
+    with pytest.raises(UserError, match="not valid YAML"):
         YarnConfig.from_yaml(str(broken))

@@ -89,9 +89,9 @@ def test_bf16_layer_matches_vllm_within_bf16_tolerance(vllm_config_ctx):
 
 
 def test_bad_rotary_dim_is_refused_with_a_clear_error(vllm_config_ctx):
-    from yarn_vllm.config import YarnConfigError
+    from yarn_vllm.errors import UserError
 
-    with pytest.raises(YarnConfigError, match="rotary_dim"):
+    with pytest.raises(UserError, match="rotary_dim"):
         YarnRotaryEmbedding(64, 33, 2048, 1e4, True, 4.0, torch.float32)
 
 

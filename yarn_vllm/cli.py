@@ -21,7 +21,8 @@ import time
 import yaml
 
 from yarn_vllm.bench.sweep_config import SweepConfigError
-from yarn_vllm.config import YarnConfig, YarnConfigError
+from yarn_vllm.config import YarnConfig
+from yarn_vllm.errors import UserError
 from yarn_vllm.engine_worker import apply_cpu_defaults
 from yarn_vllm.models import DEFAULT_MODEL
 
@@ -396,7 +397,7 @@ def main(argv=None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     try:
         return args.func(args, unknown)
-    except (YarnConfigError, SweepConfigError, OSError) as e:  # OSError: a missing model folder or file
+    except (UserError, SweepConfigError, OSError) as e:  # OSError: a missing model folder or file
         print(f"yarn-vllm: {e}", file=sys.stderr)
         return 2
 

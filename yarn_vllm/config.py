@@ -13,19 +13,13 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from yarn_vllm.errors import UserError
+
 MODES = ("static", "dynamic")  # the interface: rope_parameters["yarn_mode"]
 SERVED_MODES = MODES  # every mode is served; dynamic by yarn_vllm.attention (pre-RoPE keys)
 # Keys of rope_parameters that name the RoPE variant; "type" is the legacy rope_scaling spelling.
 _ROPE_TYPE_KEYS = ("rope_type", "type")
 _UNSCALED_ROPE_TYPES = ("default", None)
-
-
-class YarnConfigError(ValueError):
-    """A YaRN setting is wrong. The message names the field and how to fix it."""
-
-    def __init__(self, field: str, problem: str, fix: str):
-        self.field = field
-        super().__init__(f"yarn config: `{field}` {problem}. Fix: {fix}")
 
 
 @dataclasses.dataclass
@@ -56,36 +50,36 @@ class YarnConfig:
         for name, kind in _FIELD_TYPES.items():
             setattr(self, name, _coerce(name, getattr(self, name), kind))
         if self.mode not in MODES:
-            raise YarnConfigError("mode", f"is {self.mode!r}", f"use one of {', '.join(MODES)}")
+            raise UserError("mode", f"is {self.mode!r}", f"use one of {', '.join(MODES)}")
         if self.original_max_position is not None and self.original_max_position <= 0:
-            raise YarnConfigError("original_max_position", f"is {self.original_max_position}",
+            raise UserError("original_max_position", f"is {self.original_max_position}",
                                   "give the model's trained context length, a positive integer")
         if self.factor is not None and not (self.factor > 0 and math.isfinite(self.factor)):
-            raise YarnConfigError("factor", f"is {self.factor}",
+            raise UserError("factor", f"is {self.factor}",
                                   "give a finite number > 0, e.g. 4.0 to extend 4x")
         if self.target_context is not None and self.target_context <= 0:
-            raise YarnConfigError("target_context", f"is {self.target_context}",
+            raise UserError("target_context", f"is {self.target_context}",
                                   "give the extended context length in tokens")
         if self.factor is not None and self.target_context is not None:
-            raise YarnConfigError("target_context", f"({self.target_context}) and factor "
+            raise UserError("target_context", f"({self.target_context}) and factor "
                                   f"({self.factor}) are both set", "set only one of them")
         if not self.beta_fast > self.beta_slow > 0:
-            raise YarnConfigError("beta_fast", f"is {self.beta_fast} with beta_slow {self.beta_slow}",
+            raise UserError("beta_fast", f"is {self.beta_fast} with beta_slow {self.beta_slow}",
                                   "need beta_fast > beta_slow > 0 (defaults 32 and 1)")
         if not (1.0 <= self.dynamic_headroom < math.inf):
-            raise YarnConfigError("dynamic_headroom", f"is {self.dynamic_headroom}",
+            raise UserError("dynamic_headroom", f"is {self.dynamic_headroom}",
                                   "give a finite number >= 1 (1 is the paper's Dynamic YaRN; "
                                   "2 runs each sequence at twice the scale its length needs)")
         if self.dynamic_headroom != 1.0 and self.mode != "dynamic":
-            raise YarnConfigError("dynamic_headroom", f"is {self.dynamic_headroom} with mode "
+            raise UserError("dynamic_headroom", f"is {self.dynamic_headroom} with mode "
                                   f"{self.mode!r}", "set mode: dynamic, or drop dynamic_headroom")
         if self.attention_factor is not None and self.attention_factor <= 0:
-            raise YarnConfigError("attention_factor", f"is {self.attention_factor}",
+            raise UserError("attention_factor", f"is {self.attention_factor}",
                                   "give a positive multiplier, or leave it unset for 0.1 ln(s) + 1")
 
     def _factor_from_target(self, original: int) -> float:
         if self.target_context < original:
-            raise YarnConfigError(
+            raise UserError(
                 "target_context", f"({self.target_context}) is shorter than the original "
                 f"context ({original})", f"give a target of at least {original} tokens")
         return self.target_context / original
@@ -99,7 +93,7 @@ class YarnConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise YarnConfigError(unknown[0], "is not a YaRN setting",
+            raise UserError(unknown[0], "is not a YaRN setting",
                                   f"use only: {', '.join(sorted(names))}")
         return cls(**values)
 
@@ -112,10 +106,10 @@ class YarnConfig:
             with open(path) as f:
                 values = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise YarnConfigError(path, f"is not valid YAML ({e.__class__.__name__})",
+            raise UserError(path, f"is not valid YAML ({e.__class__.__name__})",
                                   "write `key: value` lines, e.g. `factor: 4.0`") from None
         if not isinstance(values, dict):
-            raise YarnConfigError(path, "does not hold a mapping", "write `factor: 4.0` etc.")
+            raise UserError(path, "does not hold a mapping", "write `factor: 4.0` etc.")
         return cls.from_dict(values)
 
     @classmethod
@@ -129,7 +123,7 @@ class YarnConfig:
         if rope_type in _UNSCALED_ROPE_TYPES:
             return None
         if rope_type != "yarn":
-            raise YarnConfigError("rope_type", f"is {rope_type!r} in the model config",
+            raise UserError("rope_type", f"is {rope_type!r} in the model config",
                                   "yarn-vllm serves rope_type 'yarn' (or plain RoPE to extend)")
         max_position = _get(hf_config, "max_position_embeddings")
         original = params.get("original_max_position_embeddings") or max_position
@@ -156,7 +150,7 @@ class YarnConfig:
         params = rope_parameters_of(hf_config)
         rope_type = _rope_type(params)
         if rope_type not in _UNSCALED_ROPE_TYPES + ("yarn",):
-            raise YarnConfigError("rope_type", f"is {rope_type!r} in the model config",
+            raise UserError("rope_type", f"is {rope_type!r} in the model config",
                                   "YaRN extends plain RoPE; start from a model with rope_type "
                                   "'default' or 'yarn'")
         check_rotary_dims(hf_config)
@@ -165,10 +159,10 @@ class YarnConfig:
             original = params.get("original_max_position_embeddings")
         original = original or _get(hf_config, "max_position_embeddings")
         if not original:
-            raise YarnConfigError("original_max_position", "is unknown for this model",
+            raise UserError("original_max_position", "is unknown for this model",
                                   "pass --original-max-position (the trained context length)")
         if self.factor is None and self.target_context is None:
-            raise YarnConfigError("factor", "is not set", "pass --factor S or --target-context TOKENS")
+            raise UserError("factor", "is not set", "pass --factor S or --target-context TOKENS")
         factor = self.factor or self._factor_from_target(int(original))
         # target_context stays set, so max_position is the exact target
         return _resolved(self, factor=factor, original_max_position=int(original))
@@ -208,15 +202,15 @@ _REQUIRED = ("beta_fast", "beta_slow", "mode", "truncate", "dynamic_headroom")
 
 
 def _coerce(name: str, value, kind):
-    """A field's value as its type, or a YarnConfigError naming the field (YAML gives strings)."""
+    """A field's value as its type, or a UserError naming the field (YAML gives strings)."""
     if value is None:
         if name in _REQUIRED:
-            raise YarnConfigError(name, "is empty", f"give a {kind.__name__} or drop the key")
+            raise UserError(name, "is empty", f"give a {kind.__name__} or drop the key")
         return None
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise YarnConfigError(name, f"is {value!r}", "use true or false")
+        raise UserError(name, f"is {value!r}", "use true or false")
     if kind is str:
         return str(value)
     try:
@@ -227,7 +221,7 @@ def _coerce(name: str, value, kind):
             return int(number)
         return number
     except (TypeError, ValueError):
-        raise YarnConfigError(name, f"is {value!r}, not a {kind.__name__}",
+        raise UserError(name, f"is {value!r}, not a {kind.__name__}",
                               f"give a plain {kind.__name__}, e.g. "
                               f"{'4.0' if kind is float else '8192'}") from None
 
@@ -258,7 +252,7 @@ def rope_parameters_of(hf_config) -> dict:
 def rope_theta_of(hf_config) -> float:
     theta = rope_parameters_of(hf_config).get("rope_theta")
     if theta is None:
-        raise YarnConfigError("rope_theta", "is missing: the model does not use RoPE",
+        raise UserError("rope_theta", "is missing: the model does not use RoPE",
                               "YaRN only applies to RoPE models (Llama, Qwen, Mistral, ...)")
     return float(theta)
 
@@ -283,7 +277,7 @@ def head_and_rotary_dim(hf_config) -> tuple[int, int]:
     if head_size is None:
         hidden, heads = _get(hf_config, "hidden_size"), _get(hf_config, "num_attention_heads")
         if not hidden or not heads:
-            raise YarnConfigError("head_dim", "cannot be derived from the model config",
+            raise UserError("head_dim", "cannot be derived from the model config",
                                   "the config needs head_dim or hidden_size and num_attention_heads")
         head_size = hidden // heads
     partial = rope_parameters_of(hf_config).get("partial_rotary_factor", 1.0)
@@ -297,9 +291,9 @@ def check_rotary_dims(hf_config) -> None:
 
 def validate_rotary_dim(rotary_dim: int, head_size: int) -> None:
     if rotary_dim % 2:
-        raise YarnConfigError("rotary_dim", f"is {rotary_dim}, which is odd",
+        raise UserError("rotary_dim", f"is {rotary_dim}, which is odd",
                               "RoPE rotates channel pairs; use an even rotary_dim "
                               "(partial_rotary_factor x head_dim)")
     if rotary_dim > head_size or rotary_dim <= 0:
-        raise YarnConfigError("rotary_dim", f"is {rotary_dim} for head_size {head_size}",
+        raise UserError("rotary_dim", f"is {rotary_dim} for head_size {head_size}",
                               "use 0 < rotary_dim <= head_size (partial_rotary_factor <= 1)")

@@ -20,7 +20,8 @@ import json
 import os
 import sys
 
-from yarn_vllm.config import YarnConfig, YarnConfigError
+from yarn_vllm.config import YarnConfig
+from yarn_vllm.errors import UserError
 
 SERVER_MODULE = "yarn_vllm.serve"
 PLUGIN_NAME = "yarn_vllm"  # our name in the vllm.general_plugins entry-point group
@@ -163,7 +164,7 @@ def serve_command(model: str, yarn: YarnConfig | None, passthrough: list[str],
                   *, cpu: bool | None = None, env: dict | None = None) -> tuple[list[str], dict]:
     """(argv, env) of the server for `model` with `yarn` (None: as the model's config says).
 
-    Raises YarnConfigError or ServeError, naming the field or flag, before any engine starts.
+    Raises UserError or ServeError, naming the field or flag, before any engine starts.
     """
     env = dict(os.environ if env is None else env)
     argv = list(passthrough)
@@ -188,7 +189,7 @@ def serve_command(model: str, yarn: YarnConfig | None, passthrough: list[str],
         extended = overrides["max_position_embeddings"]
         max_len = _int_flag(argv, "--max-model-len")
         if max_len is not None and max_len > extended:
-            raise YarnConfigError(
+            raise UserError(
                 "max_model_len", f"is {max_len}, past the extended context of {extended} tokens",
                 f"lower --max-model-len, or raise --factor / --target-context to cover {max_len}")
         argv = ["--hf-overrides", json.dumps(overrides)] + argv

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 
-from yarn_vllm.config import YarnConfig, YarnConfigError, rope_parameters_of
+from yarn_vllm.config import YarnConfig, rope_parameters_of
+from yarn_vllm.errors import UserError
 
 logger = logging.getLogger("yarn_vllm")
 
@@ -51,15 +52,15 @@ def _refuse_unsupported(vllm_config) -> None:
     model = vllm_config.model_config
     archs = list(getattr(model.hf_config, "architectures", None) or [])
     if not set(archs) & set(DYNAMIC_ARCHITECTURES):
-        raise YarnConfigError("architectures", f"is {archs}, which Dynamic YaRN does not cover "
+        raise UserError("architectures", f"is {archs}, which Dynamic YaRN does not cover "
                               f"(it covers {', '.join(DYNAMIC_ARCHITECTURES)})", _FIX_STATIC)
     if getattr(model, "use_mla", False):
-        raise YarnConfigError("yarn_mode", "is 'dynamic' for an MLA model", _FIX_STATIC)
+        raise UserError("yarn_mode", "is 'dynamic' for an MLA model", _FIX_STATIC)
     if vllm_config.speculative_config is not None:
-        raise YarnConfigError("speculative_config", "is set; draft tokens would move each "
+        raise UserError("speculative_config", "is set; draft tokens would move each "
                               "sequence's scale", "drop speculative decoding, or " + _FIX_STATIC)
     if vllm_config.attention_config.backend_per_kind:
-        raise YarnConfigError("attention_config.backend_per_kind", "routes layers to other "
+        raise UserError("attention_config.backend_per_kind", "routes layers to other "
                               "backends, which would see keys without RoPE",
                               "drop it, or " + _FIX_STATIC)
 
@@ -78,17 +79,17 @@ def configure_dynamic(vllm_config) -> None:
     from yarn_vllm.rotary import YarnRotaryEmbedding
 
     if op_registry_oot.get("YaRNScalingRotaryEmbedding") is not YarnRotaryEmbedding:
-        raise YarnConfigError("yarn_mode", "is 'dynamic', but yarn-vllm's rotary layer is not "
+        raise UserError("yarn_mode", "is 'dynamic', but yarn-vllm's rotary layer is not "
                               "active (no compiled kernel for this platform)",
                               "rebuild yarn-vllm with its extension (pip install "
                               "--no-build-isolation -e .) or use yarn_mode 'static'")
     attention = vllm_config.attention_config
     if attention.backend not in (None, AttentionBackendEnum.CUSTOM):
-        raise YarnConfigError("attention_backend", f"is {attention.backend.name}, but yarn_mode "
+        raise UserError("attention_backend", f"is {attention.backend.name}, but yarn_mode "
                               "'dynamic' needs yarn-vllm's pre-RoPE backend",
                               "drop --attention-backend (or use yarn_mode 'static')")
     if AttentionBackendEnum.CUSTOM.get_path() != BACKEND_PATH:
-        raise YarnConfigError("attention_backend", "CUSTOM is registered by another plugin",
+        raise UserError("attention_backend", "CUSTOM is registered by another plugin",
                               "disable that plugin to serve yarn_mode 'dynamic'")
     attention.backend = AttentionBackendEnum.CUSTOM
     scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
