@@ -100,8 +100,48 @@ def test_cli_length_flag_replaces_yaml_length(tmp_path):
 
 
 @pytest.mark.parametrize("make,field,fix", [
-    (lambda: YarnConfig(factor=0.0), "factor", "> 0"),
-    (lambda: YarnConfig(factor=-2.0), "factor", "> 0"),
+    (lambda: YarnConfig(factor=0.0), "factor", ">= 1"),
+    (lambda: YarnConfig(factor=-2.0), "factor", ">= 1"),
+    # issue 14: each of these exited 0 from `inspect` and gave NaN/inf frequencies
+    (lambda: YarnConfig(factor=1e-300), "factor", ">= 1"),
+    (lambda: YarnConfig(factor=0.5), "factor", ">= 1"),
+    (lambda: YarnConfig(factor=1e30).resolve(LLAMA), "factor", "smaller factor"),
+    (lambda: YarnConfig(factor=float("nan")), "factor", "finite"),
+    (lambda: YarnConfig(factor=float("inf")), "factor", "finite"),
+    (lambda: YarnConfig.from_dict({"factor": 2.0, "attention_factor": float("nan")}),
+     "attention_factor", "finite"),
+    (lambda: YarnConfig.from_dict({"factor": 2.0, "attention_factor": -1.0}),
+     "attention_factor", "finite positive"),
+    (lambda: YarnConfig.from_dict({"factor": 2.0, "mscale": float("nan")}), "mscale", "finite"),
+    (lambda: YarnConfig.from_dict({"factor": 2.0, "mscale_all_dim": float("inf")}),
+     "mscale_all_dim", "finite"),
+    (lambda: YarnConfig.from_dict({"factor": 2.0, "original_max_position": float("inf")}),
+     "original_max_position", "plain int"),
+    (lambda: YarnConfig.from_dict({"factor": 2.0, "beta_fast": float("inf")}), "beta_fast",
+     "finite"),
+    (lambda: YarnConfig.from_dict({"factor": 2.0, "beta_slow": float("nan")}), "beta_slow",
+     "finite"),
+    (lambda: YarnConfig.from_dict({"factor": [4]}), "factor", "plain float"),
+    (lambda: YarnConfig.from_dict({"factor": True}), "factor", "plain float"),
+    (lambda: YarnConfig.from_dict({"factor": 2.0, "mode": 3}), "mode", "static, dynamic"),
+    (lambda: YarnConfig.from_dict({1: 2.0}), "1", "use only"),
+    (lambda: YarnConfig.from_dict({"yarn": 4}), "yarn", "not a mapping"),
+    (lambda: YarnConfig.from_dict([4]), "yarn", "not a mapping"),
+    (lambda: YarnConfig.from_hf_config(dict(LLAMA, rope_parameters={
+        "rope_type": "yarn", "factor": 2.0, "yarn_mode": "dynamc"})), "mode", "request"),
+    (lambda: YarnConfig(factor=8.0, mode="request", request_factors=[1, 4, 2]),
+     "request_factors", "ascending"),
+    (lambda: YarnConfig(factor=8.0, mode="request", request_factors=[0.5, 2]),
+     "request_factors", "below 1"),
+    (lambda: YarnConfig(factor=4.0, mode="request", request_factors=[1, 2, 8]),
+     "request_factors", "above factor"),
+    (lambda: YarnConfig(target_context=16384, mode="request", request_factors=[1, 4]
+                        ).resolve(LLAMA), "request_factors", "above factor"),
+    (lambda: YarnConfig(factor=4.0, mode="request", request_factors="1,x"), "request_factors",
+     "plain float"),
+    (lambda: YarnConfig(factor=4.0, mode="request", request_factors=[]), "request_factors",
+     "list of scales"),
+    (lambda: YarnConfig(factor=4.0, request_factors=[1, 2]), "request_factors", "mode: request"),
     (lambda: YarnConfig(target_context=4096).resolve(LLAMA), "target_context", "at least 8192"),
     (lambda: YarnConfig(factor=2.0).resolve({"hidden_size": 64, "num_attention_heads": 2,
                                              "max_position_embeddings": 512}),
@@ -115,7 +155,7 @@ def test_cli_length_flag_replaces_yaml_length(tmp_path):
      "rotary_dim", "even rotary_dim"),
     (lambda: YarnConfig(factor=2.0).resolve(dict(LLAMA, partial_rotary_factor=1.5)),
      "rotary_dim", "rotary_dim <= head_size"),
-    (lambda: YarnConfig(factor=2.0, mode="sometimes"), "mode", "static, dynamic"),
+    (lambda: YarnConfig(factor=2.0, mode="sometimes"), "mode", "static, dynamic, request"),
     (lambda: YarnConfig(factor=2.0, beta_fast=1, beta_slow=32), "beta_fast", "beta_fast > beta_slow"),
     (lambda: YarnConfig.from_dict({"factr": 2.0}), "factr", "use only"),
     (lambda: YarnConfig().resolve(LLAMA), "factor", "--factor"),
@@ -128,7 +168,7 @@ def test_cli_length_flag_replaces_yaml_length(tmp_path):
     (lambda: YarnConfig(factor=2.0, mode="dynamic", dynamic_headroom=0.5), "dynamic_headroom",
      "number >= 1"),
     (lambda: YarnConfig(factor=2.0, mode="dynamic", dynamic_headroom=float("nan")),
-     "dynamic_headroom", "number >= 1"),
+     "dynamic_headroom", "finite"),
     (lambda: YarnConfig(factor=2.0, dynamic_headroom=2.0), "dynamic_headroom", "mode: dynamic"),
 ])
 
@@ -147,3 +187,23 @@ def test_empty_and_broken_yaml(tmp_path):
     assert YarnConfig.from_yaml(str(empty)).factor is None
     with pytest.raises(UserError, match="not valid YAML"):
         YarnConfig.from_yaml(str(broken))
+
+
+@pytest.mark.parametrize("factor,listed,expected", [
+    (8.0, None, (1.0, 2.0, 4.0, 8.0)), (6.0, None, (1.0, 2.0, 4.0, 6.0)),
+    (1.0, None, (1.0,)), (2.0, None, (1.0, 2.0)), (4.0, "1,3", (1.0, 3.0)),
+    (4.0, [1, 1.5, 4], (1.0, 1.5, 4.0))])
+def test_request_factors_default_and_listed(factor, listed, expected):
+    cfg = YarnConfig(factor=factor, mode="request", request_factors=listed).resolve(LLAMA)
+    assert cfg.scales_on_offer() == expected
+    params = cfg.hf_overrides(LLAMA)["rope_parameters"]
+    assert params["yarn_mode"] == "request" and params["yarn_request_factors"] == list(expected)
+    # the engine reads the same list back out of rope_parameters
+    again = YarnConfig.from_hf_config(dict(LLAMA, rope_parameters=params))
+    assert again.scales_on_offer() == expected and again.mode == "request"
+
+
+def test_request_factors_from_yaml(tmp_path):
+    p = tmp_path / "y.yaml"
+    p.write_text("factor: 8\nmode: request\nrequest_factors: [1, 2, 8]\n")
+    assert YarnConfig.from_yaml(str(p)).resolve(LLAMA).scales_on_offer() == (1.0, 2.0, 8.0)

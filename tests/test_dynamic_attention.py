@@ -11,47 +11,70 @@ import torch
 
 from conftest import TOL
 from yarn_vllm import yarn_math
+from yarn_vllm.attention.angles import angle_table
 from yarn_vllm.attention.reference import paged_attention_reference
-from yarn_vllm.attention.rope_spec import DynamicRope
+from yarn_vllm.config import YarnConfig
 from yarn_vllm.ops import HAS_EXTENSION
+from yarn_vllm.scale_policy import ScalePolicy
 
 needs_kernel = pytest.mark.skipif(not HAS_EXTENSION, reason="yarn_vllm._C not built")
-ROPE = DynamicRope(head_size=64, rotary_dim=64, base=10000.0, original_max_position=256)
+
+
+def dynamic_policy(original=256, factor=16.0, headroom=1.0, rotary_dim=64):
+    return ScalePolicy(YarnConfig(factor=factor, original_max_position=original, mode="dynamic",
+                                  dynamic_headroom=headroom), rotary_dim, 10000.0)
+
+
+ROPE = dynamic_policy()
 
 
 # ---- maths ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seq_len", [1, 255, 256, 257, 1000, 4096])
-def test_scale_frequencies_and_multiplier_follow_the_length(seq_len):
-    s = ROPE.scale(seq_len)
+def test_scale_frequencies_and_attention_scale_follow_the_length(seq_len):
+    """Against the paper written out in float64: s = max(1, l / L) (Eq. 24); frequencies of
+    Eq. 17-19 with the ramp over dimension indices j between the indices where a band
+    turns 32 and 1 times over L (Eq. 16, rounded outwards as released checkpoints assume);
+    logits times (0.1 ln s + 1)^2 (Eq. 22, squared)."""
+    s = ROPE.dynamic_factor(seq_len)
     assert s == max(1.0, seq_len / 256)
-    static = yarn_math.yarn_inv_freq(64, 10000.0, s, 256)
-    assert torch.equal(ROPE.inv_freq(s), static)
-    assert ROPE.logit_multiplier(s) == pytest.approx((0.1 * torch.log(torch.tensor(s)).item()
-                                                      + 1.0) ** 2 if s > 1 else 1.0)
+    theta = 10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    def index_of(rotations):  # j with L / lambda_j = rotations, lambda_j = 2 pi / theta_j
+        return 64 * math.log(256 / (2 * math.pi * rotations)) / (2 * math.log(10000.0))
+    low, high = max(math.floor(index_of(32)), 0), min(math.ceil(index_of(1)), 63)
+    interpolated = ((torch.arange(32, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    expected = interpolated * theta / s + (1 - interpolated) * theta
+    torch.testing.assert_close(ROPE.inv_freq(s).double(), expected, rtol=1e-6, atol=0)
+    if s == 1.0:
+        assert torch.equal(ROPE.inv_freq(s), yarn_math.rope_inv_freq(64, 10000.0))
+    assert ROPE.attention_scale(s) == pytest.approx((0.1 * math.log(s) + 1.0) ** 2)
 
 
 @pytest.mark.parametrize("seq_len", [1, 100, 128, 300, 700, 1024, 1500, 3000])
 def test_headroom_leads_the_scale_up_to_the_factor(seq_len):
     """c = 2, factor 4, L = 256: s is twice what the length needs, until s reaches 4; past
     4 L the length alone decides (as with c = 1)."""
-    rope = DynamicRope(64, 64, 10000.0, 256, headroom=2.0, factor=4.0)
+    rope = dynamic_policy(factor=4.0, headroom=2.0)
     needs = seq_len / 256
     expected = 1.0 if 2 * needs <= 1 else (2 * needs if 2 * needs <= 4 else max(4.0, needs))
-    assert rope.scale(seq_len) == pytest.approx(expected, rel=1e-12)
-    assert ROPE.scale(seq_len) == max(1.0, needs)  # headroom 1 is the paper's rule
+    assert rope.dynamic_factor(seq_len) == pytest.approx(expected, rel=1e-12)
+    assert ROPE.dynamic_factor(seq_len) == max(1.0, needs)  # headroom 1 is the paper's rule
 
 
 def test_scale_one_is_plain_rope():
     plain = yarn_math.rope_inv_freq(64, 10000.0)
-    torch.testing.assert_close(ROPE.inv_freq(1.0), plain, rtol=2 ** -23, atol=0)
-    assert ROPE.logit_multiplier(1.0) == 1.0
+    assert torch.equal(ROPE.inv_freq(1.0), plain)
+    assert ROPE.attention_scale(1.0) == 1.0
+    # an explicit attention_factor is static-mode only: s = 1 still runs as trained
+    policy = ScalePolicy(YarnConfig(factor=4.0, original_max_position=256, mode="dynamic",
+                                    attention_factor=1.3), 64, 10000.0)
+    assert policy.attention_scale(1.0) == 1.0 and policy.attention_scale(2.0) == 1.3 ** 2
 
 
 def test_angle_table_composes_to_exact_angles():
     lens = [70, 1000, 70, 300]
     inv, _ = ROPE.per_sequence(lens)
-    table, start = ROPE.angle_table(lens, inv)
+    table, start = angle_table(lens, inv)
     assert start[0] == start[2]  # one scale, one block of rows
     half = 32
     for b, n in enumerate(lens):
@@ -82,22 +105,21 @@ def _batch(seq_lens, q_lens, *, q_heads=4, kv_heads=2, head=64, rotary=64, block
     for b, n in enumerate(per_seq):
         table[b, :n] = perm[used:used + n]
         used += n
-    rope = DynamicRope(head, rotary, 10000.0, 256, is_neox)
-    inv, mult = rope.per_sequence(seq_lens)
+    inv, mult = dynamic_policy(rotary_dim=rotary).per_sequence(seq_lens)
     qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
     qsl[1:] = torch.tensor(q_lens).cumsum(0)
     return {"query": torch.randn(sum(q_lens), q_heads, head, generator=g).to(dtype),
             "key_cache": kv[:, :, :block], "value_cache": kv[:, :, block:], "block_table": table,
             "seq_lens": torch.tensor(seq_lens, dtype=torch.int32), "query_start_loc": qsl,
             "inv_freq": inv, "logit_scale": mult * head ** -0.5, "is_neox": is_neox,
-            "rope": rope, "kv": kv}
+            "kv": kv}
 
 
 def _run_kernel(b, with_table=True):
     out = torch.empty_like(b["query"])
     table = start = None
     if with_table:
-        table, start = b["rope"].angle_table(b["seq_lens"].tolist(), b["inv_freq"])
+        table, start = angle_table(b["seq_lens"].tolist(), b["inv_freq"])
     torch.ops.yarn_vllm.paged_attention(
         out, b["query"], b["key_cache"], b["value_cache"], b["block_table"], b["seq_lens"],
         b["query_start_loc"], b["inv_freq"], b["logit_scale"], table, start, b["is_neox"])
@@ -184,12 +206,10 @@ def test_backend_writes_pre_rope_keys_and_attends_like_the_reference(headroom):
     """do_kv_cache_update + forward over a mixed batch (kernel and SDPA paths together)."""
     from types import SimpleNamespace
 
-    from yarn_vllm.attention import rope_registry
     from yarn_vllm.attention.backend import (SDPA_MIN_QUERY, YarnDynamicAttentionImpl,
                                              YarnDynamicMetadataBuilder)
 
-    rope_registry.publish(DynamicRope(64, 64, 10000.0, 256, headroom=headroom, factor=4.0),
-                          owner=headroom)
+    builder = SimpleNamespace(policy=dynamic_policy(factor=4.0, headroom=headroom))
     seq_lens, q_lens = [400, 900, 5, 2100], [400, 1, 5, 150]  # prefill, decode, tiny, chunk
     assert max(q_lens) > SDPA_MIN_QUERY
     b = _batch(seq_lens, q_lens)
@@ -209,7 +229,7 @@ def test_backend_writes_pre_rope_keys_and_attends_like_the_reference(headroom):
     common = SimpleNamespace(num_reqs=len(seq_lens), num_actual_tokens=sum(q_lens),
                              query_start_loc_cpu=b["query_start_loc"], seq_lens=b["seq_lens"],
                              block_table_tensor=b["block_table"], slot_mapping=slot_mapping)
-    meta = YarnDynamicMetadataBuilder.build(SimpleNamespace(), 0, common)
+    meta = YarnDynamicMetadataBuilder.build(builder, 0, common)
     output = torch.empty(sum(q_lens), 4 * 64)
     impl.forward(None, b["query"], new_k, new_v, kv_cache, meta, output)
     # the cache must now hold the new keys and values unrotated, where the slots say
@@ -297,17 +317,17 @@ def test_dynamic_mode_with_another_backend_is_a_clear_error(tiny_llama):
 
 
 @needs_kernel
-def test_headroom_reaches_the_published_rope(tiny_llama):
-    """rope_parameters.yarn_dynamic_headroom (from --dynamic-headroom) -> the rotary layer
-    -> the DynamicRope the backend reads, with the configured factor as its cap."""
+def test_headroom_reaches_the_builders_policy(tiny_llama):
+    """rope_parameters.yarn_dynamic_headroom (from --dynamic-headroom) -> the vllm_config the
+    metadata builder is given -> its policy, with the configured factor as its cap; the
+    rotary layer built under the same config agrees with it."""
     import json
     import os
 
     from vllm.config import set_current_vllm_config
 
     import yarn_vllm
-    from yarn_vllm.attention import rope_registry
-    from yarn_vllm.config import YarnConfig
+    from yarn_vllm.attention.backend import YarnDynamicMetadataBuilder
     from yarn_vllm.rotary import YarnRotaryEmbedding
 
     yarn_vllm.register()
@@ -316,10 +336,16 @@ def test_headroom_reaches_the_published_rope(tiny_llama):
     assert overrides["rope_parameters"]["yarn_dynamic_headroom"] == 2.0
     config = _vllm_config(tiny_llama, overrides)
     with set_current_vllm_config(config):
-        YarnRotaryEmbedding(64, 64, 1024, 10000.0, True, 4.0, torch.float32)
-    rope = rope_registry.current()
-    assert (rope.headroom, rope.factor, rope.original_max_position) == (2.0, 4.0, 1024)
-    assert rope.scale(1024) == 2.0 and rope.scale(3000) == 4.0
+        layer = YarnRotaryEmbedding(64, 64, 1024, 10000.0, True, 4.0, torch.float32)
+        with pytest.raises(ValueError, match="`rope_parameters` of a rotary layer"):
+            YarnRotaryEmbedding(64, 64, 1024, 10000.0, True, 2.0, torch.float32)
+        with pytest.raises(ValueError, match="`is_neox_style` is False"):
+            YarnRotaryEmbedding(64, 64, 1024, 10000.0, False, 4.0, torch.float32)
+    policy = YarnDynamicMetadataBuilder(None, [], config, torch.device("cpu")).policy
+    assert policy == layer.policy
+    assert (policy.config.dynamic_headroom, policy.factor, policy.original_max_position) == (
+        2.0, 4.0, 1024)
+    assert policy.dynamic_factor(1024) == 2.0 and policy.dynamic_factor(3000) == 4.0
 
 
 @needs_kernel
@@ -337,8 +363,8 @@ OTHER_ROPES = {
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 512,
                "rope_theta": 10000.0},
-    "static_yarn_odd_betas": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                              "original_max_position_embeddings": 1024, "beta_fast": 0.5},
+    "static_yarn": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                    "original_max_position_embeddings": 1024, "beta_fast": 16},
 }
 
 
@@ -349,14 +375,14 @@ def test_models_not_in_dynamic_mode_pass_the_hook_untouched(tiny_llama, name):
     import copy
 
     import yarn_vllm
-    from yarn_vllm.attention.engine_config import configure_dynamic
+    from yarn_vllm.engine_config import configure
 
     yarn_vllm.register()
     config = _vllm_config(tiny_llama, {"max_position_embeddings": 4096,
                                        "rope_parameters": OTHER_ROPES[name]})
     parts = ("scheduler_config", "cache_config", "attention_config")
     before = {p: copy.deepcopy(vars(getattr(config, p))) for p in parts}
-    configure_dynamic(config)
+    configure(config)
     assert {p: vars(getattr(config, p)) for p in parts} == before
     assert config.attention_config.backend is None
 
@@ -368,4 +394,24 @@ def test_dynamic_mode_refuses_architectures_it_does_not_cover(tiny_llama):
     yarn_vllm.register()
     overrides = dict(_overrides(tiny_llama, "dynamic"), architectures=["GraniteForCausalLM"])
     with pytest.raises(ValueError, match="`architectures` is .*Granite.*yarn_mode 'static'"):
+        _vllm_config(tiny_llama, overrides)
+
+
+@needs_kernel
+@pytest.mark.parametrize("params,field", [
+    ({"yarn_mode": "dynamc"}, "mode"),                 # a typo used to be served as static
+    ({"yarn_mode": "request", "yarn_dynamic_headroom": 2.0}, "dynamic_headroom"),
+    ({"beta_fast": 0.5}, "beta_fast"),                 # beta_fast below beta_slow
+    ({"factor": 0.5}, "factor"),
+    ({"attention_factor": float("nan")}, "attention_factor"),
+])
+def test_every_yarn_config_vllm_is_given_is_validated(tiny_llama, params, field):
+    """A config.json or --hf-overrides fed to vLLM directly, in any mode, is refused by name
+    before any weight loads (issue 14)."""
+    import yarn_vllm
+
+    yarn_vllm.register()
+    overrides = _overrides(tiny_llama, "static")
+    overrides["rope_parameters"].update(params)
+    with pytest.raises(ValueError, match=f"`{field}`"):
         _vllm_config(tiny_llama, overrides)

@@ -15,11 +15,13 @@ from typing import Any, Mapping
 
 from yarn_vllm.errors import UserError
 
-MODES = ("static", "dynamic")  # the interface: rope_parameters["yarn_mode"]
-SERVED_MODES = MODES  # every mode is served; dynamic by yarn_vllm.attention (pre-RoPE keys)
+MODES = ("static", "dynamic", "request")  # the interface: rope_parameters["yarn_mode"]
+SERVED_MODES = MODES  # kept until bench stops reading it (see yarn_vllm.bench)
 # Keys of rope_parameters that name the RoPE variant; "type" is the legacy rope_scaling spelling.
 _ROPE_TYPE_KEYS = ("rope_type", "type")
 _UNSCALED_ROPE_TYPES = ("default", None)
+# Positions past 2**24 are no longer exact in fp32, where every RoPE angle is formed.
+MAX_CONTEXT = 1 << 24
 
 
 @dataclasses.dataclass
@@ -28,10 +30,18 @@ class YarnConfig:
 
     Either `factor` or `target_context` is given; `original_max_position`
     defaults to the model's `max_position_embeddings` when resolved against a
-    model. `mode` is "static" (one factor for every request) or "dynamic"
-    (s = max(1, length / original_max_position) per sequence and step).
+    model. `mode` says how a sequence's scale s is chosen (yarn_vllm.scale_policy):
+
+      static   s = factor for every request (vLLM's own behaviour);
+      dynamic  s = max(1, length / original_max_position), per sequence and step
+               (keys cached before RoPE, our attention backend);
+      request  s chosen once per request at admission from `request_factors`
+               (keys cached rotated, vLLM's own attention).
+
     `dynamic_headroom` c >= 1 (dynamic mode only) lets s run ahead of the length,
     s = max(1, min(c length / original, max(factor, length / original))); 1 is the paper.
+    `request_factors` (request mode only): the ascending scales a request may get,
+    from 1 up to `factor`; None means 1, 2, 4, ... and always `factor` itself.
     """
 
     factor: float | None = None
@@ -45,37 +55,49 @@ class YarnConfig:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     dynamic_headroom: float = 1.0
+    request_factors: tuple[float, ...] | None = None
 
     def __post_init__(self):
         for name, kind in _FIELD_TYPES.items():
             setattr(self, name, _coerce(name, getattr(self, name), kind))
         if self.mode not in MODES:
             raise UserError("mode", f"is {self.mode!r}", f"use one of {', '.join(MODES)}")
-        if self.original_max_position is not None and self.original_max_position <= 0:
+        if self.original_max_position is not None and not (
+                0 < self.original_max_position <= MAX_CONTEXT):
             raise UserError("original_max_position", f"is {self.original_max_position}",
-                                  "give the model's trained context length, a positive integer")
-        if self.factor is not None and not (self.factor > 0 and math.isfinite(self.factor)):
+                            "give the model's trained context length, a positive integer")
+        if self.factor is not None and not (1.0 <= self.factor < math.inf):
             raise UserError("factor", f"is {self.factor}",
-                                  "give a finite number > 0, e.g. 4.0 to extend 4x")
-        if self.target_context is not None and self.target_context <= 0:
+                            "give a finite number >= 1 (YaRN extends, it does not compress), "
+                            "e.g. 4.0 to extend 4x")
+        if self.target_context is not None and not 0 < self.target_context <= MAX_CONTEXT:
             raise UserError("target_context", f"is {self.target_context}",
-                                  "give the extended context length in tokens")
+                            f"give the extended context length in tokens, at most {MAX_CONTEXT}")
         if self.factor is not None and self.target_context is not None:
             raise UserError("target_context", f"({self.target_context}) and factor "
-                                  f"({self.factor}) are both set", "set only one of them")
-        if not self.beta_fast > self.beta_slow > 0:
+                            f"({self.factor}) are both set", "set only one of them")
+        if self.factor is not None and self.original_max_position is not None:
+            _check_extended(self.factor, self.original_max_position)
+        if not math.inf > self.beta_fast > self.beta_slow > 0:
             raise UserError("beta_fast", f"is {self.beta_fast} with beta_slow {self.beta_slow}",
-                                  "need beta_fast > beta_slow > 0 (defaults 32 and 1)")
+                            "need finite beta_fast > beta_slow > 0 (defaults 32 and 1)")
+        for name in ("mscale", "mscale_all_dim", "attention_factor"):
+            value = getattr(self, name)
+            if value is not None and not (0 < value < math.inf):
+                raise UserError(name, f"is {value}", "give a finite positive number, or leave "
+                                "it unset for YaRN's 0.1 ln(s) + 1")
         if not (1.0 <= self.dynamic_headroom < math.inf):
             raise UserError("dynamic_headroom", f"is {self.dynamic_headroom}",
-                                  "give a finite number >= 1 (1 is the paper's Dynamic YaRN; "
-                                  "2 runs each sequence at twice the scale its length needs)")
+                            "give a finite number >= 1 (1 is the paper's Dynamic YaRN; "
+                            "2 runs each sequence at twice the scale its length needs)")
         if self.dynamic_headroom != 1.0 and self.mode != "dynamic":
             raise UserError("dynamic_headroom", f"is {self.dynamic_headroom} with mode "
-                                  f"{self.mode!r}", "set mode: dynamic, or drop dynamic_headroom")
-        if self.attention_factor is not None and self.attention_factor <= 0:
-            raise UserError("attention_factor", f"is {self.attention_factor}",
-                                  "give a positive multiplier, or leave it unset for 0.1 ln(s) + 1")
+                            f"{self.mode!r}", "set mode: dynamic, or drop dynamic_headroom")
+        if self.request_factors is not None:
+            if self.mode != "request":
+                raise UserError("request_factors", f"are set with mode {self.mode!r}",
+                                "set mode: request, or drop request_factors")
+            _check_request_factors(self.request_factors, self.factor)
 
     def _factor_from_target(self, original: int) -> float:
         if self.target_context < original:
@@ -89,12 +111,19 @@ class YarnConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "YarnConfig":
         """From a flat mapping of field names; unknown keys are an error, not ignored."""
-        values = dict(values.get("yarn", values) or {})
+        if not isinstance(values, Mapping):
+            raise UserError("yarn", f"is {values!r}, not a mapping",
+                            "write `key: value` lines, e.g. `factor: 4.0`")
+        if "yarn" in values:
+            values = values["yarn"] or {}
+            if not isinstance(values, Mapping):
+                raise UserError("yarn", f"is {values!r}, not a mapping",
+                                "indent the settings under `yarn:`, e.g. `  factor: 4.0`")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(map(str, set(values) - names))
         if unknown:
             raise UserError(unknown[0], "is not a YaRN setting",
-                                  f"use only: {', '.join(sorted(names))}")
+                            f"use only: {', '.join(sorted(names))}")
         return cls(**values)
 
     @classmethod
@@ -111,6 +140,17 @@ class YarnConfig:
         if not isinstance(values, dict):
             raise UserError(path, "does not hold a mapping", "write `factor: 4.0` etc.")
         return cls.from_dict(values)
+
+    @classmethod
+    def of_model(cls, hf_config) -> "YarnConfig | None":
+        """The YaRN settings of a model that asks for YaRN; None for any other RoPE.
+
+        What the plugin serves: every YaRN config is validated here, in every mode,
+        while other RoPE variants (llama3, longrope, ...) pass through untouched.
+        """
+        if _rope_type(rope_parameters_of(hf_config)) != "yarn":
+            return None
+        return cls.from_hf_config(hf_config)
 
     @classmethod
     def from_hf_config(cls, hf_config) -> "YarnConfig | None":
@@ -141,6 +181,7 @@ class YarnConfig:
             mscale_all_dim=params.get("mscale_all_dim"),
             attention_factor=params.get("attention_factor"),
             dynamic_headroom=params.get("yarn_dynamic_headroom", 1.0),
+            request_factors=params.get("yarn_request_factors"),
         )
 
     # ---- use against a model -----------------------------------------
@@ -164,8 +205,24 @@ class YarnConfig:
         if self.factor is None and self.target_context is None:
             raise UserError("factor", "is not set", "pass --factor S or --target-context TOKENS")
         factor = self.factor or self._factor_from_target(int(original))
+        _check_extended(factor, int(original))
+        if self.request_factors is not None:
+            _check_request_factors(self.request_factors, factor)
         # target_context stays set, so max_position is the exact target
         return _resolved(self, factor=factor, original_max_position=int(original))
+
+    def scales_on_offer(self) -> tuple[float, ...]:
+        """Request mode's scales, ascending: `request_factors`, or 1, 2, 4, ... and `factor`.
+
+        Needs `factor` (a resolved config). Factor 8 gives (1, 2, 4, 8); 6 gives (1, 2, 4, 6).
+        """
+        if self.request_factors is not None:
+            return self.request_factors
+        scales, s = [], 1.0
+        while s < self.factor:
+            scales.append(s)
+            s *= 2
+        return tuple(scales + [float(self.factor)])
 
     @property
     def max_position(self) -> int:
@@ -187,6 +244,8 @@ class YarnConfig:
                 params[key] = float(getattr(cfg, key))
         if cfg.mode == "dynamic":
             params["yarn_dynamic_headroom"] = float(cfg.dynamic_headroom)
+        if cfg.mode == "request":
+            params["yarn_request_factors"] = list(cfg.scales_on_offer())
         partial = rope_parameters_of(hf_config).get("partial_rotary_factor")
         if partial is not None:
             params["partial_rotary_factor"] = partial
@@ -197,7 +256,7 @@ class YarnConfig:
 _FIELD_TYPES = {"factor": float, "original_max_position": int, "target_context": int,
                 "beta_fast": float, "beta_slow": float, "mode": str, "truncate": bool,
                 "mscale": float, "mscale_all_dim": float, "attention_factor": float,
-                "dynamic_headroom": float}
+                "dynamic_headroom": float, "request_factors": tuple}
 _REQUIRED = ("beta_fast", "beta_slow", "mode", "truncate", "dynamic_headroom")
 
 
@@ -212,18 +271,50 @@ def _coerce(name: str, value, kind):
             return value
         raise UserError(name, f"is {value!r}", "use true or false")
     if kind is str:
-        return str(value)
+        if not isinstance(value, str):
+            raise UserError(name, f"is {value!r}, not a string", f"use one of {', '.join(MODES)}")
+        return value
+    if kind is tuple:
+        return _coerce_factors(name, value)
+    example = "4.0" if kind is float else "8192"
     try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
         number = float(value)
-        if kind is int:
-            if number != int(number):
-                raise ValueError
-            return int(number)
-        return number
-    except (TypeError, ValueError):
-        raise UserError(name, f"is {value!r}, not a {kind.__name__}",
-                              f"give a plain {kind.__name__}, e.g. "
-                              f"{'4.0' if kind is float else '8192'}") from None
+        if kind is int and number != int(number):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(name, f"is {value!r}, not {'an int' if kind is int else 'a float'}",
+                        f"give a plain {kind.__name__}, e.g. {example}") from None
+    if not math.isfinite(number):
+        raise UserError(name, f"is {value!r}", f"give a finite number, e.g. {example}")
+    return int(number) if kind is int else number
+
+
+def _coerce_factors(name: str, value) -> tuple[float, ...]:
+    """`[1, 2, 4]`, `(1, 2)` or the flag's "1,2,4" as a tuple of floats."""
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise UserError(name, f"is {value!r}", "give a list of scales, e.g. [1, 2, 4]")
+    return tuple(_coerce(name, v, float) for v in value)
+
+
+def _check_request_factors(factors: tuple[float, ...], factor: float | None) -> None:
+    fix = "list ascending scales from 1 up to `factor`, e.g. [1, 2, 4]"
+    if any(s < 1.0 for s in factors):
+        raise UserError("request_factors", f"are {list(factors)}, with a value below 1", fix)
+    if any(b <= a for a, b in zip(factors, factors[1:])):
+        raise UserError("request_factors", f"are {list(factors)}, not strictly ascending", fix)
+    if factor is not None and factors[-1] > factor:
+        raise UserError("request_factors", f"are {list(factors)}, above factor {factor}", fix)
+
+
+def _check_extended(factor: float, original: int) -> None:
+    if factor * original > MAX_CONTEXT:
+        raise UserError("factor", f"is {factor}: {factor:g} x {original} tokens is past "
+                        f"{MAX_CONTEXT} positions, where fp32 RoPE angles are no longer exact",
+                        "give a smaller factor or target_context")
 
 
 def _resolved(cfg: "YarnConfig", **changes) -> "YarnConfig":

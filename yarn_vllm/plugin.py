@@ -1,7 +1,18 @@
 """vLLM plugin entry: `vllm.general_plugins` -> `yarn_vllm:register`.
 
 vLLM calls this in every process it starts (API server, engine core, each
-worker), so it is idempotent and imports vLLM only when called.
+worker), so it is idempotent, imports vLLM only when called, and leaves every
+model without YaRN exactly as vLLM would serve it. What it hooks:
+
+  * the rotary layer: vLLM's factory hands out yarn_vllm.rotary.YarnRotaryEmbedding
+    for rope_type "yarn" (when the compiled kernels exist for this platform);
+  * the platform's config hook: every YaRN config is validated, and each mode's
+    engine settings applied (yarn_vllm.engine_config);
+  * the platform's backend selector: AttentionBackendEnum.CUSTOM answers our
+    pre-RoPE backend (dynamic mode; vLLM's CPU platform otherwise always says CPU_ATTN);
+  * request admission: each request's scale is fixed as it enters the engine
+    (request mode; yarn_vllm.request_scales). The model-runner side is installed by
+    the first request-mode rotary layer, in the worker that builds it.
 """
 
 from __future__ import annotations
@@ -10,41 +21,34 @@ import logging
 
 logger = logging.getLogger("yarn_vllm")
 
-ROTARY_OP_NAME = "YaRNScalingRotaryEmbedding"
-
 
 def register() -> None:
-    """Swap vLLM's YaRN rotary layer for ours and hook dynamic mode. Safe to call repeatedly."""
+    """Install the hooks above. Safe to call repeatedly."""
     from yarn_vllm.logs import route_plugin_log_to_vllm
 
     route_plugin_log_to_vllm()  # our lines then show in vLLM's log, in every process
     _register_rotary()
-    _register_dynamic_backend()
+    _register_platform_hooks()
+    _register_admission()
 
 
-def _register_dynamic_backend() -> None:
-    """Make `yarn_mode: dynamic` select our pre-RoPE attention backend.
-
-    The backend takes AttentionBackendEnum.CUSTOM. The platform's config hook is
-    wrapped to switch a dynamic model to it (see attention/engine_config.py), and
-    its backend selector to honour CUSTOM: vLLM's CPU platform otherwise always
-    answers CPU_ATTN. Both wrappers pass everything else through untouched.
-    """
+def _register_platform_hooks() -> None:
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from yarn_vllm.attention.engine_config import BACKEND_PATH, configure_dynamic
+    from yarn_vllm.engine_config import BACKEND_PATH, configure
+    from yarn_vllm.patching import MARK
 
     if not AttentionBackendEnum.CUSTOM.is_overridden():
         register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     platform = type(current_platform)
-    if getattr(platform.check_and_update_config, "_yarn_vllm", False):
+    if getattr(platform.check_and_update_config, MARK, False):
         return
     check_config = platform.check_and_update_config
     select_backend = platform.get_attn_backend_cls
 
     def check_and_update_config(cls, vllm_config) -> None:
-        configure_dynamic(vllm_config)
+        configure(vllm_config)
         check_config.__func__(cls, vllm_config)
 
     def get_attn_backend_cls(cls, selected_backend, *args, **kwargs) -> str:
@@ -53,9 +57,20 @@ def _register_dynamic_backend() -> None:
             return BACKEND_PATH
         return select_backend.__func__(cls, selected_backend, *args, **kwargs)
 
-    check_and_update_config._yarn_vllm = True
+    setattr(check_and_update_config, MARK, True)
     platform.check_and_update_config = classmethod(check_and_update_config)
     platform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def _register_admission() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from yarn_vllm.patching import run_after
+    from yarn_vllm.request_scales import admit
+
+    # vLLM passes `resumable` by keyword; a streamed prompt cannot keep a fixed scale
+    run_after(InputProcessor, "process_inputs", lambda processor, request, *a, **k: admit(
+        processor, request, resumable=bool(k.get("resumable", False))))
 
 
 def _register_rotary() -> None:
@@ -63,6 +78,7 @@ def _register_rotary() -> None:
     from vllm.model_executor.custom_op import CustomOp, op_registry_oot
     from vllm.platforms import current_platform
 
+    from yarn_vllm.engine_config import ROTARY_OP_NAME
     from yarn_vllm.ops import extension_supports
     from yarn_vllm.rotary import YarnRotaryEmbedding
 

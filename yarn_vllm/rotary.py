@@ -1,11 +1,18 @@
-"""Our replacement for vLLM's `YaRNScalingRotaryEmbedding`.
+"""Our replacement for vLLM's `YaRNScalingRotaryEmbedding`, in each of the three modes.
 
 It subclasses the in-tree layer, so every isinstance check and attribute a
 model expects still holds, and overrides the forwards to call the yarn_vllm
-rotary op. The op computes cos/sin on the fly from `inv_freq`, so the layer
-keeps O(rotary_dim) state instead of vLLM's O(max_position x rotary_dim) table;
-the table is still built, lazily and from the same maths, for any vLLM code
-path that reads `cos_sin_cache` directly.
+rotary op, which forms cos/sin on the fly from fp32 frequency rows: O(rotary_dim)
+state per scale instead of vLLM's O(max_position x rotary_dim) table (the table
+is still built, lazily and from the same maths, for vLLM code that reads
+`cos_sin_cache`). The model's `rope_parameters.yarn_mode` picks the mode:
+
+  static   one frequency row (s = factor) for every token;
+  request  one row per scale in use; `scale_index[t]` picks token t's row. The
+           model runner writes it before each forward (yarn_vllm.request_scales),
+           so the forward itself has no host sync and is CUDA-graph safe;
+  dynamic  q and k pass through unrotated; the attention backend rotates them
+           per sequence (yarn_vllm.attention).
 """
 
 from __future__ import annotations
@@ -15,23 +22,23 @@ from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 from vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope import (
     YaRNScalingRotaryEmbedding)
 
-from yarn_vllm import yarn_math
-from yarn_vllm.attention import rope_registry
-from yarn_vllm.attention.rope_spec import DynamicRope
-from yarn_vllm.config import validate_rotary_dim
+from yarn_vllm.config import YarnConfig, validate_rotary_dim
+from yarn_vllm.errors import UserError
 from yarn_vllm.ops import rotary_embedding_
+from yarn_vllm.scale_policy import ScalePolicy
+
+# Buffers that stay fp32 whatever dtype the model is cast to: the op reads fp32 rows,
+# and a round trip through bf16 would silently keep bf16 precision.
+_FP32_BUFFERS = ("inv_freq", "mscales")
 
 
-def _current_yarn_mode() -> tuple[str, float, int]:
-    """The model's `yarn_mode` and `yarn_dynamic_headroom` (rope_parameters), and the id of
-    the vLLM config that holds them."""
+def _served_config() -> tuple[YarnConfig | None, object]:
+    """The YaRN settings of the model vLLM is building (None outside an engine), and its config."""
     from vllm.config import get_current_vllm_config
 
-    config = get_current_vllm_config()
-    hf_config = getattr(config.model_config, "hf_config", None)
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    return (params.get("yarn_mode", "static"), float(params.get("yarn_dynamic_headroom", 1.0)),
-            id(config))
+    vllm_config = get_current_vllm_config()
+    hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+    return (None if hf_config is None else YarnConfig.of_model(hf_config)), vllm_config
 
 
 class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
@@ -39,9 +46,8 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
 
     `max_position_embeddings` is the original (trained) context length and
     `scaling_factor` the YaRN factor s, as vLLM's `get_rope` passes them.
-    In dynamic mode the layer leaves q and k unrotated: the attention backend
-    (yarn_vllm.attention.backend) rotates them with each sequence's own scale,
-    and `scaling_factor` only bounds the context (max_position_embeddings).
+    Buffers: inv_freq [rows, rotary_dim / 2] and mscales [rows] (fp32), and in
+    request mode scale_index [max_num_batched_tokens] (int32).
     """
 
     def __init__(self, head_size: int, rotary_dim: int, max_position_embeddings: int,
@@ -50,34 +56,75 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
                  mscale_all_dim: float | None = None, attention_factor: float | None = None,
                  truncate: bool = True) -> None:
         validate_rotary_dim(rotary_dim, head_size)
-        mode, headroom, owner = _current_yarn_mode()
-        self.dynamic = mode == "dynamic"
+        served, vllm_config = _served_config()
+        config = YarnConfig(
+            factor=scaling_factor, original_max_position=max_position_embeddings,
+            beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate, mscale=mscale,
+            mscale_all_dim=mscale_all_dim, attention_factor=attention_factor,
+            mode=served.mode if served else "static",
+            dynamic_headroom=served.dynamic_headroom if served else 1.0,
+            request_factors=served.request_factors if served else None)
+        self.policy = ScalePolicy(config, rotary_dim, float(base))
+        self.yarn_mode = config.mode
         self.scaling_factor = scaling_factor
         self.beta_fast = beta_fast
         self.beta_slow = beta_slow
         self.truncate = truncate
-        self.mscale = yarn_math.yarn_mscale(scaling_factor, mscale, mscale_all_dim,
-                                            attention_factor)
+        self.mscale = self.policy.mscale(scaling_factor)
         RotaryEmbedding.__init__(self, head_size, rotary_dim, max_position_embeddings, base,
                                  is_neox_style, dtype, init_cache=False)
-        self.register_buffer("inv_freq", self._compute_inv_freq(scaling_factor),
-                             persistent=False)
-        self._tables: dict[tuple, torch.Tensor] = {}
-        if self.dynamic:
-            rope_registry.publish(DynamicRope(
-                head_size, rotary_dim, float(base), max_position_embeddings, is_neox_style,
-                float(beta_fast), float(beta_slow), truncate, mscale, mscale_all_dim,
-                attention_factor, headroom, float(scaling_factor)), owner)
+        if self.yarn_mode != "static":
+            self._check_matches_model(vllm_config)
+        scales = (self.policy.scales_on_offer() if self.yarn_mode == "request"
+                  else (float(scaling_factor),))
+        rows = len(scales)
+        if self.yarn_mode == "request":
+            # room for every running request's own override on top of the listed scales
+            rows += int(getattr(vllm_config.scheduler_config, "max_num_seqs", 0) or 256)
+        inv_freq = torch.empty(rows, rotary_dim // 2, dtype=torch.float32)
+        mscales = torch.empty(rows, dtype=torch.float32)
+        for row in range(rows):  # override rows start as copies of the first, until used
+            s = scales[row] if row < len(scales) else scales[0]
+            inv_freq[row] = self.policy.inv_freq(s)
+            mscales[row] = self.policy.mscale(s)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("mscales", mscales, persistent=False)
+        self.scale_index: torch.Tensor | None = None
+        if self.yarn_mode == "request":
+            tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
+            self.register_buffer("scale_index", torch.zeros(tokens, dtype=torch.int32),
+                                 persistent=False)
+            from yarn_vllm.request_scales import install_runner_hooks
 
-    def _compute_inv_freq(self, scaling_factor: float) -> torch.Tensor:
-        return yarn_math.yarn_inv_freq(self.rotary_dim, self.base, scaling_factor,
-                                       self.max_position_embeddings, self.beta_fast,
-                                       self.beta_slow, self.truncate)
+            install_runner_hooks()  # the model runner must feed scale_index every step
+        self._tables: dict[tuple, torch.Tensor] = {}
+
+    def _check_matches_model(self, vllm_config) -> None:
+        """The per-sequence modes read one policy per model (the attention backend and the
+        request admission build theirs from the model config): this layer must agree."""
+        model = ScalePolicy.from_vllm_config(vllm_config)
+        fix = "serve this model with yarn_mode 'static'"
+        if model != self.policy:
+            raise UserError("rope_parameters", f"of a rotary layer ({self.policy}) differ from "
+                            f"the model's ({model}) in yarn_mode {self.yarn_mode!r}", fix)
+        if self.yarn_mode == "dynamic" and not self.is_neox_style:
+            raise UserError("is_neox_style", "is False; dynamic mode serves NeoX-style RoPE",
+                            fix)
+
+    def _apply(self, fn, recurse=True):
+        """Device moves reach the fp32 buffers; dtype casts (.half(), .to(bf16)) do not."""
+        kept = {n: self._buffers[n] for n in _FP32_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32:
+                self._buffers[name] = before.to(after.device)
+        return self
 
     @property
     def attention_scale(self) -> float:
-        """The multiplier this layer puts on the attention logits (mscale**2)."""
-        return yarn_math.attention_scale(self.mscale)
+        """The multiplier this layer puts on the attention logits in static mode (mscale**2)."""
+        return self.policy.attention_scale(self.scaling_factor)
 
     @property
     def cos_sin_cache(self) -> torch.Tensor:
@@ -93,15 +140,28 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
 
     def forward_native(self, positions: torch.Tensor, query: torch.Tensor,
                        key: torch.Tensor | None = None):
-        """positions: [T]; query: [T, H_q * head_size]; key: [T, H_k * head_size] or None.
+        """positions: any shape of T ids; query: [..., H_q * head_size] or [..., H_q, head_size]
+        with T tokens in its leading dims; key likewise with H_k, or None.
 
-        Rotates in place and returns (query, key), like vLLM's layer; in dynamic
-        mode returns them untouched for the attention backend to rotate.
+        Rotates in place and returns (query, key) in their own shapes, like vLLM's layer;
+        in dynamic mode returns them untouched for the attention backend to rotate.
         """
-        if self.dynamic:
+        if self.yarn_mode == "dynamic":
             return query, key
-        rotary_embedding_(positions, query, key, self.inv_freq, self.mscale, self.head_size,
-                          self.is_neox_style)
+        positions = positions.flatten()
+        tokens = positions.shape[0]
+        q = query.view(tokens, -1, self.head_size)
+        k = None if key is None else key.view(tokens, -1, self.head_size)
+        if self.yarn_mode == "request":
+            if tokens > self.scale_index.shape[0]:
+                raise ValueError(f"yarn_vllm: {tokens} tokens in one forward, past the "
+                                 f"{self.scale_index.shape[0]} scale slots of request mode "
+                                 "(max_num_batched_tokens)")
+            rotary_embedding_(positions, q, k, self.inv_freq, self.mscales, self.head_size,
+                              self.is_neox_style, scale_index=self.scale_index[:tokens])
+        else:
+            rotary_embedding_(positions, q, k, self.inv_freq[0], self.mscale, self.head_size,
+                              self.is_neox_style)
         return query, key
 
     forward_cpu = forward_native
@@ -111,5 +171,10 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
     forward_oot = forward_native
 
     def extra_repr(self) -> str:
-        mode = "dynamic" if self.dynamic else f"factor={self.scaling_factor}, mscale={self.mscale:.4f}"
+        if self.yarn_mode == "static":
+            mode = f"factor={self.scaling_factor}, mscale={self.mscale:.4f}"
+        elif self.yarn_mode == "request":
+            mode = f"request, scales={list(self.policy.scales_on_offer())}"
+        else:
+            mode = "dynamic"
         return super().extra_repr() + f", {mode}, impl=yarn_vllm"

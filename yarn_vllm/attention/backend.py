@@ -3,8 +3,9 @@
 In dynamic mode our rotary layer passes q and k through unrotated, so the
 paged KV cache holds pre-RoPE keys. Each engine step, the metadata builder
 takes every sequence's scale s = max(1, seq_len / L) from its length after the
-step's tokens, and builds its YaRN frequencies, logit multiplier mscale(s)^2
-and angle table once for all layers. Attention then rotates queries and cached
+step's tokens (the model's ScalePolicy, read from the vllm_config it is given),
+and builds its YaRN frequencies, attention scale mscale(s)^2 and angle table
+once for all layers. RoPE is NeoX-style (the rotary layer refuses the rest). Attention then rotates queries and cached
 keys with those angles:
 
   * decode and short queries: the C++ kernel, rotating keys as it loads them;
@@ -28,11 +29,13 @@ from vllm.v1.attention.backend import (AttentionImpl, AttentionMetadataBuilder, 
                                        CommonAttentionMetadata)
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-from yarn_vllm.attention import rope_registry
+from yarn_vllm.attention.angles import angle_table
 from yarn_vllm.ops import rotary_embedding_
+from yarn_vllm.scale_policy import ScalePolicy
 
 # A query longer than this goes through gather + SDPA; shorter ones through the kernel.
 SDPA_MIN_QUERY = 64
+IS_NEOX = True  # dynamic mode's rotary layer refuses GPT-J-style RoPE
 
 
 def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +87,8 @@ class YarnDynamicMetadata:
     """One step's batch. B sequences, T tokens; all tensors on the CPU.
 
     query_start_loc [B + 1] and seq_lens [B] int32; block_table [B, max_blocks]
-    int32; inv_freq [B, rotary_dim / 2] and logit_multiplier [B] fp32 (mscale(s)^2);
-    angles / angle_start: the kernel's angle table (DynamicRope.angle_table).
+    int32; inv_freq [B, rotary_dim / 2] and attention_scale [B] fp32 (mscale(s)^2);
+    angles / angle_start: the kernel's angle table (attention.angles.angle_table).
     """
 
     num_actual_tokens: int
@@ -96,42 +99,47 @@ class YarnDynamicMetadata:
     query_lens: list[int]
     seq_lens_list: list[int]
     inv_freq: torch.Tensor
-    logit_multiplier: torch.Tensor
+    attention_scale: torch.Tensor
     angles: torch.Tensor
     angle_start: torch.Tensor
     long_queries: list[int]  # sequences served by gather + SDPA (CPU)
     short_queries: list[int]  # sequences with queries served by the kernel (CPU)
-    device_args: tuple | None = None  # GPU: (seq_lens, query_start_loc, inv_freq, multiplier)
+    device_args: tuple | None = None  # GPU: (seq_lens, query_start_loc, inv_freq, attention_scale)
 
 
 class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
-    # vLLM declares __init__ abstract on the base, so a builder must define one.
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        policy = ScalePolicy.from_vllm_config(vllm_config)
+        if policy is None or policy.mode != "dynamic":
+            raise RuntimeError("yarn_vllm: the dynamic attention backend was selected for a "
+                               "model whose rope_parameters do not say yarn_mode 'dynamic'. "
+                               "Fix: drop --attention-backend CUSTOM, or set yarn_mode "
+                               "'dynamic' with rope_type 'yarn'")
+        self.policy = policy
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> YarnDynamicMetadata:
         m = common_attn_metadata
-        rope = rope_registry.current()
         num_reqs = m.num_reqs
         qsl = m.query_start_loc_cpu[: num_reqs + 1].to(torch.int32)
         seq_lens = m.seq_lens[:num_reqs].cpu().to(torch.int32)
         seq_list = seq_lens.tolist()
         query_lens = (qsl[1:] - qsl[:-1]).tolist()
-        inv_freq, multiplier = rope.per_sequence(seq_list)
+        inv_freq, attention_scale = self.policy.per_sequence(seq_list)
         device = m.block_table_tensor.device
         if device.type == "cpu":
-            angles, start = rope.angle_table(seq_list, inv_freq)
+            angles, start = angle_table(seq_list, inv_freq)
             device_args = None
         else:  # the GPU kernels form angles themselves; move the per-step tensors once
             angles = start = None
             device_args = tuple(t.to(device, non_blocking=True)
-                                for t in (seq_lens, qsl, inv_freq, multiplier))
+                                for t in (seq_lens, qsl, inv_freq, attention_scale))
         return YarnDynamicMetadata(
             num_actual_tokens=m.num_actual_tokens, query_start_loc=qsl, seq_lens=seq_lens,
             block_table=m.block_table_tensor[:num_reqs].to(torch.int32),
             slot_mapping=m.slot_mapping, query_lens=query_lens, seq_lens_list=seq_list,
-            inv_freq=inv_freq, logit_multiplier=multiplier, angles=angles, angle_start=start,
+            inv_freq=inv_freq, attention_scale=attention_scale, angles=angles, angle_start=start,
             long_queries=[b for b, n in enumerate(query_lens) if n > SDPA_MIN_QUERY],
             short_queries=[b for b, n in enumerate(query_lens) if 0 < n <= SDPA_MIN_QUERY],
             device_args=device_args)
@@ -194,23 +202,22 @@ class YarnDynamicAttentionImpl(AttentionImpl):
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         key_cache, value_cache = split_kv_cache(kv_cache)
-        rope = rope_registry.current()
         if meta.device_args is not None:
-            self._gpu(meta, q, out, key_cache, value_cache, rope.is_neox)
+            self._gpu(meta, q, out, key_cache, value_cache, IS_NEOX)
             return output
-        logit_scale = meta.logit_multiplier * self.scale
+        logit_scale = meta.attention_scale * self.scale
         if meta.short_queries:  # split once per step by the builder, not once per layer
             self._kernel(meta.short_queries, meta, q, out, key_cache, value_cache, logit_scale,
-                         rope.is_neox)
+                         IS_NEOX)
         for b in meta.long_queries:
-            self._sdpa(b, meta, q, out, key_cache, value_cache, float(logit_scale[b]), rope)
+            self._sdpa(b, meta, q, out, key_cache, value_cache, float(logit_scale[b]))
         return output
 
     def _gpu(self, meta: YarnDynamicMetadata, q, out, key_cache, value_cache,
              is_neox: bool) -> None:
         """CUDA decode kernel for all-decode batches (one token per sequence), else Triton."""
-        seq_lens, qsl, inv_freq, multiplier = meta.device_args
-        logit_scale = multiplier * self.scale
+        seq_lens, qsl, inv_freq, attention_scale = meta.device_args
+        logit_scale = attention_scale * self.scale
         if max(meta.query_lens) == 1 == min(meta.query_lens) and _has_cuda_op():
             torch.ops.yarn_vllm.paged_attention(out, q, key_cache, value_cache, meta.block_table,
                                                 seq_lens, qsl, inv_freq, logit_scale, None, None,
@@ -246,7 +253,7 @@ class YarnDynamicAttentionImpl(AttentionImpl):
         out[tokens] = sub_out
 
     def _sdpa(self, b: int, meta: YarnDynamicMetadata, q, out, key_cache, value_cache,
-              logit_scale: float, rope) -> None:
+              logit_scale: float) -> None:
         """A long query: rotate it and its sequence's cached keys once, then fused SDPA."""
         start, end = int(meta.query_start_loc[b]), int(meta.query_start_loc[b + 1])
         seq_len = meta.seq_lens_list[b]
@@ -255,9 +262,8 @@ class YarnDynamicAttentionImpl(AttentionImpl):
         query = q[start:end].clone()
         positions = torch.arange(seq_len, dtype=torch.int64)
         rotary_embedding_(positions[seq_len - (end - start):], query, None, meta.inv_freq[b],
-                          1.0, self.head_size, rope.is_neox)
-        rotary_embedding_(positions, keys, None, meta.inv_freq[b], 1.0, self.head_size,
-                          rope.is_neox)
+                          1.0, self.head_size, IS_NEOX)
+        rotary_embedding_(positions, keys, None, meta.inv_freq[b], 1.0, self.head_size, IS_NEOX)
         group = self.num_heads // self.num_kv_heads
         k = keys.repeat_interleave(group, dim=1).transpose(0, 1)[None]
         v = values.repeat_interleave(group, dim=1).transpose(0, 1)[None]

@@ -1,0 +1,39 @@
+"""The CPU kernel's angle table: every sequence's RoPE angles, built once per engine step."""
+
+from __future__ import annotations
+
+import torch
+
+ANGLE_STRIDE = 32  # csrc/paged_attention_cpu_kernel.h: kAngleStride
+
+
+def angle_table(seq_lens: list[int], inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angles for B sequences. inv_freq: [B, rotary_dim // 2] fp32, one row per sequence.
+
+    Per distinct frequency row: ANGLE_STRIDE "fine" rows for offsets 0..31, then a
+    "coarse" row for each of positions 0, 32, 64, ...; each row is [cos | sin]. The
+    kernel composes angle(t) = coarse[t // 32] * fine[t % 32]: O(l / 32) memory per
+    sequence instead of a table as large as the keys. Built in float64, so it is at
+    least as exact as angles formed in fp32. Returns the table [rows, rotary_dim] fp32
+    and each sequence's first row [B] int64 (sequences at one scale share rows).
+    """
+    rotary_dim = 2 * inv_freq.shape[-1]
+    keys = [inv_freq[b].numpy().tobytes() for b in range(len(seq_lens))]
+    longest: dict[bytes, int] = {}
+    for k, n in zip(keys, seq_lens):
+        longest[k] = max(longest.get(k, 0), int(n))
+    blocks: list[torch.Tensor] = []
+    first_row: dict[bytes, int] = {}
+    offset = 0
+    for b, k in enumerate(keys):
+        if k in first_row:
+            continue
+        freq = inv_freq[b].to(torch.float64)
+        coarse = torch.arange(0, longest[k], ANGLE_STRIDE, dtype=torch.float64)
+        fine = torch.arange(ANGLE_STRIDE, dtype=torch.float64)
+        angles = torch.outer(torch.cat((fine, coarse)), freq)
+        blocks.append(torch.cat((angles.cos(), angles.sin()), dim=-1).to(torch.float32))
+        first_row[k] = offset
+        offset += blocks[-1].shape[0]
+    table = torch.cat(blocks) if blocks else torch.empty(0, rotary_dim)
+    return table.contiguous(), torch.tensor([first_row[k] for k in keys], dtype=torch.int64)
