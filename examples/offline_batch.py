@@ -12,7 +12,7 @@ if __name__ == "__main__":  # vLLM's engine starts with multiprocessing spawn
     from vllm import LLM, SamplingParams
 
     from yarn_vllm.config import YarnConfig
-    from yarn_vllm.engine_worker import apply_cpu_defaults
+    from yarn_vllm.cpu import apply_cpu_defaults
     from yarn_vllm.models import resolve_model
 
     model = resolve_model(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -19,8 +19,8 @@ TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5},
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    """A random 2-layer Llama trained-length 1024 (see yarn_vllm.tiny_model)."""
-    from yarn_vllm.tiny_model import make_tiny_llama
+    """A random 2-layer Llama trained-length 1024 (see yarn_vllm.testing.tiny_model)."""
+    from yarn_vllm.testing.tiny_model import make_tiny_llama
 
     return make_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")))
 

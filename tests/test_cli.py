@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from yarn_vllm.cli import passthrough_kwargs
+from yarn_vllm.cli.args import passthrough_kwargs
+from yarn_vllm.errors import UserError
 
 PROMPT = "The Library of Congress held a workshop on electronic texts. The main topics were"
 
@@ -48,13 +49,12 @@ def test_generate_on_default_model_matches_hf(smol_model, tmp_path):
 def test_generate_bad_yarn_setting_is_one_line(tmp_path):
     proc = run_cli("generate", "--model", str(tmp_path), "--prompt", "x", "--factor", "-1")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "yarn-vllm: yarn config: `factor` is -1.0. Fix: give a finite number > 0, "
-        "e.g. 4.0 to extend 4x"]
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("yarn-vllm: yarn config: `factor` is -1.0. Fix: give a finite number")
 
 
 def test_builtin_passkey_leaves_room_for_the_answer():
-    from yarn_vllm.cli import builtin_passkey_length
+    from yarn_vllm.cli.generate import builtin_passkey_length
     from yarn_vllm.config import YarnConfig
 
     hf = {"max_position_embeddings": 8192, "rope_theta": 1e5, "head_dim": 64}
@@ -72,8 +72,10 @@ def test_passthrough_kwargs():
     assert passthrough_kwargs(["--max-num-seqs", "4", "--enforce-eager", "--dtype=float32",
                                "--hf-overrides", '{"a": 1}']) == {
         "max_num_seqs": 4, "enforce_eager": True, "dtype": "float32", "hf_overrides": {"a": 1}}
-    with pytest.raises(SystemExit, match="unexpected argument"):
+    with pytest.raises(UserError, match="`stray` is an unexpected argument"):
         passthrough_kwargs(["stray"])
+    with pytest.raises(UserError, match="`--hf-overrides` is not valid JSON"):
+        passthrough_kwargs(["--hf-overrides", '{"a": '])
 
 
 def test_serve_argv_keeps_passthrough_values():
@@ -84,3 +86,49 @@ def test_serve_argv_keeps_passthrough_values():
         args, unknown = build_parser().parse_known_args(normalise_argv(argv))
         assert args.model == model and args.factor == 2.0
         assert unknown == ["--port", "8000"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("1024,0", "every value must be positive"),
+    ("-5", "every value must be positive"),
+    ("1k", "is not a comma-separated list of integers"),
+])
+def test_one_list_parser_refuses_values_below_one(value, message, capsys):
+    """bench and eval share one integer-list parser; both refuse 0 and negatives."""
+    from yarn_vllm.cli import build_parser
+
+    for argv in (["bench", "offline", "--context-lengths", value],
+                 ["eval", "ppl", "--windows", value], ["eval", "passkey", "--lengths", value]):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_known_args(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_yarn_mode_choices_come_from_the_config_and_request_factors_pass_through():
+    from yarn_vllm.cli import build_parser, yarn_config_from_args
+    from yarn_vllm.cli.args import yarn_flags_given
+    from yarn_vllm.config import MODES
+
+    parser = build_parser()
+    for mode in MODES:
+        args, _ = parser.parse_known_args(["inspect", "--factor", "4", "--yarn-mode", mode])
+        assert args.yarn_mode == mode
+    with pytest.raises(SystemExit):
+        parser.parse_known_args(["inspect", "--yarn-mode", "dynamc"])
+    args, _ = parser.parse_known_args(["generate", "--factor", "4"])
+    assert "request_factors" not in yarn_flags_given(args)  # not given: never reaches YarnConfig
+    yarn_config_from_args(args)
+    args, _ = parser.parse_known_args(["generate", "--factor", "4", "--yarn-mode", "request",
+                                       "--request-factors", "1,2,4"])
+    assert yarn_flags_given(args)["request_factors"] == ("--request-factors", [1.0, 2.0, 4.0])
+    assert list(yarn_config_from_args(args).request_factors) == [1.0, 2.0, 4.0]
+    with pytest.raises(SystemExit):
+        parser.parse_known_args(["generate", "--request-factors", "1,two"])
+
+
+def test_stray_argument_is_one_line():
+    proc = run_cli("bench", "online", "http://127.0.0.1:1", "--bogus", "1", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "yarn-vllm: bench online: `--bogus 1` is not an argument of this command. "
+        "Fix: see yarn-vllm bench online --help"]

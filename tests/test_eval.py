@@ -137,34 +137,35 @@ def _ppl_result(method, ppl_by_window, factor=2.0):
 
 
 def test_tables_and_plots_mark_missing_cells(tmp_path):
-    from yarn_vllm.eval import run
+    from yarn_vllm.eval import report
 
     res = _ppl_result("yarn", {2048: 27.5, 8192: 24.1})
     res["methods"]["trained"] = {"ppl": {"2048": {"ppl": 26.8}}}
-    table = run.perplexity_table(res, {"yarn": "yarn (static)"})
+    table = report.perplexity_table(res, {"yarn": "yarn (static)"})
     assert table.splitlines()[0] == "| method | 2,048 | 8,192 |"
     assert "| yarn (static) | 27.50 | 24.10 |" in table and "| trained | 26.80 | – |" in table
     pk = {"model": "m", "factor": 4.0, "lengths": [1024, 2048], "depths": [0.5],
           "methods": {"yarn": {"grid": {"1024": {"0.5": {"found": 2, "trials": 2}}}}}}
-    table = run.passkey_table(pk)
+    table = report.passkey_table(pk)
     assert table.splitlines()[0] == "| method | 1k @ 50% | 2k @ 50% | found |"
     assert "| yarn | 2/2 | – | 2/2 |" in table
     for name, r in (("perplexity", res), ("passkey", pk)):
-        run.write_outputs(r, str(tmp_path), name)
+        report.write_outputs(r, str(tmp_path), name)
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
         assert json.loads((tmp_path / f"{name}.json").read_text()) == r
 
 
 def test_a_method_is_one_registry_entry(monkeypatch, tmp_path):
-    """A new method (as yarn-dynamic will be) needs one METHODS entry: the overrides, the
+    """A new method (as yarn-request will be) needs one METHODS entry: the overrides, the
     CLI and the suite's report all pick it up; the report shows it as not yet measured."""
-    from yarn_vllm import cli, methods
+    from yarn_vllm import methods
+    from yarn_vllm.cli.args import method_names
     from yarn_vllm.eval import suite
 
     entry = methods.Method("yarn-x (test)", lambda hf, s: methods.METHODS["yarn"].overrides(hf, s))
     monkeypatch.setitem(methods.METHODS, "yarn-x", entry)
     assert method_overrides("yarn-x", SMOL, 4) == method_overrides("yarn", SMOL, 4)
-    assert cli._methods("trained,yarn-x") == ["trained", "yarn-x"]
+    assert method_names("trained,yarn-x") == ["trained", "yarn-x"]
     job = suite.Job("ppl-t", "ppl", (2048,), 2.0)
     suite.save(str(tmp_path), job, "yarn", _ppl_result("yarn", {2048: 27.5}))
     text = suite.report(str(tmp_path), jobs=(job,))
@@ -172,6 +173,56 @@ def test_a_method_is_one_registry_entry(monkeypatch, tmp_path):
     missing = next(line for line in text.splitlines() if line.startswith("Not yet measured"))
     assert "ppl-t/trained, ppl-t/pi, ppl-t/ntk" in missing and missing.endswith("ppl-t/yarn-x.")
     assert "ppl-t/yarn," not in missing  # measured
+
+
+def test_methods_registry_serves_eval_and_bench():
+    """One registry: vLLM's own layer is a method with the plugin off and yarn's settings,
+    benchmarked by default but not evaluated (its quality is ours by construction)."""
+    from yarn_vllm.methods import METHODS, bench_methods, default_factor, eval_methods
+
+    assert not METHODS["vllm-yarn"].plugins and all(
+        m.plugins for name, m in METHODS.items() if name != "vllm-yarn")
+    assert method_overrides("vllm-yarn", SMOL, 4) == method_overrides("yarn", SMOL, 4)
+    assert eval_methods() == ["trained", "pi", "ntk", "yarn", "yarn-dynamic", "yarn-dynamic-h2"]
+    assert "vllm-yarn" in bench_methods() and "pi" not in bench_methods()
+    # the one default-factor rule: the smallest power of two >= 2 that holds the longest input
+    assert [default_factor(8192, n) for n in (512, 16384, 16392, 32768, 40000)] == [
+        2.0, 2.0, 4.0, 4.0, 8.0]
+
+
+def test_suite_report_says_which_dtype_ran(tmp_path):
+    from yarn_vllm.eval import suite
+
+    job = suite.Job("ppl-t", "ppl", (2048,), 2.0)
+    result = _ppl_result("yarn", {2048: 27.5})
+    suite.save(str(tmp_path), job, "yarn", result)
+    text = suite.report(str(tmp_path), methods=["yarn"], jobs=(job,))
+    assert "(one window per size, dtype not recorded)" in text and "fp32" not in text
+    result["methods"]["yarn"]["dtype"] = "bfloat16"
+    suite.save(str(tmp_path), job, "yarn", result)
+    assert "(one window per size, bfloat16)" in suite.report(str(tmp_path), methods=["yarn"],
+                                                            jobs=(job,))
+
+
+def test_suite_writes_a_readme_only_when_named(tmp_path, monkeypatch, capsys):
+    """`eval suite` used to rewrite whatever README.md was in the current directory."""
+    from yarn_vllm.cli import main
+    from yarn_vllm.eval import suite
+
+    store = tmp_path / "store"
+    suite.save(str(store), suite.SUITE[-1], "yarn", _ppl_result("yarn", {2048: 27.5}))
+    here = tmp_path / "README.md"
+    here.write_text("# someone else's project\n")
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "suite", "--model", "unused", "--store", str(store), "--report-only"]
+    assert main(args) == 0
+    assert here.read_text() == "# someone else's project\n"
+    assert "| yarn (static) |" in capsys.readouterr().out
+    named = tmp_path / "docs.md"
+    named.write_text("# ours\n")
+    assert main(args + ["--readme", str(named)]) == 0
+    assert suite.RESULTS_BEGIN in named.read_text()
+    assert here.read_text() == "# someone else's project\n"
 
 
 def test_suite_section_replaces_only_the_marked_block(tmp_path):

@@ -1,15 +1,18 @@
 """Run one vLLM engine in a fresh process and return what it produced.
 
-Evaluations compare methods that need different engine settings, and tests
-compare the plugin on and off; each engine therefore gets its own process
-(its own environment and plugin registry), started by `run_engine`.
+Evaluations compare methods that need different engine settings, benchmarks time each
+method with its own engine, and tests compare the plugin on and off; each engine
+therefore gets its own process (its own environment and plugin registry).
+`run_worker` is the one way such a process is started; `run_engine` runs this
+module's worker, which generates:
 
 Spec (JSON): {"model", "llm_kwargs": {...}, "prompts": [[token ids]],
               "sampling": {"max_tokens", "logprobs", "prompt_logprobs", ...}}
 Result: {"rotary_classes", "attention_backends", "prefix_caching", "chunked_prefill",
-         "generate_seconds",
+         "dtype", "generate_seconds",
          "outputs": [{"token_ids", "text", "logprobs", "prompt_logprobs"}]}
-where logprobs are lists (per step) of {token_id: logprob}.
+where logprobs are lists (per step) of {token_id: logprob} and dtype is the one the
+engine really ran in (e.g. "bfloat16").
 """
 
 from __future__ import annotations
@@ -20,44 +23,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+
+from yarn_vllm.cpu import apply_cpu_defaults
 
 _ENV_DEFAULTS = {"TOKENIZERS_PARALLELISM": "false",
                  # lets LLM.apply_model ship yarn_vllm.introspect functions to the worker
                  "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
-
-
-def apply_cpu_defaults(kwargs: dict) -> None:
-    """Offline-job defaults for vLLM's CPU backend, each measured here and overridable.
-
-    - VLLM_CPU_KVCACHE_SPACE=4 (GiB): the default fraction of node memory fails on small machines.
-    - VLLM_CPU_NUM_OF_RESERVED_CPU=0: an offline job has no API server to keep a core for;
-      on 2 cores an 8k prefill ran in 66 s with both, several times longer with one.
-    - enforce_eager: CPU graph compilation took over 2 minutes at start-up.
-    - dtype float32 where the CPU has no native bf16 (bf16 prefill was ~3x slower there).
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    kwargs.setdefault("enforce_eager", True)
-    if "dtype" not in kwargs and cpu_lacks_bf16():
-        kwargs["dtype"] = "float32"
-
-
-def cpu_lacks_bf16() -> bool:
-    """True on a CPU-only machine whose CPU has no native bf16 (no AVX512-BF16 or AMX)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return False
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" not in flags and "amx_bf16" not in flags
+PROGRESS = "PROGRESS "  # a worker's stdout line carrying one JSON progress record
+PARENT_PID = "YARN_VLLM_PARENT_PID"  # who started a worker (see exit_with_parent)
 
 
 def engine_env(plugins: bool, extra: dict | None = None) -> dict:
@@ -74,33 +49,77 @@ def engine_env(plugins: bool, extra: dict | None = None) -> dict:
     return env
 
 
-def run_engine(spec: dict, *, plugins: bool = True, timeout: float = 3600,
-               env: dict | None = None) -> dict:
-    """Run `spec` in a fresh process; plugins=False sets VLLM_PLUGINS="" (vLLM's own layers)."""
+def run_worker(module: str, spec: dict, *, plugins: bool = True, env: dict | None = None,
+               timeout: float | None = None, on_progress=None) -> dict:
+    """Run `python -m module SPEC OUT` in a fresh process and return OUT's JSON.
+
+    The spec's llm_kwargs get the CPU defaults; plugins=False sets VLLM_PLUGINS="".
+    The process leads its own process group, so a timeout kills vLLM's engine core and
+    workers with it; the worker calls `exit_with_parent()`, so it dies with us as well.
+    Stdout lines starting with PROGRESS go to `on_progress` as parsed JSON.
+    Raises TimeoutError after `timeout` seconds, RuntimeError (with the log) on failure.
+    """
     spec = dict(spec, llm_kwargs=dict(spec.get("llm_kwargs", {})))
     apply_cpu_defaults(spec["llm_kwargs"])
-    child_env = engine_env(plugins, env)
     with tempfile.TemporaryDirectory(prefix="yarn_vllm_engine_") as tmp:
         spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        # Its own session, so that a timeout takes vLLM's EngineCore and workers down too.
-        proc = subprocess.Popen([sys.executable, "-m", "yarn_vllm.engine_worker", spec_path,
-                                 out_path], env=child_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise
-        if proc.returncode != 0:
+        stdout_lines = []
+        with open(os.path.join(tmp, "stderr.log"), "w+") as stderr:
+            child_env = {**engine_env(plugins, env), PARENT_PID: str(os.getpid())}
+            proc = subprocess.Popen([sys.executable, "-m", module, spec_path, out_path],
+                                    env=child_env, stdout=subprocess.PIPE,
+                                    stderr=stderr, text=True, start_new_session=True)
+            timed_out = threading.Event()
+
+            def kill():
+                timed_out.set()
+                _kill_group(proc)
+
+            timer = threading.Timer(timeout, kill) if timeout else None
+            if timer:
+                timer.daemon = True
+                timer.start()
+            try:
+                for line in proc.stdout:  # vLLM logs to stdout too: those lines are kept
+                    if line.startswith(PROGRESS):
+                        if on_progress:
+                            on_progress(json.loads(line[len(PROGRESS):]))
+                    else:
+                        stdout_lines.append(line)
+                code = proc.wait()
+            finally:
+                if timer:
+                    timer.cancel()
+                if proc.poll() is None:
+                    _kill_group(proc)
+            stderr.seek(0)
+            err = stderr.read()
+        if timed_out.is_set():
+            raise TimeoutError(f"{module} ({spec.get('method', spec['model'])}) timed out "
+                               f"after {timeout:.0f} s")
+        if code != 0:
             # vLLM logs (the engine core's ERROR lines included) to stdout, tracebacks to stderr
-            raise RuntimeError(f"vLLM engine process failed (exit {proc.returncode}):\n"
-                               f"{_error_excerpt(stderr)}\n--- vLLM's log (stdout) ---\n"
-                               f"{_error_excerpt(stdout or '', 3000)}")
+            raise RuntimeError(f"{module} failed (exit {code}):\n{_error_excerpt(err)}\n"
+                               f"--- vLLM's log (stdout) ---\n"
+                               f"{_error_excerpt(''.join(stdout_lines), 3000)}")
         with open(out_path) as f:
             return json.load(f)
+
+
+def run_engine(spec: dict, *, plugins: bool = True, timeout: float = 3600,
+               env: dict | None = None) -> dict:
+    """Generate `spec` in a fresh process (see the module docstring)."""
+    return run_worker("yarn_vllm.engine_worker", spec, plugins=plugins, env=env,
+                      timeout=timeout)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # pgid == pid: start_new_session
+    except ProcessLookupError:
+        pass
 
 
 def _error_excerpt(stderr: str, limit: int = 4000) -> str:
@@ -110,6 +129,31 @@ def _error_excerpt(stderr: str, limit: int = 4000) -> str:
     if first < 0 or first >= len(stderr) - limit:
         return stderr[-limit:]
     return stderr[first:first + limit] + "\n[...]\n" + stderr[-limit // 2:]
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a worker: a daemon thread that kills this process group once our parent is gone.
+
+    A watchdog rather than preexec_fn/PR_SET_PDEATHSIG: preexec_fn can deadlock in a
+    multithreaded parent (a Ray actor), and PDEATHSIG fires when the parent *thread* ends.
+    The parent's pid comes from run_worker (YARN_VLLM_PARENT_PID), so a parent that died
+    before this call is noticed too.
+    """
+    parent = int(os.environ.get(PARENT_PID) or os.getppid())
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        if os.getpgrp() == os.getpid():  # our own group (run_worker): the engine's too
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def engine_dtype(llm) -> str:
+    """The dtype `llm` really runs in, e.g. "bfloat16" (vLLM resolves "auto" from the model)."""
+    return str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
 
 
 def _steps(steps) -> list:
@@ -123,6 +167,7 @@ def main(spec_path: str, out_path: str) -> None:
 
     from yarn_vllm.introspect import attention_backend_classes, rotary_layer_classes
 
+    exit_with_parent()
     with open(spec_path) as f:
         spec = json.load(f)
     kwargs = {"seed": 0, **spec.get("llm_kwargs", {})}
@@ -138,7 +183,7 @@ def main(spec_path: str, out_path: str) -> None:
            "attention_backends": llm.apply_model(attention_backend_classes)[0],
            "prefix_caching": bool(config.cache_config.enable_prefix_caching),
            "chunked_prefill": bool(config.scheduler_config.enable_chunked_prefill),
-           "generate_seconds": seconds, "outputs": []}
+           "dtype": engine_dtype(llm), "generate_seconds": seconds, "outputs": []}
     for r in results:
         c = r.outputs[0]
         out["outputs"].append({"token_ids": list(c.token_ids), "text": c.text,

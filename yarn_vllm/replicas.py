@@ -13,25 +13,7 @@ import os
 import time
 from types import SimpleNamespace
 
-
-def shards(n_items: int, n: int) -> list[range]:
-    """Contiguous index ranges, `n` of them (empty ones dropped), sizes differing by <= 1."""
-    size, extra = divmod(n_items, n)
-    out, start = [], 0
-    for i in range(n):
-        stop = start + size + (i < extra)
-        if stop > start:
-            out.append(range(start, stop))
-        start = stop
-    return out
-
-
-def core_sets(n: int, cores: list[int] | None = None) -> list[str | None]:
-    """VLLM_CPU_OMP_THREADS_BIND per replica: disjoint core lists, or None (no pinning)."""
-    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
-    if n > len(cores):
-        return [None] * n
-    return [",".join(map(str, cores[s.start:s.stop])) for s in shards(len(cores), n)]
+from yarn_vllm.cpu import core_groups, omp_bind, shards
 
 
 class EngineReplica:
@@ -61,7 +43,7 @@ def generate_replicated(model: str, llm_kwargs: dict, prompts: list, sampling: d
                         timing: dict | None = None) -> list[dict]:
     """Generate `prompts` (strings or token-id lists) over `replicas` actors, in input order.
 
-    `llm_kwargs` should already hold the CPU defaults (yarn_vllm.engine_worker.apply_cpu_defaults);
+    `llm_kwargs` should already hold the CPU defaults (yarn_vllm.cpu.apply_cpu_defaults);
     the VLLM_* settings of this process go to every replica. `timing`, if given, receives
     "generate_s": the generation time once every engine has started.
     """
@@ -81,10 +63,11 @@ def generate_replicated(model: str, llm_kwargs: dict, prompts: list, sampling: d
             max(1, int(float(base_env["VLLM_CPU_KVCACHE_SPACE"])) // len(parts)))
     actor_cls = ray.remote(EngineReplica)
     actors = []
-    for i, cores in enumerate(core_sets(len(parts))):
+    groups = core_groups(len(parts)) or [None] * len(parts)  # too few cores: no pinning
+    for cores in groups:
         env = dict(base_env)
         if cores is not None and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = cores
+            env["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind(cores)
         actors.append(actor_cls.options(num_cpus=per, runtime_env={"env_vars": env})
                       .remote(model, llm_kwargs))
     log(f"yarn-vllm: {len(prompts)} prompts over {len(parts)} replicas "

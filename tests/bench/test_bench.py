@@ -1,4 +1,4 @@
-"""Offline/online benchmark maths and outputs, modes, and the sweep file's errors (no engines)."""
+"""Offline/online benchmark maths and outputs, methods, and the sweep file's errors (no engines)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from yarn_vllm.bench import modes as bench_modes
 from yarn_vllm.bench.measure import Step, summarise
+from yarn_vllm.bench.offline import bench_factor, method_spec
 from yarn_vllm.bench.online import percentile, run_online, write_online
 from yarn_vllm.bench.report import ratios, write_offline
-from yarn_vllm.bench.sweep_config import SweepConfigError, config_id, load_sweep, parse_sweep
+from yarn_vllm.bench.sweep_config import config_id, load_sweep, parse_sweep
 from yarn_vllm.config import YarnConfig
+from yarn_vllm.errors import UserError
 
 
 def test_summarise_hand_timeline():
@@ -47,60 +48,72 @@ def test_percentile_matches_numpy():
             assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
 
 
-def _row(mode, ctx, prefill, decode, e2e):
-    return {"mode": mode, "context": ctx, "batch": 1, "output_tokens": 8,
+def _row(method, ctx, prefill, decode, e2e):
+    return {"method": method, "context": ctx, "batch": 1, "output_tokens": 8,
             "prefill_tok_s": prefill, "decode_tok_s": decode, "e2e_tok_s": e2e,
             "prefill_s": ctx / prefill, "decode_s": 1.0, "total_s": 2.0, "tpot_ms": 10.0,
             "ttft_mean_s": 1.0, "repeats": 1}
 
 
 def test_ratios_and_written_outputs(tmp_path):
-    rows = [_row("vllm-yarn", 1024, 200.0, 10.0, 50.0), _row("ours-static", 1024, 250.0, 8.0, 60.0),
-            _row("none", 1024, 100.0, None, 25.0), _row("ours-static", 2048, 1.0, 1.0, 1.0)]
+    rows = [_row("vllm-yarn", 1024, 200.0, 10.0, 50.0), _row("yarn", 1024, 250.0, 8.0, 60.0),
+            _row("trained", 1024, 100.0, None, 25.0), _row("yarn", 2048, 1.0, 1.0, 1.0)]
     assert ratios(rows) == [
-        {"mode": "ours-static", "context": 1024, "batch": 1, "prefill_tok_s": 1.25,
+        {"method": "yarn", "context": 1024, "batch": 1, "prefill_tok_s": 1.25,
          "decode_tok_s": 0.8, "e2e_tok_s": 1.2},
-        {"mode": "none", "context": 1024, "batch": 1, "prefill_tok_s": 0.5,
+        {"method": "trained", "context": 1024, "batch": 1, "prefill_tok_s": 0.5,
          "decode_tok_s": None, "e2e_tok_s": 0.5}]  # no baseline at 2048: no ratio
     results = {"settings": {"model": "/m/tiny", "factor": 2.0, "output_tokens": 8},
-               "rows": rows}
+               "methods": {"yarn": {"dtype": "bfloat16"}}, "rows": rows}
     lines = []
     paths = write_offline(results, str(tmp_path), log=lines.append)
     saved = json.loads(open(paths["json"]).read())
     assert saved["ratios"] == ratios(rows)
     with open(paths["csv"]) as f:
         table = list(csv.DictReader(f))
-    assert [(r["mode"], int(r["context"])) for r in table] == [(r["mode"], r["context"])
-                                                                for r in rows]
+    assert [(r["method"], int(r["context"])) for r in table] == [(r["method"], r["context"])
+                                                                  for r in rows]
     assert float(table[1]["prefill_tok_s"]) == 250.0
     assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert any("1.25x" in line for line in lines)
 
 
-def test_modes_dynamic_skipped_with_note_until_served(monkeypatch):
-    notes = []
-    monkeypatch.setattr(bench_modes.yarn_config, "SERVED_MODES", ("static",))
-    assert bench_modes.available_modes(bench_modes.MODES, log=notes.append) == [
-        "vllm-yarn", "ours-static", "none"]
-    assert "skipping ours-dynamic" in notes[0]
-    monkeypatch.setattr(bench_modes.yarn_config, "SERVED_MODES", ("static", "dynamic"))
-    assert bench_modes.available_modes(["ours-dynamic"], log=notes.append) == ["ours-dynamic"]
-    with pytest.raises(ValueError, match="unknown mode 'fast'"):
-        bench_modes.available_modes(["fast"])
+HF = {"max_position_embeddings": 1024, "rope_theta": 10000.0, "head_dim": 64, "hidden_size": 256,
+      "num_attention_heads": 4, "vocab_size": 512}
 
 
-def test_mode_engine_settings():
-    hf = {"max_position_embeddings": 1024, "rope_theta": 10000.0, "head_dim": 64,
-          "hidden_size": 256, "num_attention_heads": 4}
-    ours = bench_modes.mode_engine("ours-static", hf, 2.0, 1500)
-    vllm = bench_modes.mode_engine("vllm-yarn", hf, 2.0, 1500)
-    assert ours.plugins and not vllm.plugins
-    assert ours.hf_overrides == vllm.hf_overrides == YarnConfig(factor=2.0).hf_overrides(hf)
-    none = bench_modes.mode_engine("none", hf, 2.0, 1500)
-    assert none.hf_overrides == {"max_position_embeddings": 1500}
+def test_method_engine_settings():
+    """One registry for eval and bench: each method's hf_overrides and plugin switch, and the
+    same length limit for every method."""
+    def spec(name, factor=2.0, contexts=(1400,)):
+        return method_spec("/m", name, HF, contexts=list(contexts), batches=[2],
+                           output_tokens=84, factor=factor)
+
+    (ours, ours_plugins), (vllm, vllm_plugins) = spec("yarn"), spec("vllm-yarn")
+    assert ours_plugins and not vllm_plugins
+    assert ours["llm_kwargs"]["hf_overrides"] == vllm["llm_kwargs"]["hf_overrides"] == \
+        YarnConfig(factor=2.0).hf_overrides(HF)
+    dynamic = spec("yarn-dynamic")[0]["llm_kwargs"]["hf_overrides"]["rope_parameters"]
+    assert dynamic["yarn_mode"] == "dynamic" and spec("yarn-dynamic")[1]
+    trained, plugins = spec("trained")
+    assert plugins and trained["llm_kwargs"]["hf_overrides"] == {"max_position_embeddings": 2048}
+    assert all(spec(m)[0]["llm_kwargs"]["max_model_len"] == 1500
+               for m in ("yarn", "vllm-yarn", "trained", "pi", "ntk"))
     # the length limit covers the longest case even past factor x trained
-    assert bench_modes.mode_engine("ours-static", hf, 1.0, 1500).hf_overrides[
-        "max_position_embeddings"] == 1500
+    assert spec("yarn", 1.0)[0]["llm_kwargs"]["hf_overrides"]["max_position_embeddings"] == 1500
+    assert spec("yarn")[0]["method"] == "yarn" and spec("yarn")[0]["llm_kwargs"][
+        "max_num_seqs"] == 2
+
+
+@pytest.mark.parametrize("contexts, output_tokens, factor", [
+    ([1000], 24, 2.0),          # exactly the trained length: still extended (at least 2)
+    ([2048], 0, 2.0),           # exactly 2x
+    ([2048], 1, 4.0),           # just past 2x: the next power of two, not 2.001 or 3
+    ([4000, 8000], 32, 8.0),
+])
+def test_default_factor_is_one_rule(contexts, output_tokens, factor):
+    assert bench_factor(HF, contexts, output_tokens, None) == factor
+    assert bench_factor(HF, contexts, output_tokens, 3.0) == 3.0  # a given factor wins
 
 
 # ---- online: a fake OpenAI server that streams on a known schedule -------------------------
@@ -176,38 +189,40 @@ def test_online_streaming_percentiles(fake_server, tmp_path):
 
 def test_sweep_grid_expands():
     s = parse_sweep({"model": "m", "context_lengths": [512], "output_tokens": 4,
-                     "grid": {"mode": ["vllm-yarn", "ours-static"],
+                     "grid": {"method": ["vllm-yarn", "yarn"],
                               "batch_sizes": [1, [2, 4]]}}, source="s.yaml")
     assert s["settings"] == {"model": "m", "num_cpus": 2, "timeout_s": 1800, "retries": 1,
                              "output": "bench_results/s.jsonl"}
-    assert [(c["mode"], c["batch_sizes"]) for c in s["configs"]] == [
-        ("vllm-yarn", [1]), ("vllm-yarn", [2, 4]), ("ours-static", [1]), ("ours-static", [2, 4])]
+    assert [(c["method"], c["batch_sizes"]) for c in s["configs"]] == [
+        ("vllm-yarn", [1]), ("vllm-yarn", [2, 4]), ("yarn", [1]), ("yarn", [2, 4])]
     assert all(c["context_lengths"] == [512] and c["model"] == "m" for c in s["configs"])
     ids = [config_id(c) for c in s["configs"]]
     assert len(set(ids)) == 4 and ids == [config_id(dict(c)) for c in s["configs"]]
 
 
 @pytest.mark.parametrize("raw, field, fix", [
-    ({"mode": "none", "context_lengths": [1], "speed": 3}, "speed", "use only:"),
-    ({"mode": "none", "context_lengths": "1024"}, "context_lengths", "context_lengths: [1024, 2048]"),
-    ({"mode": "none", "context_lengths": [1024, -5]}, "context_lengths", "[1024, 2048]"),
-    ({"mode": "turbo", "context_lengths": [1024]}, "mode", "mode: ours-static"),
-    ({"mode": "none", "context_lengths": [8], "timeout_s": "soon"}, "timeout_s", "timeout_s: 1800"),
-    ({"mode": "none", "context_lengths": [8], "retries": True}, "retries", "retries: 1"),
-    ({"context_lengths": [1024]}, "mode", "set it at top level or under grid"),
-    ({"mode": "none"}, "context_lengths", "set it at top level or under grid"),
-    ({"context_lengths": [8], "grid": {"mode": []}}, "grid.mode", "list the values"),
-    ({"context_lengths": [8], "grid": {"mode": ["none"], "colour": ["red"]}}, "grid.colour",
+    ({"method": "trained", "context_lengths": [1], "speed": 3}, "speed", "use only:"),
+    ({"method": "trained", "context_lengths": "1024"}, "context_lengths",
+     "context_lengths: [1024, 2048]"),
+    ({"method": "trained", "context_lengths": [1024, -5]}, "context_lengths", "[1024, 2048]"),
+    ({"method": "turbo", "context_lengths": [1024]}, "method", "method: yarn"),
+    ({"method": "trained", "context_lengths": [8], "timeout_s": "soon"}, "timeout_s",
+     "timeout_s: 1800"),
+    ({"method": "trained", "context_lengths": [8], "retries": True}, "retries", "retries: 1"),
+    ({"context_lengths": [1024]}, "method", "set it at top level or under grid"),
+    ({"method": "trained"}, "context_lengths", "set it at top level or under grid"),
+    ({"context_lengths": [8], "grid": {"method": []}}, "grid.method", "list the values"),
+    ({"context_lengths": [8], "grid": {"method": ["trained"], "colour": ["red"]}}, "grid.colour",
      "use only:"),
-    ({"context_lengths": [8], "grid": {"mode": ["none", 7]}}, "grid.mode", "one of"),
-    (["mode", "none"], "(top level)", "write a mapping"),
+    ({"context_lengths": [8], "grid": {"method": ["trained", 7]}}, "grid.method", "one of"),
+    (["method", "trained"], "(top level)", "write a mapping"),
 ])
 def test_sweep_file_errors_name_field_and_fix(tmp_path, raw, field, fix):
     import yaml
 
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(SweepConfigError) as e:
+    with pytest.raises(UserError) as e:
         load_sweep(str(path))
     msg = str(e.value)
     assert e.value.field == field and msg.startswith(f"{path}: `{field}`")
@@ -218,7 +233,7 @@ def test_sweep_cli_bad_yaml_is_one_line(tmp_path, capsys):
     from yarn_vllm.cli import main
 
     path = tmp_path / "broken.yaml"
-    path.write_text("mode: [none\ncontext_lengths: 1024\n")
+    path.write_text("method: [trained\ncontext_lengths: 1024\n")
     assert main(["bench", "sweep", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"yarn-vllm: {path}: `(file)` is not valid YAML at line 2. "
@@ -230,20 +245,60 @@ def test_example_sweep_file_is_valid():
 
     path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "sweep.yaml")
     s = load_sweep(path)
-    assert [c["mode"] for c in s["configs"]] == ["vllm-yarn", "ours-static", "none", "ours-dynamic"]
+    assert [c["method"] for c in s["configs"]] == ["vllm-yarn", "yarn", "trained", "yarn-dynamic"]
     assert s["settings"]["output"] == "bench_results/sweep.jsonl"
 
 
 def test_bench_cli_parses_offline_by_default():
-    from yarn_vllm.bench.cli import default_to_offline
-    from yarn_vllm.cli import build_parser
+    from yarn_vllm.cli import build_parser, normalise_argv
+    from yarn_vllm.methods import bench_methods
 
-    argv = default_to_offline(["bench", "--context-lengths", "1024,4096", "--modes",
-                               "vllm-yarn,ours-static", "--max-num-seqs", "4"])
+    argv = normalise_argv(["bench", "--context-lengths", "1024,4096", "--methods",
+                           "vllm-yarn,yarn", "--max-num-seqs", "4"])
     args, unknown = build_parser().parse_known_args(argv)
-    assert (args.bench_command, args.context_lengths, args.modes, args.batch_sizes) == (
-        "offline", [1024, 4096], ["vllm-yarn", "ours-static"], [1])
+    assert (args.bench_command, args.context_lengths, args.methods, args.batch_sizes) == (
+        "offline", [1024, 4096], ["vllm-yarn", "yarn"], [1])
     assert unknown == ["--max-num-seqs", "4"]  # goes to vLLM's LLM(...)
-    assert default_to_offline(["bench", "sweep", "s.yaml"]) == ["bench", "sweep", "s.yaml"]
-    with pytest.raises(SystemExit):
-        build_parser().parse_known_args(["bench", "offline", "--modes", "turbo"])
+    assert normalise_argv(["bench", "sweep", "s.yaml"]) == ["bench", "sweep", "s.yaml"]
+    args, _ = build_parser().parse_known_args(normalise_argv(["bench"]))
+    assert args.methods == bench_methods() == ["trained", "yarn", "yarn-dynamic", "vllm-yarn"]
+    for bad in (["--methods", "ours-static"], ["--context-lengths", "1024,0"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_known_args(["bench", "offline", *bad])
+
+
+def test_engine_worker_dies_with_its_parent():
+    """The engine subprocess helper's workers exit (whole process group) once the process
+    that started them is gone: a watchdog thread, not preexec_fn, which can deadlock in a
+    multithreaded parent such as a Ray actor."""
+    import os
+    import subprocess
+    import sys
+
+    from yarn_vllm.engine_worker import PARENT_PID
+
+    child = ("from yarn_vllm.engine_worker import exit_with_parent; import time; "
+             "exit_with_parent(poll_s=0.05); time.sleep(120)")
+    # as run_worker starts one: its own session, told who its parent is
+    parent = ("import os, subprocess, sys; p = subprocess.Popen([sys.executable, '-c', %r], "
+              "start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, "
+              "env={**os.environ, %r: str(os.getpid())}); "
+              "print(p.pid, flush=True)" % (child, PARENT_PID))
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
+                         timeout=60)
+    pid = int(out.stdout)  # the parent has exited; the child is an orphan now
+
+    def gone() -> bool:  # exited, or a zombie its new parent has not reaped yet
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
+    for _ in range(200):
+        if gone():
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the orphaned worker is still running")

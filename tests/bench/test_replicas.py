@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from yarn_vllm.replicas import core_sets, generate_replicated, shards
+from yarn_vllm.cpu import core_groups, shards
+from yarn_vllm.replicas import generate_replicated
 
 
 def test_shards_cover_the_batch_in_order():
@@ -22,10 +23,11 @@ def test_shards_cover_the_batch_in_order():
             assert len(parts) == min(n, n_items) and (not sizes or max(sizes) - min(sizes) <= 1)
 
 
-def test_core_sets_are_disjoint():
-    assert core_sets(2, [0, 1]) == ["0", "1"]
-    assert core_sets(2, [0, 1, 2, 3, 4]) == ["0,1,2", "3,4"]
-    assert core_sets(3, [0, 1]) == [None, None, None]  # more replicas than cores: no pinning
+def test_core_groups_are_disjoint():
+    assert core_groups(2, [0, 1]) == [[0], [1]]
+    assert core_groups(2, [4, 3, 2, 1, 0]) == [[0, 1, 2], [3, 4]]  # replicas: every core
+    assert core_groups(2, [0, 1, 2, 3, 4], equal=True) == [[0, 1], [2, 3]]  # TP ranks: equal
+    assert core_groups(3, [0, 1]) is None  # more workers than cores: no pinning
 
 
 @pytest.mark.slow  # three tiny engines: ~60 s on an idle 2-core machine
@@ -35,7 +37,8 @@ def test_two_replicas_equal_one_engine(ray_cluster, tiny_llama, monkeypatch):
     from transformers import AutoConfig
 
     from yarn_vllm.config import YarnConfig
-    from yarn_vllm.engine_worker import apply_cpu_defaults, run_engine
+    from yarn_vllm.cpu import apply_cpu_defaults
+    from yarn_vllm.engine_worker import run_engine
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     overrides = YarnConfig(factor=2.0).hf_overrides(AutoConfig.from_pretrained(tiny_llama).to_dict())

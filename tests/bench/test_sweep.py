@@ -127,15 +127,15 @@ def test_timeout_kills_the_worker_and_the_rest_finish(cluster, tmp_path):
 def test_real_tiny_engine_config(cluster, tiny_llama, tmp_path):
     """The real path: one engine in an actor, a 1,100-token prompt past 1,024 trained."""
     out = str(tmp_path / "sweep.jsonl")
-    config = {"model": tiny_llama, "mode": "ours-static", "context_lengths": [1100],
+    config = {"model": tiny_llama, "method": "yarn", "context_lengths": [1100],
               "batch_sizes": [2], "output_tokens": 4, "factor": 2.0, "repeats": 1,
               "llm_kwargs": {}}
     report = run_sweep([config], out, num_cpus=2, timeout_s=900, log=lambda *_: None)
     assert not report["failed"], report["failed"]
     result = read_results(out)[config_id(config)]["result"]
     [row] = result["rows"]
-    assert (row["mode"], row["context"], row["batch"], row["generated_tokens"]) == (
-        "ours-static", 1100, 2, 8)
+    assert (row["method"], row["context"], row["batch"], row["generated_tokens"]) == (
+        "yarn", 1100, 2, 8)
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
     assert result["rotary_classes"] == ["yarn_vllm.rotary.YarnRotaryEmbedding"]
 
@@ -148,10 +148,10 @@ def test_cli_sweep_resumes_and_summarises(cluster, tmp_path, capsys):
     out = tmp_path / "s.jsonl"
     path = tmp_path / "s.yaml"
     path.write_text(f"model: /nowhere\noutput: {out}\ncontext_lengths: [1024, 2048]\n"
-                    "grid:\n  mode: [vllm-yarn, ours-static]\n")
+                    "grid:\n  method: [vllm-yarn, yarn]\n")
     with open(out, "w") as f:
         for i, config in enumerate(load_sweep(str(path))["configs"]):
-            rows = [{"mode": config["mode"], "context": c, "batch": 1, "output_tokens": 32,
+            rows = [{"method": config["method"], "context": c, "batch": 1, "output_tokens": 32,
                      "prefill_tok_s": 100.0 * (i + 1), "decode_tok_s": 5.0, "e2e_tok_s": 20.0,
                      "prefill_s": c / 100.0, "decode_s": 6.0, "total_s": 10.0, "tpot_ms": 200.0}
                     for c in config["context_lengths"]]
@@ -160,5 +160,5 @@ def test_cli_sweep_resumes_and_summarises(cluster, tmp_path, capsys):
     assert main(["bench", "sweep", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "0 ok, 0 failed, 2 skipped" in printed
-    assert "| ours-static | 200.0 | 200.0 |" in printed  # the summary table
+    assert "| yarn | 200.0 | 200.0 |" in printed  # the summary table
     assert (tmp_path / "s.csv").read_text().count("\n") == 5 and (tmp_path / "s.png").exists()

@@ -1,8 +1,9 @@
 """One benchmark engine in a fresh process: start vLLM once, time every (context, batch) case.
 
-Spec (JSON): {"model", "mode", "llm_kwargs", "cases": [{"context", "batch"}],
+Spec (JSON): {"model", "method", "llm_kwargs", "cases": [{"context", "batch"}],
               "output_tokens", "repeats", "vocab_size", "seed"}
-Result: {"mode", "rotary_classes", "engine_start_s", "results": [summarise(...) per case]}
+Result: {"method", "rotary_classes", "dtype", "engine_start_s",
+         "results": [summarise(...) per case]}
 
 The engine core runs inside the worker process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a
 killed worker takes its whole engine with it, and steps are timed without IPC in between.
@@ -11,29 +12,15 @@ Progress goes to stdout as `PROGRESS {json}` lines; vLLM's logs go to stderr.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 
 from yarn_vllm.bench.measure import Step, summarise
-from yarn_vllm.engine_worker import apply_cpu_defaults, engine_env
+from yarn_vllm.engine_worker import PROGRESS, engine_dtype, exit_with_parent, run_worker
 
-_PR_SET_PDEATHSIG = 1
 _REQUESTS = 0  # request ids, unique within the worker
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def run_bench_engine(spec: dict, *, plugins: bool, timeout: float | None = None,
@@ -42,53 +29,8 @@ def run_bench_engine(spec: dict, *, plugins: bool, timeout: float | None = None,
 
     The process dies with its parent and is killed, whole process group, after `timeout` s.
     """
-    spec = dict(spec, llm_kwargs=dict(spec.get("llm_kwargs", {})))
-    apply_cpu_defaults(spec["llm_kwargs"])
-    env = engine_env(plugins, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-    with tempfile.TemporaryDirectory(prefix="yarn_vllm_bench_") as tmp:
-        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
-        log_path = os.path.join(tmp, "engine.log")
-        with open(spec_path, "w") as f:
-            json.dump(spec, f)
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "yarn_vllm.bench.engine", spec_path, out_path],
-                env=env, stdout=subprocess.PIPE, stderr=log, text=True,
-                preexec_fn=_die_with_parent, start_new_session=True)
-            timed_out = threading.Event()
-
-            def kill():
-                timed_out.set()
-                os.killpg(proc.pid, signal.SIGKILL)
-
-            timer = threading.Timer(timeout, kill) if timeout else None
-            if timer:
-                timer.daemon = True
-                timer.start()
-            try:
-                for line in proc.stdout:  # vLLM logs to stdout too: those lines go to the log
-                    if line.startswith("PROGRESS "):
-                        if on_progress:
-                            on_progress(json.loads(line[len("PROGRESS "):]))
-                    else:
-                        log.write(line)
-                        log.flush()
-                code = proc.wait()
-            finally:
-                if timer:
-                    timer.cancel()
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-        if timed_out.is_set():
-            raise TimeoutError(f"benchmark engine ({spec.get('mode')}) timed out after "
-                               f"{timeout:.0f} s")
-        if code != 0:
-            with open(log_path) as f:
-                tail = f.read()[-3000:]
-            raise RuntimeError(f"benchmark engine ({spec.get('mode')}) failed "
-                               f"(exit {code}):\n{tail}")
-        with open(out_path) as f:
-            return json.load(f)
+    return run_worker("yarn_vllm.bench.engine", spec, plugins=plugins, timeout=timeout,
+                      env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, on_progress=on_progress)
 
 
 def _prompts(rng: random.Random, vocab_size: int, context: int, batch: int) -> list[list[int]]:
@@ -139,6 +81,7 @@ def main(spec_path: str, out_path: str) -> None:
 
     from yarn_vllm.introspect import rotary_layer_classes
 
+    exit_with_parent()
     with open(spec_path) as f:
         spec = json.load(f)
     t0 = time.perf_counter()
@@ -153,10 +96,10 @@ def main(spec_path: str, out_path: str) -> None:
     for case in spec["cases"]:
         runs = [time_batch(llm, _prompts(rng, vocab, case["context"], case["batch"]),
                            spec["output_tokens"]) for _ in range(spec.get("repeats", 1))]
-        row = dict(_median_case(runs), mode=spec["mode"])
+        row = dict(_median_case(runs), method=spec["method"])
         results.append(row)
-        print("PROGRESS " + json.dumps(row), flush=True)
-    out = {"mode": spec["mode"], "engine_start_s": start_s,
+        print(PROGRESS + json.dumps(row), flush=True)
+    out = {"method": spec["method"], "engine_start_s": start_s, "dtype": engine_dtype(llm),
            "rotary_classes": llm.apply_model(rotary_layer_classes)[0], "results": results}
     with open(out_path, "w") as f:
         json.dump(out, f)

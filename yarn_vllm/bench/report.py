@@ -7,7 +7,7 @@ import json
 import os
 
 METRICS = ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")
-CSV_FIELDS = ("mode", "context", "batch", "output_tokens", "prefill_tok_s", "decode_tok_s",
+CSV_FIELDS = ("method", "context", "batch", "output_tokens", "prefill_tok_s", "decode_tok_s",
               "e2e_tok_s", "prefill_s", "decode_s", "total_s", "tpot_ms", "ttft_mean_s",
               "repeats")
 BASELINE = "vllm-yarn"
@@ -15,13 +15,13 @@ BASELINE = "vllm-yarn"
 
 def ratios(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
     """Each non-baseline row's metrics divided by the baseline's at the same context and batch."""
-    base = {(r["context"], r["batch"]): r for r in rows if r["mode"] == baseline}
+    base = {(r["context"], r["batch"]): r for r in rows if r["method"] == baseline}
     out = []
     for r in rows:
         b = base.get((r["context"], r["batch"]))
-        if r["mode"] == baseline or b is None:
+        if r["method"] == baseline or b is None:
             continue
-        out.append({"mode": r["mode"], "context": r["context"], "batch": r["batch"],
+        out.append({"method": r["method"], "context": r["context"], "batch": r["batch"],
                     **{m: r[m] / b[m] if r.get(m) and b.get(m) else None for m in METRICS}})
     return out
 
@@ -31,14 +31,14 @@ def _fmt(x, spec=".1f"):
 
 
 def markdown_table(rows: list[dict], metric: str = "prefill_tok_s") -> str:
-    """Modes as rows, (context, batch) as columns, `metric` in the cells."""
+    """Methods as rows, (context, batch) as columns, `metric` in the cells."""
     cols = sorted({(r["context"], r["batch"]) for r in rows})
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    cell = {(r["mode"], r["context"], r["batch"]): r.get(metric) for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["context"], r["batch"]): r.get(metric) for r in rows}
     multi_batch = len({b for _, b in cols}) > 1
     head = [f"{c:,}" + (f" ×{b}" if multi_batch else "") for c, b in cols]
-    lines = ["| mode | " + " | ".join(head) + " |", "|---|" + "---:|" * len(cols)]
-    for m in modes:
+    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(cols)]
+    for m in methods:
         lines.append(f"| {m} | " + " | ".join(_fmt(cell.get((m, c, b))) for c, b in cols) + " |")
     return "\n".join(lines)
 
@@ -47,10 +47,10 @@ def ratio_table(rows: list[dict]) -> str:
     rs = ratios(rows)
     if not rs:
         return f"(no ratios: {BASELINE} was not run)"
-    lines = [f"| mode | context | batch | prefill / {BASELINE} | decode / {BASELINE} | "
+    lines = [f"| method | context | batch | prefill / {BASELINE} | decode / {BASELINE} | "
              f"e2e / {BASELINE} |", "|---|---:|---:|---:|---:|---:|"]
     for r in rs:
-        lines.append(f"| {r['mode']} | {r['context']:,} | {r['batch']} | "
+        lines.append(f"| {r['method']} | {r['context']:,} | {r['batch']} | "
                      + " | ".join(_fmt(r[m], ".2f") + ("x" if r[m] else "") for m in METRICS)
                      + " |")
     return "\n".join(lines)
@@ -76,13 +76,13 @@ def plot(rows: list[dict], path: str, title: str = "") -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     batches = sorted({r["batch"] for r in rows})
     for ax, (key, label) in zip(axes.flat, panels):
-        for mode in dict.fromkeys(r["mode"] for r in rows):
+        for name in dict.fromkeys(r["method"] for r in rows):
             for b in batches:
                 pts = sorted((r["context"], r[key]) for r in rows
-                             if r["mode"] == mode and r["batch"] == b and r.get(key) is not None)
+                             if r["method"] == name and r["batch"] == b and r.get(key) is not None)
                 if pts:
                     ax.plot(*zip(*pts), marker="o",
-                            label=mode + (f" ×{b}" if len(batches) > 1 else ""))
+                            label=name + (f" ×{b}" if len(batches) > 1 else ""))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
@@ -105,8 +105,10 @@ def write_offline(results: dict, out_dir: str, name: str = "offline", log=print)
         json.dump(results, f, indent=2)
     write_csv(rows, paths["csv"])
     s = results["settings"]
+    dtypes = sorted({r["dtype"] for r in results.get("methods", {}).values() if "dtype" in r})
     plot(rows, paths["png"], f"{os.path.basename(s['model'].rstrip('/'))}, "
-                             f"YaRN s={s['factor']:g}, {s['output_tokens']} output tokens")
+                             f"YaRN s={s['factor']:g}, {s['output_tokens']} output tokens"
+                             + "".join(f", {d}" for d in dtypes))
     for metric in METRICS:
         log(f"\n{metric.replace('_tok_s', '')} tokens/s:\n" + markdown_table(rows, metric))
     log(f"\nratios against vLLM's own YaRN ({BASELINE}; above 1 = faster):\n" + ratio_table(rows))

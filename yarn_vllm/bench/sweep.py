@@ -21,24 +21,25 @@ from yarn_vllm.bench.sweep_config import config_id
 def run_config(config: dict) -> dict:
     """The real work of one configuration: one engine timing every (context, batch) case."""
     from yarn_vllm.bench.engine import run_bench_engine
-    from yarn_vllm.bench.offline import default_factor, hf_config_of, mode_spec
+    from yarn_vllm.bench.offline import bench_factor, hf_config_of, method_spec
     from yarn_vllm.models import resolve_model
 
     model = resolve_model(config["model"])
     hf = hf_config_of(model)
-    factor = config["factor"] or default_factor(hf, max(config["context_lengths"])
-                                                + config["output_tokens"])
-    spec, plugins = mode_spec(model, config["mode"], hf, contexts=config["context_lengths"],
-                              batches=config["batch_sizes"],
-                              output_tokens=config["output_tokens"], factor=factor,
-                              repeats=config["repeats"], llm_kwargs=config["llm_kwargs"])
+    factor = bench_factor(hf, config["context_lengths"], config["output_tokens"],
+                          config["factor"])
+    spec, plugins = method_spec(model, config["method"], hf, contexts=config["context_lengths"],
+                                batches=config["batch_sizes"],
+                                output_tokens=config["output_tokens"], factor=factor,
+                                repeats=config["repeats"], llm_kwargs=config["llm_kwargs"])
+
     def progress(row):  # printed in the actor; Ray forwards it to the driver's console
-        print(f"{config['mode']} ctx {row['context']} batch {row['batch']}: prefill "
+        print(f"{config['method']} ctx {row['context']} batch {row['batch']}: prefill "
               f"{row['prefill_tok_s']:.1f} tok/s, decode {row['decode_tok_s'] or 0:.1f} tok/s",
               flush=True)
 
     out = run_bench_engine(spec, plugins=plugins, on_progress=progress)
-    return {"factor": factor, "rotary_classes": out["rotary_classes"],
+    return {"factor": factor, "rotary_classes": out["rotary_classes"], "dtype": out["dtype"],
             "engine_start_s": out["engine_start_s"], "rows": out["results"]}
 
 
@@ -74,9 +75,9 @@ def _append(path: str, record: dict) -> None:
 
 
 def _label(config: dict) -> str:
-    if not {"mode", "context_lengths", "batch_sizes"} <= set(config):
+    if not {"method", "context_lengths", "batch_sizes"} <= set(config):
         return json.dumps(config, sort_keys=True)[:80]
-    return (f"{config['mode']} ctx {','.join(map(str, config['context_lengths']))} "
+    return (f"{config['method']} ctx {','.join(map(str, config['context_lengths']))} "
             f"batch {','.join(map(str, config['batch_sizes']))}")
 
 

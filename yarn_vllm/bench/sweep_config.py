@@ -10,12 +10,12 @@
     output_tokens: 32
     factor: 4.0
     grid:                          # ... and the grid varies any of them
-      mode: [vllm-yarn, ours-static, none, ours-dynamic]
+      method: [vllm-yarn, yarn, trained, yarn-dynamic]
 
 Every combination of the grid's lists is one configuration, run by one engine. In the grid a
 list-valued field takes either lists or single values (`context_lengths: [1024, 2048]` there
 means one configuration at 1,024 and one at 2,048). Unknown keys, wrong types and missing
-fields are errors naming the field and the fix.
+fields are errors (yarn_vllm.errors.UserError) naming the field and the fix.
 """
 
 from __future__ import annotations
@@ -26,15 +26,8 @@ import json
 import numbers
 import os
 
-from yarn_vllm.bench.modes import MODES
-
-
-class SweepConfigError(ValueError):
-    """A sweep file is wrong; the message names the field and the fix."""
-
-    def __init__(self, source: str, field: str, problem: str, fix: str):
-        self.field = field
-        super().__init__(f"{source}: `{field}` {problem}. Fix: {fix}")
+from yarn_vllm.errors import UserError
+from yarn_vllm.methods import METHODS
 
 
 def _positive_int(v):
@@ -47,7 +40,7 @@ def _positive_number(v):
 
 # field -> (check, what it must be, an example)
 CONFIG_FIELDS = {
-    "mode": (lambda v: v in MODES, f"one of {', '.join(MODES)}", "ours-static"),
+    "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}", "yarn"),
     "context_lengths": (lambda v: isinstance(v, list) and v and all(map(_positive_int, v)),
                         "a non-empty list of positive integers", "[1024, 2048]"),
     "batch_sizes": (lambda v: isinstance(v, list) and v and all(map(_positive_int, v)),
@@ -68,7 +61,7 @@ SWEEP_FIELDS = {
     "retries": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                 "a whole number >= 0", "1"),
     "grid": (lambda v: isinstance(v, dict) and v, "a mapping of field -> list of values",
-             "{mode: [vllm-yarn, ours-static]}"),
+             "{method: [vllm-yarn, yarn]}"),
 }
 SWEEP_DEFAULTS = {"model": "smollm2-135m", "num_cpus": 2, "timeout_s": 1800, "retries": 1,
                   "grid": {}}
@@ -78,15 +71,15 @@ LIST_FIELDS = ("context_lengths", "batch_sizes")
 def _check(source, table, field, value, label=None):
     check, what, example = table[field]
     if not check(value):
-        raise SweepConfigError(source, label or field, f"is {value!r}, not {what}",
-                               f"write e.g. `{field}: {example}`")
+        raise UserError(label or field, f"is {value!r}, not {what}",
+                        f"write e.g. `{field}: {example}`", source=source)
 
 
 def _unknown(source, keys, allowed, where=""):
     for key in keys:
         if key not in allowed:
-            raise SweepConfigError(source, where + str(key), "is not a sweep setting",
-                                   f"use only: {', '.join(sorted(allowed))}")
+            raise UserError(where + str(key), "is not a sweep setting",
+                            f"use only: {', '.join(sorted(allowed))}", source=source)
 
 
 def config_id(config: dict) -> str:
@@ -98,8 +91,9 @@ def config_id(config: dict) -> str:
 def parse_sweep(raw, source: str = "sweep") -> dict:
     """Validate a loaded sweep mapping: {"settings": {...}, "configs": [config, ...]}."""
     if not isinstance(raw, dict):
-        raise SweepConfigError(source, "(top level)", f"is a {type(raw).__name__}",
-                               "write a mapping of `key: value` lines, e.g. `model: smollm2-135m`")
+        raise UserError("(top level)", f"is a {type(raw).__name__}",
+                        "write a mapping of `key: value` lines, e.g. `model: smollm2-135m`",
+                        source=source)
     _unknown(source, raw, set(SWEEP_FIELDS) | set(CONFIG_FIELDS))
     stem = os.path.splitext(os.path.basename(source))[0] or "sweep"
     settings = {**SWEEP_DEFAULTS, "output": os.path.join("bench_results", f"{stem}.jsonl"),
@@ -115,19 +109,18 @@ def parse_sweep(raw, source: str = "sweep") -> dict:
     axes = []
     for field, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise SweepConfigError(source, f"grid.{field}", f"is {values!r}, not a non-empty list",
-                                   f"list the values to sweep, e.g. `{field}: [a, b]`")
+            raise UserError(f"grid.{field}", f"is {values!r}, not a non-empty list",
+                            f"list the values to sweep, e.g. `{field}: [a, b]`", source=source)
         if field in LIST_FIELDS:
             values = [v if isinstance(v, list) else [v] for v in values]
         for v in values:
             _check(source, CONFIG_FIELDS, field, v, label=f"grid.{field}")
         axes.append([(field, v) for v in values])
-    for field in ("mode", "context_lengths"):
+    for field in ("method", "context_lengths"):
         if field not in base and field not in grid:
             _, what, example = CONFIG_FIELDS[field]
-            raise SweepConfigError(source, field, "is missing",
-                                   f"set it at top level or under grid, e.g. "
-                                   f"`{field}: {example}` ({what})")
+            raise UserError(field, "is missing", f"set it at top level or under grid, e.g. "
+                            f"`{field}: {example}` ({what})", source=source)
     configs = []
     for point in itertools.product(*axes):
         cfg = {"model": settings["model"], **base, **dict(point)}
@@ -145,6 +138,6 @@ def load_sweep(path: str) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise SweepConfigError(path, "(file)", f"is not valid YAML{where}",
-                               "write `key: value` lines; lists as [a, b]") from None
+        raise UserError("(file)", f"is not valid YAML{where}",
+                        "write `key: value` lines; lists as [a, b]", source=path) from None
     return parse_sweep(raw if raw is not None else {}, source=path)

@@ -1,15 +1,17 @@
-"""Orchestrate the evaluations: one vLLM engine per method, each in its own process."""
+"""Run the evaluations: one vLLM engine per method, each in its own process.
+
+Results are plain dicts, {"model", "factor", ..., "methods": {method: {...}}}, where each
+method's entry records the dtype its engine ran in; yarn_vllm.eval.report renders them.
+"""
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from importlib import resources
 
 from yarn_vllm.engine_worker import run_engine
 from yarn_vllm.eval.perplexity import aggregate, default_bucket_edges, sliding_windows, token_nll
-from yarn_vllm.methods import method_overrides
+from yarn_vllm.methods import default_factor, method, method_overrides
 
 
 def default_text() -> str:
@@ -24,20 +26,21 @@ def _hf_config(model: str) -> dict:
 
 
 def method_factor(hf_config: dict, longest: int, factor: float | None) -> float:
-    """The extension factor: given, or the smallest that covers the longest context."""
-    return factor or max(1.0, longest / hf_config["max_position_embeddings"])
+    """`factor`, or the default rule (yarn_vllm.methods.default_factor) for `longest` tokens."""
+    return factor or default_factor(int(hf_config["max_position_embeddings"]), longest)
 
 
-def engine_spec(model: str, method: str, hf_config: dict, factor: float, prompts, sampling,
-                llm_kwargs: dict | None = None) -> dict:
-    overrides = method_overrides(method, hf_config, factor)
+def run_method(model: str, name: str, hf_config: dict, factor: float, prompts, sampling,
+               llm_kwargs: dict | None = None) -> dict:
+    """`prompts` through one engine serving method `name` (yarn_vllm.engine_worker's result)."""
+    overrides = method_overrides(name, hf_config, factor)
     # Room for the generated tokens past a window of exactly s x L. The RoPE maths
     # reads factor and original from rope_parameters, so this changes only the limit.
     overrides["max_position_embeddings"] += 16
     kwargs = {"hf_overrides": overrides, "max_model_len": overrides["max_position_embeddings"],
               "enable_prefix_caching": False, **(llm_kwargs or {})}
-    return {"model": model, "llm_kwargs": kwargs, "prompts": prompts, "sampling": sampling,
-            "progress": True}
+    return run_engine({"model": model, "llm_kwargs": kwargs, "prompts": prompts,
+                       "sampling": sampling, "progress": True}, plugins=method(name).plugins)
 
 
 def eval_perplexity(model: str, methods: list[str], windows: list[int], *, stride: int | None = None,
@@ -55,22 +58,22 @@ def eval_perplexity(model: str, methods: list[str], windows: list[int], *, strid
     s = method_factor(hf, max(windows), factor)
     results = {"model": model, "factor": s, "text_tokens": len(ids), "windows": windows,
                "stride": stride, "methods": {}}
-    for method in methods:
+    for name in methods:
         t0 = time.perf_counter()
-        out = run_engine(engine_spec(model, method, hf, s, prompts,
-                                     {"max_tokens": 1, "prompt_logprobs": 0, "detokenize": False},
-                                     llm_kwargs))
+        out = run_method(model, name, hf, s, prompts,
+                         {"max_tokens": 1, "prompt_logprobs": 0, "detokenize": False},
+                         llm_kwargs)
         outputs, per_window = iter(out["outputs"]), {}
         for w in windows:
             nll = [token_nll(next(outputs)["prompt_logprobs"], p)
                    for p in (ids[x.begin:x.end] for x in plan[w])]
             per_window[str(w)] = aggregate(plan[w], nll, default_bucket_edges(w))
-        results["methods"][method] = {"seconds": time.perf_counter() - t0,
-                                      "generate_seconds": out["generate_seconds"],
-                                      "ppl": per_window}
-        log(f"  {method:>13}: " + "  ".join(f"{w}: {per_window[str(w)]['ppl']:.2f}"
-                                             for w in windows)
-            + f"  ({time.perf_counter() - t0:.0f} s)")
+        results["methods"][name] = {"seconds": time.perf_counter() - t0,
+                                    "generate_seconds": out["generate_seconds"],
+                                    "dtype": out["dtype"], "ppl": per_window}
+        log(f"  {name:>15}: " + "  ".join(f"{w}: {per_window[str(w)]['ppl']:.2f}"
+                                          for w in windows)
+            + f"  ({time.perf_counter() - t0:.0f} s, {out['dtype']})")
     return results
 
 
@@ -89,10 +92,10 @@ def eval_passkey(model: str, methods: list[str], lengths: list[int], depths: lis
     s = method_factor(hf, max(lengths) + 16, factor)
     results = {"model": model, "factor": s, "lengths": lengths, "depths": depths,
                "trials": trials, "methods": {}}
-    for method in methods:
+    for name in methods:
         t0 = time.perf_counter()
-        out = run_engine(engine_spec(model, method, hf, s, [c[3].token_ids for c in cases],
-                                     {"max_tokens": 8}, llm_kwargs))
+        out = run_method(model, name, hf, s, [c[3].token_ids for c in cases], {"max_tokens": 8},
+                         llm_kwargs)
         grid, answers = {}, []
         for (L, d, t, prompt), o in zip(cases, out["outputs"]):
             cell = grid.setdefault(f"{L}", {}).setdefault(f"{d}", {"found": 0, "trials": 0})
@@ -100,149 +103,11 @@ def eval_passkey(model: str, methods: list[str], lengths: list[int], depths: lis
             cell["trials"] += 1
             answers.append({"length": L, "depth": d, "trial": t, "key": prompt.key,
                             "text": o["text"]})
-        results["methods"][method] = {"seconds": time.perf_counter() - t0,
-                                      "generate_seconds": out["generate_seconds"],
-                                      "grid": grid, "answers": answers}
-        log(f"  {method:>13}: " + "  ".join(
+        results["methods"][name] = {"seconds": time.perf_counter() - t0,
+                                    "generate_seconds": out["generate_seconds"],
+                                    "dtype": out["dtype"], "grid": grid, "answers": answers}
+        log(f"  {name:>15}: " + "  ".join(
             f"{L}: {sum(c['found'] for c in grid[str(L)].values())}/"
             f"{sum(c['trials'] for c in grid[str(L)].values())}" for L in lengths)
-            + f"  ({time.perf_counter() - t0:.0f} s)")
+            + f"  ({time.perf_counter() - t0:.0f} s, {out['dtype']})")
     return results
-
-
-def _cell(value, fmt: str = "{:.2f}") -> str:
-    return "–" if value is None else fmt.format(value)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table; the first column is left-aligned, the rest right-aligned."""
-    return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-                     + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def perplexity_cells(results: dict) -> tuple[list[int], dict[str, list[float | None]]]:
-    """Windows and, per method, the perplexity per window (None where not measured)."""
-    windows = results["windows"]
-    return windows, {m: [r["ppl"].get(str(w), {}).get("ppl") for w in windows]
-                     for m, r in results["methods"].items()}
-
-
-def passkey_cells(results: dict) -> tuple[list[tuple[int, float]], dict[str, list]]:
-    """(length, depth) columns and, per method, (found, trials) per column (None: not run)."""
-    cols = [(L, d) for L in results["lengths"] for d in results["depths"]]
-    out = {}
-    for m, r in results["methods"].items():
-        cells = [r["grid"].get(str(L), {}).get(str(d)) for L, d in cols]
-        out[m] = [None if c is None else (c["found"], c["trials"]) for c in cells]
-    return cols, out
-
-
-def _window_label(results: dict, w: int) -> str:
-    factors = results.get("factors")  # {window: s} when windows ran at different factors
-    if factors and len(set(factors.values())) > 1:
-        return f"{w:,} (s={factors[str(w)]:g})"
-    return f"{w:,}"
-
-
-def perplexity_table(results: dict, labels: dict | None = None) -> str:
-    windows, ppl = perplexity_cells(results)
-    return markdown_table(["method"] + [_window_label(results, w) for w in windows],
-                          [[(labels or {}).get(m, m)] + [_cell(v) for v in row]
-                           for m, row in ppl.items()])
-
-
-def passkey_table(results: dict, labels: dict | None = None) -> str:
-    cols, cells = passkey_cells(results)
-    rows = []
-    for m, row in cells.items():
-        done = [c for c in row if c]
-        total = f"{sum(c[0] for c in done)}/{sum(c[1] for c in done)}" if done else "–"
-        rows.append([(labels or {}).get(m, m)]
-                    + ["–" if c is None else f"{c[0]}/{c[1]}" for c in row] + [total])
-    return markdown_table(["method"] + [f"{L // 1024}k @ {d:.0%}" for L, d in cols] + ["found"],
-                          rows)
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _title(results: dict) -> str:
-    factors = results.get("factors")  # {window: s}
-    if factors and len(set(factors.values())) > 1:
-        by_factor: dict[float, list[int]] = {}
-        for w in sorted(factors, key=int):
-            by_factor.setdefault(factors[w], []).append(int(w) // 1024)
-        s = "; ".join(f"s={f:g} at {', '.join(f'{k}k' for k in ks)}"
-                      for f, ks in by_factor.items())
-    else:
-        s = f"s={results['factor']:g}"
-    return f"{os.path.basename(results['model'].rstrip('/'))}, {s}"
-
-
-def plot_perplexity(results: dict, path: str) -> None:
-    plt = _pyplot()
-    windows, ppl = perplexity_cells(results)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, row in ppl.items():
-        pts = [(w, v) for w, v in zip(windows, row) if v is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(windows, [f"{w // 1024}k" for w in windows])
-    ax.set_yscale("log")
-    ax.set_xlabel("context window (tokens)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(_title(results), fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_passkey(results: dict, path: str) -> None:
-    """One length x depth heatmap per method; cells read found/trials, grey where not run."""
-    plt = _pyplot()
-    _, cells = passkey_cells(results)
-    lengths, depths = results["lengths"], results["depths"]
-    fig, axes = plt.subplots(1, len(cells), figsize=(2.6 * len(cells), 2.8), squeeze=False)
-    for ax, (method, row) in zip(axes[0], cells.items()):
-        at = dict(zip([(L, d) for L in lengths for d in depths], row))
-        acc = [[float("nan") if at[L, d] is None else at[L, d][0] / at[L, d][1] for L in lengths]
-               for d in depths]
-        ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        for i, d in enumerate(depths):
-            for j, L in enumerate(lengths):
-                ax.text(j, i, "–" if at[L, d] is None else f"{at[L, d][0]}/{at[L, d][1]}",
-                        ha="center", va="center", fontsize=9)
-        ax.set_xticks(range(len(lengths)), [f"{L // 1024}k" for L in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        ax.set_title(method)
-        ax.set_xlabel("length")
-    axes[0][0].set_ylabel("depth")
-    fig.suptitle(_title(results), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-REPORTS = {"perplexity": (perplexity_table, plot_perplexity),
-           "passkey": (passkey_table, plot_passkey)}
-
-
-def write_outputs(results: dict, out_dir: str, name: str) -> None:
-    """{name}.json, .md (the table) and .png under out_dir; name is a key of REPORTS."""
-    table_fn, plot_fn = REPORTS[name]
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    table = table_fn(results)
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(table + "\n")
-    plot_fn(results, os.path.join(out_dir, f"{name}.png"))
-    print(table)
-    print(f"wrote {out_dir}/{name}.json, .md, .png")

@@ -1,42 +1,29 @@
-"""The `yarn-vllm bench` subcommands: offline, online and sweep."""
+"""`yarn-vllm bench`: throughput per RoPE method, offline (the default), online and sweeps."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 
-from yarn_vllm.bench.modes import DEFAULT_MODES, MODES
-from yarn_vllm.bench.offline import DEFAULT_BATCHES, DEFAULT_CONTEXTS
+from yarn_vllm.cli.args import FACTOR_HELP, add_model_flag, method_names, passthrough_kwargs, \
+    positive_ints
+from yarn_vllm.errors import UserError
+
+BENCH_COMMANDS = ("offline", "online", "sweep")
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
-    if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be positive")
-    return values
-
-
-def _modes(text: str) -> list[str]:
-    names = text.split(",")
-    for name in names:
-        if name not in MODES:
-            raise argparse.ArgumentTypeError(f"unknown mode {name!r}; choose from "
-                                             f"{', '.join(MODES)}")
-    return names
+def _no_extra(command: str, unknown: list[str]) -> None:
+    if unknown:
+        raise UserError(" ".join(unknown), "is not an argument of this command",
+                        f"see yarn-vllm bench {command} --help", source=f"bench {command}")
 
 
 def cmd_offline(args, unknown) -> int:
     from yarn_vllm.bench.offline import run_offline
     from yarn_vllm.bench.report import write_offline
-    from yarn_vllm.cli import passthrough_kwargs
     from yarn_vllm.models import resolve_model
 
     t0 = time.perf_counter()
-    results = run_offline(resolve_model(args.model), args.modes, args.context_lengths,
+    results = run_offline(resolve_model(args.model), args.methods, args.context_lengths,
                           args.batch_sizes, output_tokens=args.output_tokens, factor=args.factor,
                           repeats=args.repeats, llm_kwargs=passthrough_kwargs(unknown),
                           timeout=args.timeout)
@@ -49,8 +36,7 @@ def cmd_offline(args, unknown) -> int:
 def cmd_online(args, unknown) -> int:
     from yarn_vllm.bench.online import run_online, write_online
 
-    if unknown:
-        raise SystemExit(f"yarn-vllm bench online: unknown arguments {' '.join(unknown)}")
+    _no_extra("online", unknown)
     results = run_online(args.url, args.context_lengths, num_requests=args.num_requests,
                          concurrency=args.concurrency, output_tokens=args.output_tokens,
                          model=args.served_model, vocab_size=args.vocab_size)
@@ -59,18 +45,12 @@ def cmd_online(args, unknown) -> int:
 
 
 def cmd_sweep(args, unknown) -> int:
-    from yarn_vllm.bench.modes import dynamic_served
     from yarn_vllm.bench.sweep import run_sweep, write_summary
     from yarn_vllm.bench.sweep_config import load_sweep
 
-    if unknown:
-        raise SystemExit(f"yarn-vllm bench sweep: unknown arguments {' '.join(unknown)}")
+    _no_extra("sweep", unknown)
     sweep = load_sweep(args.sweep_file)
     s, configs = sweep["settings"], sweep["configs"]
-    if not dynamic_served() and any(c["mode"] == "ours-dynamic" for c in configs):
-        configs = [c for c in configs if c["mode"] != "ours-dynamic"]
-        print("note: skipping ours-dynamic configurations: this yarn-vllm does not serve "
-              "yarn_mode 'dynamic' yet (yarn_vllm.config.SERVED_MODES)")
     output = args.output or s["output"]
     import ray
 
@@ -86,9 +66,6 @@ def cmd_sweep(args, unknown) -> int:
     return 1 if report["failed"] else 0
 
 
-BENCH_COMMANDS = ("offline", "online", "sweep")
-
-
 def default_to_offline(argv: list[str]) -> list[str]:
     """`bench --context-lengths ...` -> `bench offline --context-lengths ...`."""
     if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1] not in
@@ -97,36 +74,35 @@ def default_to_offline(argv: list[str]) -> list[str]:
     return argv
 
 
-def add_bench_parser(sub) -> None:
+def add_parser(sub) -> None:
     """Register `bench` (offline, online, sweep) on the top-level subparsers."""
-    from yarn_vllm.models import DEFAULT_MODEL
+    from yarn_vllm.bench.offline import DEFAULT_BATCHES, DEFAULT_CONTEXTS
+    from yarn_vllm.methods import METHODS, bench_methods
 
-    b = sub.add_parser("bench", help="throughput: offline per mode (the default), online "
-                       "TTFT/TPOT, Ray sweeps")
+    b = sub.add_parser("bench", help="throughput: offline per RoPE method (the default), "
+                       "online TTFT/TPOT, Ray sweeps")
     bsub = b.add_subparsers(dest="bench_command", required=True)
 
-    o = bsub.add_parser("offline", help="prefill/decode/end-to-end tokens/s per mode, "
-                        "each mode's engine in its own process; flags it does not know go to vLLM")
-    o.add_argument("--model", default=DEFAULT_MODEL)
-    o.add_argument("--modes", type=_modes, default=list(DEFAULT_MODES),
-                   help=f"comma-separated, compared side by side (default: {','.join(MODES)}); "
-                        "ours-dynamic runs once yarn_mode 'dynamic' is served")
-    o.add_argument("--context-lengths", type=_ints, default=list(DEFAULT_CONTEXTS),
+    o = bsub.add_parser("offline", help="prefill/decode/end-to-end tokens/s per method, each "
+                        "method's engine in its own process; flags it does not know go to vLLM")
+    add_model_flag(o)
+    o.add_argument("--methods", type=method_names, default=bench_methods(),
+                   help=f"comma-separated, compared side by side, of {', '.join(METHODS)} "
+                        f"(default: {','.join(bench_methods())})")
+    o.add_argument("--context-lengths", type=positive_ints, default=list(DEFAULT_CONTEXTS),
                    help="prompt lengths in tokens (default 1024,2048; CPU handles up to 32k)")
-    o.add_argument("--batch-sizes", type=_ints, default=list(DEFAULT_BATCHES))
+    o.add_argument("--batch-sizes", type=positive_ints, default=list(DEFAULT_BATCHES))
     o.add_argument("--output-tokens", type=int, default=32)
-    o.add_argument("--factor", type=float,
-                   help="YaRN factor for every mode (default: the smallest whole factor >= 2 "
-                        "that covers the longest context)")
+    o.add_argument("--factor", type=float, help="YaRN factor for every method; " + FACTOR_HELP)
     o.add_argument("--repeats", type=int, default=1, help="batches per case; the median is kept")
-    o.add_argument("--timeout", type=float, help="seconds per mode's engine")
+    o.add_argument("--timeout", type=float, help="seconds per method's engine")
     o.add_argument("--out", default="bench_results")
     o.add_argument("--name", default="offline", help="output file stem")
     o.set_defaults(func=cmd_offline)
 
     n = bsub.add_parser("online", help="TTFT/TPOT p50/p90/p99 against a running server")
     n.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
-    n.add_argument("--context-lengths", type=_ints, default=[1024])
+    n.add_argument("--context-lengths", type=positive_ints, default=[1024])
     n.add_argument("--num-requests", type=int, default=8, help="per context length")
     n.add_argument("--concurrency", type=int, default=4)
     n.add_argument("--output-tokens", type=int, default=32)
@@ -143,14 +119,3 @@ def add_bench_parser(sub) -> None:
     w.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     w.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
     w.set_defaults(func=cmd_sweep)
-
-
-def main(argv=None) -> int:  # `python -m yarn_vllm.bench.cli offline ...`
-    ap = argparse.ArgumentParser(prog="yarn-vllm")
-    add_bench_parser(ap.add_subparsers(dest="command", required=True))
-    args, unknown = ap.parse_known_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args, unknown)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
