@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 
 import httpx
@@ -20,10 +18,8 @@ import numpy as np
 import openai
 import pytest
 
-from yarn_vllm.cli.serve import cpu_thread_binding, on_cpu, serve_command
 from yarn_vllm.config import YarnConfig
 from yarn_vllm.engine_worker import run_engine
-from yarn_vllm.errors import UserError
 from yarn_vllm.testing.server_process import LocalServer
 
 FACTOR, MAX_TOKENS = 2.0, 24
@@ -36,7 +32,7 @@ CHAT = [{"role": "system", "content": "You are a concise assistant."},
 SMALL_LOAD = (8, 128, 256)  # requests, shortest and longest prompt in tokens
 # Tests that need the server and the offline engine. Measured on the shared 2-core box
 # (load average 10-100): ~9 min of set-up and ~2.5 min of requests, past the default
-# suite's budget, so they run with -m slow; the start-up checks below stay in it.
+# suite's budget, so they run with -m slow; the start-up checks are in test_serve_command.py.
 served = pytest.mark.slow
 
 
@@ -236,49 +232,6 @@ def test_hostile_inputs_get_clean_4xx_and_the_server_keeps_serving(server):
     assert server.proc.poll() is None
 
 
-def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "yarn_vllm.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-@pytest.mark.parametrize("yaml_text, field", [
-    ("factor: -2\n", "`factor` is -2.0"),
-    ("factr: 2\n", "`factr` is not a YaRN setting"),
-    ("factor: [2\n", "is not valid YAML"),
-    ("factor: 2\nbeta_fast: 0.5\n", "`beta_fast` is 0.5 with beta_slow 1.0"),
-    ("factor: two\n", "`factor` is 'two', not a float"),
-])
-def test_bad_yarn_config_exits_at_start_in_one_line(tmp_path, yaml_text, field):
-    """Refused before any model, engine or vLLM import: one line, exit 2, no traceback."""
-    path = tmp_path / "yarn.yaml"
-    path.write_text(yaml_text)
-    proc = run_cli("serve", str(tmp_path / "never-loaded"), "--yarn-config", str(path),
-                   "--port", "1")
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("yarn-vllm: yarn config: "), proc.stderr
-    assert field in lines[0]
-
-
-def test_yarn_setting_the_model_cannot_take_exits_in_one_line(tiny_llama):
-    proc = run_cli("serve", tiny_llama, "--target-context", "512")  # trained to 1024
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "yarn-vllm: yarn config: `target_context` (512) is shorter than the original context "
-        "(1024). Fix: give a target of at least 1024 tokens"]
-
-
-@pytest.mark.skipif(not on_cpu(), reason="the Ray executor works on GPU platforms")
-def test_ray_executor_on_cpu_is_refused_in_one_line(tiny_llama):
-    proc = run_cli("serve", tiny_llama, "--factor", "2", "--tensor-parallel-size", "2",
-                   "--distributed-executor-backend", "ray")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "yarn-vllm: serve: `--distributed-executor-backend` is ray, which vLLM's CPU platform "
-        "does not support. Fix: use --distributed-executor-backend mp (Ray tensor parallelism "
-        "is for GPUs)"]
-
-
 # ---- load: concurrent requests, none lost or mixed up -------------------------
 
 async def concurrent_completions(base_url: str, model: str, prompts: list[list[int]],
@@ -334,154 +287,3 @@ def test_32_concurrent_long_prompts(server, smol_model, tok):
     os.makedirs("results", exist_ok=True)
     with open("results/serve_load.json", "w") as f:
         json.dump(stats, f, indent=2)
-
-
-# ---- what reaches vLLM (no engine) ---------------------------------------------
-
-def test_gpu_platform_passes_tp_and_ray_flags_through(tiny_llama):
-    flags = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "ray",
-             "--hf-overrides", '{"sliding_window": null}']
-    cmd, env = serve_command(tiny_llama, YarnConfig(factor=2.0), flags, cpu=False, env={})
-    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
-    assert cmd[cmd.index("--distributed-executor-backend") + 1] == "ray"
-    assert "--enforce-eager" not in cmd and env == {}  # no CPU defaults on GPU
-    overrides = json.loads(cmd[cmd.index("--hf-overrides") + 1])
-    assert cmd.count("--hf-overrides") == 1  # the user's keys merged into ours
-    hf = json.load(open(os.path.join(tiny_llama, "config.json")))
-    assert overrides == {**YarnConfig(factor=2.0).hf_overrides(hf), "sliding_window": None}
-    assert cmd[cmd.index("--max-model-len") + 1] == "2048"
-
-
-def test_cpu_tensor_parallel_binds_one_core_group_per_rank(tiny_llama):
-    assert cpu_thread_binding(2, [0, 1]) == "0|1"
-    assert cpu_thread_binding(2, [0, 1, 2, 3, 4]) == "0,1|2,3"
-    with pytest.raises(UserError, match="`--tensor-parallel-size` is 4, more than the 2 CPU"):
-        cpu_thread_binding(4, [0, 1])
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        return
-    cmd, env = serve_command(tiny_llama, None, ["-tp", "2", "--distributed-executor-backend",
-                                                "mp"], cpu=True, env={})
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == cpu_thread_binding(2, cores)
-    assert "--enforce-eager" in cmd and env["VLLM_CPU_KVCACHE_SPACE"] == "4"
-
-
-# ---- the command builder, table-driven: argv and env in, argv or one line out ------------
-
-YARN2 = YarnConfig(factor=2.0)  # the tiny model is trained to 1,024: 2,048 extended
-FACTOR_FLAG = {"factor": ("--factor", 2.0)}
-
-
-def _overrides(cmd):
-    return json.loads(cmd[cmd.index("--hf-overrides") + 1])
-
-
-def _ours(tiny_llama):
-    with open(os.path.join(tiny_llama, "config.json")) as f:
-        return YarnConfig(factor=2.0).hf_overrides(json.load(f))
-
-
-def _merged_theta(cmd, env, ours):
-    got = _overrides(cmd)
-    assert got["rope_parameters"] == {**ours["rope_parameters"], "rope_theta": 500000.0}
-    assert got["max_position_embeddings"] == 2048  # YaRN kept with its extended length
-    assert cmd[cmd.index("--max-model-len") + 1] == "2048" and cmd.count("--hf-overrides") == 1
-
-
-def _user_engine_flags_kept(cmd, env, ours):
-    assert cmd.count("--dtype") == 1 and cmd[cmd.index("--dtype") + 1] == "bfloat16"
-    assert "--enforce-eager" not in cmd and "--no-enforce-eager" in cmd
-    assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"  # the CPU default we still own
-
-
-def _user_eager_once(cmd, env, ours):
-    assert cmd.count("--enforce-eager") == 1
-
-
-def _user_key_wins_without_a_flag(cmd, env, ours):
-    assert _overrides(cmd)["rope_parameters"]["beta_fast"] == 16.0
-
-
-def _same_value_as_the_flag(cmd, env, ours):
-    assert _overrides(cmd) == ours
-
-
-# (case, YaRN setting, YaRN flags given, argv, env, an error's start or a check of (cmd, env))
-BUILDER_CASES = [
-    ("invalid JSON in --hf-overrides", YARN2, FACTOR_FLAG, ["--hf-overrides", "{rope: 5e5"], {},
-     "serve: `--hf-overrides` is not JSON: '{rope: 5e5'. Fix: pass a JSON object"),
-    ("--hf-overrides not an object", YARN2, FACTOR_FLAG, ["--hf-overrides", "[1, 2]"], {},
-     "command line: `--hf-overrides` is [1, 2], not a JSON object"),
-    ("--max-model-len past the extended length", YARN2, FACTOR_FLAG,
-     ["--max-model-len", "4096"], {},
-     "yarn config: `max_model_len` is 4096, past the extended context of 2048 tokens. Fix: "),
-    ("VLLM_PLUGINS leaves the plugin out", YARN2, FACTOR_FLAG, [],
-     {"VLLM_PLUGINS": "some_other_plugin"},
-     "environment: `VLLM_PLUGINS` is 'some_other_plugin', which leaves out yarn_vllm"),
-    ("a non-integer -tp", YARN2, FACTOR_FLAG, ["-tp", "two"], {},
-     "serve: `--tensor-parallel-size` is 'two', not a whole number. Fix: "),
-    ("a non-integer --max-model-len", YARN2, FACTOR_FLAG, ["--max-model-len=4k"], {},
-     "serve: `--max-model-len` is '4k', not a whole number"),
-    ("the user's --dtype and --no-enforce-eager", YARN2, FACTOR_FLAG,
-     ["--dtype", "bfloat16", "--no-enforce-eager"], {}, _user_engine_flags_kept),
-    ("the user's --enforce-eager", YARN2, FACTOR_FLAG, ["--enforce-eager"], {},
-     _user_eager_once),
-    ("rope_parameters merged key by key", YARN2, FACTOR_FLAG,
-     ["--hf-overrides", '{"rope_parameters": {"rope_theta": 500000.0}}'], {}, _merged_theta),
-    ("rope_scaling (legacy spelling) merged the same way", YARN2, FACTOR_FLAG,
-     ["--hf-overrides", '{"rope_scaling": {"rope_theta": 500000.0}}'], {}, _merged_theta),
-    ("a user key against a YaRN flag", YARN2, FACTOR_FLAG,
-     ["--hf-overrides", '{"rope_parameters": {"rope_theta": 5e5, "factor": 4.0}}'], {},
-     "command line: `--factor` is 2.0 but --hf-overrides sets rope_parameters.factor=4.0. "
-     "Fix: give it once: drop rope_parameters.factor from --hf-overrides or drop --factor"),
-    ("a user key against --target-context", YarnConfig(target_context=2048),
-     {"target_context": ("--target-context", 2048)},
-     ["--hf-overrides", '{"max_position_embeddings": 4096}'], {},
-     "command line: `--target-context` is 2048 but --hf-overrides sets "
-     "max_position_embeddings=4096"),
-    ("a user key equal to the flag's value", YARN2, FACTOR_FLAG,
-     ["--hf-overrides", '{"rope_parameters": {"factor": 2.0}}'], {}, _same_value_as_the_flag),
-    ("a user key no flag set wins (YAML settings)", YARN2, {},
-     ["--hf-overrides", '{"rope_parameters": {"beta_fast": 16.0}}'], {},
-     _user_key_wins_without_a_flag),
-    ("a typo in yarn_mode", YARN2, FACTOR_FLAG,
-     ["--hf-overrides", '{"rope_parameters": {"yarn_mode": "dynamc"}}'], {},
-     "--hf-overrides merged with YaRN: "),
-    ("a rope_type that is not YaRN", YARN2, FACTOR_FLAG,
-     ["--hf-overrides", '{"rope_parameters": {"rope_type": "linear"}}'], {},
-     "--hf-overrides merged with YaRN: `rope_type` is 'linear'"),
-    ("rope_parameters not a mapping", YARN2, FACTOR_FLAG,
-     ["--hf-overrides", '{"rope_parameters": 5}'], {},
-     "--hf-overrides: `rope_parameters` is 5, not a mapping"),
-]
-
-
-@pytest.mark.parametrize("case, yarn, flags, argv, env, want", BUILDER_CASES,
-                         ids=[c[0] for c in BUILDER_CASES])
-def test_serve_command_builder(tiny_llama, case, yarn, flags, argv, env, want):
-    """No engine: what `yarn-vllm serve` would exec, or the one line it would print."""
-    if isinstance(want, str):
-        with pytest.raises(UserError) as e:
-            serve_command(tiny_llama, yarn, argv, flags=flags, cpu=True, env=env)
-        assert str(e.value).startswith(want) and "\n" not in str(e.value), str(e.value)
-        if "dynamc" in " ".join(argv):
-            assert "dynamc" in str(e.value)
-        return
-    cmd, out_env = serve_command(tiny_llama, yarn, argv, flags=flags, cpu=True, env=env)
-    assert cmd[1:5] == ["-m", "yarn_vllm.serve", "--model", tiny_llama]
-    want(cmd, out_env, _ours(tiny_llama))
-
-
-def test_hf_overrides_merge_drops_nothing_through_generate_too(tiny_llama):
-    """`generate` builds its LLM(...) arguments with the same merge and checks."""
-    from yarn_vllm.cli.generate import engine_kwargs
-
-    hf = json.load(open(os.path.join(tiny_llama, "config.json")))
-    kwargs = engine_kwargs(hf, YARN2, {"hf_overrides": {"rope_parameters": {"rope_theta": 5e5}}},
-                           FACTOR_FLAG)
-    assert kwargs["hf_overrides"]["rope_parameters"] == {**_ours(tiny_llama)["rope_parameters"],
-                                                         "rope_theta": 500000.0}
-    assert kwargs["max_model_len"] == 2048
-    with pytest.raises(UserError, match="`--factor` is 2.0 but --hf-overrides sets"):
-        engine_kwargs(hf, YARN2, {"hf_overrides": {"rope_parameters": {"factor": 3}}},
-                      FACTOR_FLAG)
