@@ -16,7 +16,6 @@ from typing import Any, Mapping
 from yarn_vllm.errors import UserError
 
 MODES = ("static", "dynamic", "request")  # the interface: rope_parameters["yarn_mode"]
-SERVED_MODES = MODES  # kept until bench stops reading it (see yarn_vllm.bench)
 # Keys of rope_parameters that name the RoPE variant; "type" is the legacy rope_scaling spelling.
 _ROPE_TYPE_KEYS = ("rope_type", "type")
 _UNSCALED_ROPE_TYPES = ("default", None)

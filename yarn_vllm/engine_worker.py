@@ -6,13 +6,18 @@ therefore gets its own process (its own environment and plugin registry).
 `run_worker` is the one way such a process is started; `run_engine` runs this
 module's worker, which generates:
 
-Spec (JSON): {"model", "llm_kwargs": {...}, "prompts": [[token ids]],
-              "sampling": {"max_tokens", "logprobs", "prompt_logprobs", ...}}
+Spec (JSON): {"model", "llm_kwargs": {...}, "prompts": [PROMPT],
+              "sampling": {"max_tokens", "logprobs", "prompt_logprobs", ...},
+              "batches": [[PROMPT]] (optional: run after "prompts", one generate call each)}
+where a PROMPT is a list of token ids, or {"prompt_token_ids": [...], "sampling": {...}}
+whose sampling keys (e.g. "extra_args") override the spec's for that request.
 Result: {"rotary_classes", "attention_backends", "prefix_caching", "chunked_prefill",
-         "dtype", "generate_seconds",
-         "outputs": [{"token_ids", "text", "logprobs", "prompt_logprobs"}]}
-where logprobs are lists (per step) of {token_id: logprob} and dtype is the one the
-engine really ran in (e.g. "bfloat16").
+         "dtype", "generate_seconds", "num_preemptions",
+         "outputs": [{"token_ids", "text", "logprobs", "prompt_logprobs",
+                      "num_cached_tokens"}]}  (every batch's outputs, in order)
+where logprobs are lists (per step) of {token_id: logprob}, dtype is the one the
+engine really ran in (e.g. "bfloat16") and num_preemptions vLLM's counter (None
+where the engine keeps no stats).
 """
 
 from __future__ import annotations
@@ -156,6 +161,15 @@ def engine_dtype(llm) -> str:
     return str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
 
 
+def _counter(llm, name: str) -> int | None:
+    """A counter of vLLM's metrics (needs disable_log_stats=False), or None."""
+    try:
+        metrics = llm.get_metrics()
+    except Exception:  # noqa: BLE001 - stats off: the engine keeps no metrics
+        return None
+    return next((int(m.value) for m in metrics if m.name == name), None)
+
+
 def _steps(steps) -> list:
     return [None if step is None else {str(t): lp.logprob for t, lp in step.items()}
             for step in (steps or [])]
@@ -173,22 +187,29 @@ def main(spec_path: str, out_path: str) -> None:
     kwargs = {"seed": 0, **spec.get("llm_kwargs", {})}
     llm = LLM(model=spec["model"], **kwargs)
     sampling = {"temperature": 0.0, "ignore_eos": True, **spec.get("sampling", {})}
-    params = SamplingParams(**sampling)
-    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
+    batches = [spec["prompts"], *spec.get("batches", [])]
     t0 = time.perf_counter()
-    results = llm.generate(prompts, params, use_tqdm=spec.get("progress", False))
+    results = []
+    for batch in batches:
+        prompts = [TokensPrompt(prompt_token_ids=p if isinstance(p, list)
+                                else p["prompt_token_ids"]) for p in batch]
+        params = [SamplingParams(**sampling, **({} if isinstance(p, list)
+                                                else p.get("sampling", {}))) for p in batch]
+        results += llm.generate(prompts, params, use_tqdm=spec.get("progress", False))
     seconds = time.perf_counter() - t0
     config = llm.llm_engine.vllm_config
     out = {"rotary_classes": llm.apply_model(rotary_layer_classes)[0],
            "attention_backends": llm.apply_model(attention_backend_classes)[0],
            "prefix_caching": bool(config.cache_config.enable_prefix_caching),
            "chunked_prefill": bool(config.scheduler_config.enable_chunked_prefill),
-           "dtype": engine_dtype(llm), "generate_seconds": seconds, "outputs": []}
+           "dtype": engine_dtype(llm), "generate_seconds": seconds,
+           "num_preemptions": _counter(llm, "vllm:num_preemptions"), "outputs": []}
     for r in results:
         c = r.outputs[0]
         out["outputs"].append({"token_ids": list(c.token_ids), "text": c.text,
                                "logprobs": _steps(c.logprobs),
-                               "prompt_logprobs": _steps(r.prompt_logprobs)})
+                               "prompt_logprobs": _steps(r.prompt_logprobs),
+                               "num_cached_tokens": r.num_cached_tokens})
     with open(out_path, "w") as f:
         json.dump(out, f)
 

@@ -92,11 +92,9 @@ class RequestScaleFeeder:
     def of(cls, runner) -> "RequestScaleFeeder | None":
         """The runner's feeder, made on first use; None when its model has no request-mode layer."""
         feeder = runner.__dict__.get(_FEEDER_ATTR, runner)
-        if feeder is runner:
-            from yarn_vllm.rotary import YarnRotaryEmbedding
-
+        if feeder is runner:  # yarn_vllm.rotary's layers in request mode
             layers = {id(m): m for m in runner.get_model().modules()
-                      if isinstance(m, YarnRotaryEmbedding) and m.yarn_mode == "request"}
+                      if getattr(m, "yarn_mode", None) == "request"}
             feeder = cls(list(layers.values())) if layers else None
             setattr(runner, _FEEDER_ATTR, feeder)
         return feeder
