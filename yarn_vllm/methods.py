@@ -12,14 +12,16 @@ understand, so the same setting runs in either:
   yarn-dynamic-h2  dynamic with headroom 2: s = max(1, min(2 len / L, max(factor, len / L))),
             the scale a static model would pick for twice the length, so a
             prompt is never served at the very edge of its interpolated range
+  yarn-request  YaRN, one scale per request chosen at admission from 1, 2, 4, ...,
+            factor (the smallest that holds prompt + max_tokens), on vLLM's own
+            attention with the keys cached rotated (yarn_vllm.request_scales)
   vllm-yarn vLLM's own static YaRN layer: yarn's settings with our plugin off
             (VLLM_PLUGINS=""), the baseline the benchmarks divide by
 
 A method is one entry of METHODS: a label for tables, a function
 (hf_config, factor) -> hf_overrides, whether our plugin is loaded, and whether
 `eval` and `bench offline` run it by default. The evaluations, the benchmarks,
-the CLI and the results suite all read this registry; a new method (say a
-request-mode YaRN, `_yarn(hf, s, mode="request")`) is one more entry.
+the CLI and the results suite all read this registry; a new method is one more entry.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ METHODS: dict[str, Method] = {
                            lambda hf, s: _yarn(hf, s, mode="dynamic"), benched=True),
     "yarn-dynamic-h2": Method("yarn-dynamic-h2 (s leads length 2x, up to factor)",
                               lambda hf, s: _yarn(hf, s, mode="dynamic", headroom=2.0)),
+    "yarn-request": Method("yarn-request (s per request: 1, 2, 4, ... up to factor)",
+                           lambda hf, s: _yarn(hf, s, mode="request"), benched=True),
     # Same quality as yarn by construction (tests/test_e2e_vllm.py); a speed baseline only.
     "vllm-yarn": Method("vllm-yarn (vLLM's own YaRN layer)", _yarn, plugins=False,
                         evaluated=False, benched=True),
