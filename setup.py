@@ -12,6 +12,7 @@ Switches (environment variables):
                            (default: warn and install the pure-PyTorch path).
 """
 
+import glob
 import os
 import warnings
 
@@ -38,6 +39,8 @@ def _extensions():
     # The soname matches torch's bundled libgomp, so one runtime serves both.
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", f"-march={cpu_arch}"]
     sources = ["csrc/bindings.cpp", "csrc/rotary_cpu.cpp", "csrc/paged_attention_cpu.cpp"]
+    # setuptools rebuilds only when a listed file is newer than the library: list the headers
+    depends = sorted(glob.glob("csrc/*.h"))
     with_cuda = _want_cuda(torch, cpp_extension)
     if with_cuda:
         sources += ["csrc/rotary_cuda.cpp", "csrc/rotary_cuda_kernel.cu",
@@ -45,10 +48,10 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "yarn_vllm._C", sources,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
-            extra_link_args=["-fopenmp"])
+            extra_link_args=["-fopenmp"], depends=depends)
     else:
         ext = cpp_extension.CppExtension("yarn_vllm._C", sources, extra_compile_args={"cxx": cxx},
-                                         extra_link_args=["-fopenmp"])
+                                         extra_link_args=["-fopenmp"], depends=depends)
     return [ext], {"build_ext": _tolerant_build_ext(cpp_extension.BuildExtension)}
 
 

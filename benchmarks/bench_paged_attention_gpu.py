@@ -3,15 +3,15 @@
 Decode (one query token per sequence), one sequence and a batch, at 4k, 16k
 and 32k context, for SmolLM2-like (9 q heads, 3 kv heads, d=64) and
 Llama-8B-like (32/8, d=128) shapes, bf16 cache, block_size 16. Providers:
-  cuda_rotate      our CUDA decode kernel, keys rotated as they are loaded (Dynamic YaRN)
-  cuda_prerotated  the very same kernel built with ROTATE=false (keys cached after
-                   RoPE, as static YaRN serves them): the baseline of the ratio
-  triton           the Triton kernel (rotates on load), on the same batch
+  cuda     our CUDA decode op, keys rotated as they are loaded (Dynamic YaRN)
+  triton   the Triton kernel (rotates on load), on the same batch
+  copy     a device copy of the same K and V bytes: the bandwidth roofline. Decode
+           reads every cached key and value once, so cuda's share of copy's
+           bandwidth says what rotating on load leaves on the table (1.0: nothing)
 Prefill (one sequence, all its tokens queried): the Triton kernel against
 torch's SDPA (flash) on contiguous, pre-rotated q/k/v as a speed-of-light.
 
-Prints ms (median [p20, p80]), rotate / prerotated ratios (1.0 = rotation is
-free) and decode bandwidth; writes JSON.
+Prints ms (median [p20, p80]) and decode bandwidth; writes JSON.
 
   python benchmarks/bench_paged_attention_gpu.py [--quick] [--out FILE]
 """
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import environment, measure, write_json  # noqa: E402
 
-from yarn_vllm.attention.rope_spec import DynamicRope  # noqa: E402
+from yarn_vllm import ops, yarn_math  # noqa: E402
 from yarn_vllm.attention.triton_paged import paged_attention_triton  # noqa: E402
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
@@ -36,13 +36,12 @@ BLOCK_SIZE = 16
 DTYPE = torch.bfloat16
 
 
-def has_cuda_op() -> bool:
-    from yarn_vllm import ops
-    try:
-        return ops.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "yarn_vllm::paged_attention_decode_cuda", "CUDA")
-    except RuntimeError:  # a build without the CUDA sources does not define the op
-        return False
+def per_sequence_rope(context: int, num_seqs: int, head_dim: int):
+    """Dynamic YaRN at s = max(1, context / ORIGINAL): inv_freq [B, d/2], attention_scale [B]."""
+    s = max(1.0, context / ORIGINAL)
+    inv = yarn_math.yarn_inv_freq(head_dim, 5e5, s, ORIGINAL).expand(num_seqs, -1).contiguous()
+    mult = torch.full((num_seqs,), yarn_math.attention_scale(yarn_math.yarn_mscale(s)))
+    return inv, mult
 
 
 def make_batch(shape: str, context: int, q_len: int, num_seqs: int) -> dict:
@@ -52,8 +51,7 @@ def make_batch(shape: str, context: int, q_len: int, num_seqs: int) -> dict:
     blocks = -(-context // BLOCK_SIZE)
     num_blocks = num_seqs * blocks
     perm = torch.randperm(num_blocks, device="cuda", generator=gen).int()
-    rope = DynamicRope(head_size=d, rotary_dim=d, base=5e5, original_max_position=ORIGINAL)
-    inv, mult = rope.per_sequence([context] * num_seqs)
+    inv, mult = per_sequence_rope(context, num_seqs, d)
     return {
         "query": torch.randn(num_seqs * q_len, hq, d, device="cuda", dtype=DTYPE, generator=gen),
         "key_cache": torch.randn(num_blocks, hkv, BLOCK_SIZE, d, device="cuda", dtype=DTYPE,
@@ -78,24 +76,22 @@ def bench_decode(shape: str, context: int, num_seqs: int, reps: int, cuda_op: bo
             b["query_start_loc"], b["inv_freq"], b["logit_scale"])
     providers = {}
     if cuda_op:
-        # rotate=False reads the same (unrotated) cache: the numbers differ, the
-        # memory traffic and the rest of the work do not
-        providers["cuda_rotate"] = lambda: torch.ops.yarn_vllm.paged_attention_decode_cuda(
-            *args, True, True)
-        providers["cuda_prerotated"] = lambda: torch.ops.yarn_vllm.paged_attention_decode_cuda(
-            *args, True, False)
+        providers["cuda"] = lambda: torch.ops.yarn_vllm.paged_attention(*args, None, None, True)
     providers["triton"] = lambda: paged_attention_triton(*args, True, max_query_len=1)
+    kv = torch.stack((b["key_cache"], b["value_cache"]))
+    kv_copy = torch.empty_like(kv)
+    providers["copy"] = lambda: kv_copy.copy_(kv)
     hq, hkv, d = SHAPES[shape]
     kv_bytes = 2 * num_seqs * context * hkv * d * b["key_cache"].element_size()
     row = {"shape": shape, "context": context, "num_seqs": num_seqs, "kv_bytes": kv_bytes}
     for name, fn in providers.items():
         row[name] = measure(fn, reps=reps, warmup=5, device="cuda")
-        row[name]["GBps"] = kv_bytes / row[name]["median"] / 1e6
-    if cuda_op:
-        row["rotate_over_prerotated"] = (row["cuda_rotate"]["median"]
-                                         / row["cuda_prerotated"]["median"])
-    row["triton_over_cuda_rotate"] = (row["triton"]["median"] / row["cuda_rotate"]["median"]
-                                      if cuda_op else None)
+        # copy reads and writes the bytes; attention reads them once
+        row[name]["GBps"] = kv_bytes * (2 if name == "copy" else 1) / row[name]["median"] / 1e6
+    for name in ("cuda", "triton"):
+        if name in row:
+            row[f"{name}_share_of_copy_bandwidth"] = row[name]["GBps"] / row["copy"]["GBps"]
+    del kv, kv_copy
     del b
     torch.cuda.empty_cache()
     return row
@@ -136,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_paged_attention_gpu: needs a CUDA device")
-    cuda_op = has_cuda_op()
+    cuda_op = ops.has_kernel("paged_attention", "CUDA")
     if not cuda_op:
         print("yarn_vllm._C has no CUDA paged attention: timing Triton only")
     contexts = [4096] if args.quick else [4096, 16384, 32768]
@@ -148,11 +144,11 @@ def main() -> None:
                 row = bench_decode(shape, context, num_seqs, reps=30, cuda_op=cuda_op)
                 decode.append(row)
                 line = f"{shape:8s} ctx {context:6d} x{num_seqs:3d}"
-                for name in ("cuda_rotate", "cuda_prerotated", "triton"):
+                for name in ("cuda", "triton", "copy"):
                     if name in row:
                         line += f" | {name} {fmt(row[name])} ({row[name]['GBps']:.0f} GB/s)"
                 if cuda_op:
-                    line += f" | rotate/prerotated {row['rotate_over_prerotated']:.3f}"
+                    line += f" | cuda/copy bandwidth {row['cuda_share_of_copy_bandwidth']:.2f}"
                 print(line, flush=True)
     print("prefill (one sequence), bf16, ms median [p20, p80]")
     for shape in SHAPES:

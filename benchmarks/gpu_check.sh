@@ -22,7 +22,7 @@ timeout 60 python -m pytest -q -x -m gpu -p no:cacheprovider tests/test_paged_at
 echo "== gpu tests (CUDA rotary op against the fp32 reference)"
 timeout 60 python -m pytest -q -x -m gpu -p no:cacheprovider tests/test_rotary_op.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 
-echo "== paged attention benchmark: rotate keys on load vs pre-rotated, Triton prefill"
+echo "== paged attention benchmark: decode against the copy roofline, Triton prefill against SDPA"
 timeout 90 python benchmarks/bench_paged_attention_gpu.py --out "$OUT/paged_attention_gpu.json" 2>&1 | tee "$OUT/paged_attention_gpu.txt"
 
 echo "== rope benchmark on CUDA"

@@ -1,33 +1,101 @@
-// Op schemas of yarn_vllm's extension. Implementations register per device in
-// rotary_cpu.cpp / rotary_cuda.cpp; the fake (meta) twins live in
-// yarn_vllm/ops.py, next to the PyTorch reference.
+// Op schemas of yarn_vllm's extension, and their Meta twins. Device kernels
+// register in rotary_cpu.cpp / rotary_cuda.cpp / paged_attention_{cpu,cuda}.cpp.
+// The Meta twins run the launchers' own argument checks (rotary_checks.h,
+// paged_attention_checks.h), so torch.compile traces only calls a kernel accepts.
 #include <Python.h>
 #include <torch/library.h>
 
+#include "rotary_checks.h"
+#include "torch_args.h"
+
 TORCH_LIBRARY(yarn_vllm, m) {
   // Rotates query (and key) in place with YaRN frequencies and magnitude.
-  // positions: (T,) int64; query: (T, H_q * D) or (T, H_q, D); key likewise or None;
-  // inv_freq: (rotary_dim / 2,) fp32; cos_sin_table: optional (max_pos, rotary_dim) fp32.
+  // positions: (T,) int64, any values: the angle is float(position) * inv_freq in fp32;
+  // query: (T, H_q * D) or (T, H_q, D), H_q > 0, channels contiguous, token stride free;
+  // key likewise with H_k > 0, or None; inv_freq: (S, rotary_dim / 2) fp32 contiguous,
+  // S >= 1 rows, one per scale; mscale: (S,) fp32 contiguous, the magnitude of each row;
+  // scale_index: (T,) int32 contiguous, values in [0, S), or None: every token uses row 0.
+  // Contract on scale_index values: the CPU launcher checks them. The CUDA launcher does
+  // not read them on the host (no sync, CUDA-graph safe): its kernel clamps an index into
+  // [0, S) so a bad one can never read out of bounds, and YARN_VLLM_CHECK_ARGS=1 checks
+  // them (with a sync) to find such a bug.
   m.def(
       "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!)? key, Tensor inv_freq, "
-      "Tensor? cos_sin_table, float mscale, int head_size, bool is_neox) -> ()");
+      "Tensor mscale, Tensor? scale_index, int head_size, bool is_neox) -> ()");
 
   // Causal paged attention over keys cached *before* RoPE (Dynamic YaRN): rotates each
   // sequence's queries and keys with that sequence's frequencies and multiplies its
-  // logits by logit_scale[b]. Semantics: yarn_vllm/attention/reference.py.
-  // out, query: (T, H_q, D), query before RoPE; key_cache, value_cache:
-  // (num_blocks, H_kv, block_size, D) views, any strides; block_table: (B, max_blocks) int32;
-  // seq_lens: (B,) int32; query_start_loc: (B + 1,) int32; inv_freq: (B, rotary_dim / 2) fp32;
-  // logit_scale: (B,) fp32 (softmax scale x mscale(s)^2). Optional precomputed angles
-  // (a CPU accelerator; other devices may compute them from inv_freq): cos_sin: fp32 rows
-  // [cos | sin] of rotary_dim; sequence b's rows start at cos_sin_start[b] (int64 (B,)) and are
-  // 32 "fine" rows for offsets 0..31, then a "coarse" row for each of positions 0, 32, 64, ...
-  // (angle(t) = coarse[t / 32] * fine[t % 32]); see DynamicRope.angle_table.
+  // logits by logit_scale[b]. Semantics: yarn_vllm/attention/reference.py. Contract
+  // (B = block_table.size(0)): paged_attention_checks.h. In short: out, query (T, H_q, D),
+  // query before RoPE; key_cache, value_cache (num_blocks, H_kv, block_size, D) views, any
+  // strides but a contiguous last dim; block_table (B, max_blocks) int32; seq_lens (B,)
+  // int32; query_start_loc (B + 1,) int32; inv_freq (B, rotary_dim / 2) fp32; logit_scale
+  // (B,) fp32 (softmax scale x mscale(s)^2, finite). Values (offsets, lengths, used block
+  // ids, finite logit_scale) are checked by the CPU launcher; the CUDA launcher checks them
+  // only under YARN_VLLM_CHECK_ARGS=1 (a host sync) and serves decode batches only
+  // (q_len 1 per sequence, 0 for an idle slot).
+  // Optional precomputed angles (a CPU accelerator; other devices compute them from
+  // inv_freq): cos_sin: fp32 rows [cos | sin] of rotary_dim; sequence b's rows start at
+  // cos_sin_start[b] (int64 (B,)) and are 32 "fine" rows for offsets 0..31, then a
+  // "coarse" row for each of positions 0, 32, 64, ... (angle(t) = coarse[t / 32] *
+  // fine[t % 32]); see yarn_vllm/attention/angles.py.
   m.def(
       "paged_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, Tensor inv_freq, "
       "Tensor logit_scale, Tensor? cos_sin, Tensor? cos_sin_start, bool is_neox) -> ()");
+
+  // paged_attention's argument checks alone, on any device: what the Triton wrapper
+  // runs, so that it has the op's contract. Values are checked for CPU tensors, and
+  // for others under YARN_VLLM_CHECK_ARGS=1.
+  m.def(
+      "paged_attention_check(Tensor out, Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, Tensor inv_freq, "
+      "Tensor logit_scale, Tensor? cos_sin, Tensor? cos_sin_start) -> ()");
 }
+
+namespace yarn {
+namespace {
+
+void rotary_embedding_meta(const at::Tensor& positions, at::Tensor& query,
+                           std::optional<at::Tensor> key, const at::Tensor& inv_freq,
+                           const at::Tensor& mscale, const std::optional<at::Tensor>& scale_index,
+                           int64_t head_size, bool is_neox) {
+  check_rotary_args(positions, query, key, inv_freq, mscale, scale_index, head_size);
+}
+
+void paged_attention_meta(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                          const at::Tensor& value_cache, const at::Tensor& block_table,
+                          const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                          const at::Tensor& inv_freq, const at::Tensor& logit_scale,
+                          const std::optional<at::Tensor>& cos_sin,
+                          const std::optional<at::Tensor>& cos_sin_start, bool is_neox) {
+  check_paged(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
+              inv_freq, logit_scale, cos_sin, cos_sin_start, /*values=*/false);
+}
+
+void paged_attention_check(const at::Tensor& out, const at::Tensor& query,
+                           const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& block_table, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, const at::Tensor& inv_freq,
+                           const at::Tensor& logit_scale, const std::optional<at::Tensor>& cos_sin,
+                           const std::optional<at::Tensor>& cos_sin_start) {
+  check_paged(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
+              inv_freq, logit_scale, cos_sin, cos_sin_start,
+              query.device().is_cpu() || debug_checks_enabled());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(yarn_vllm, Meta, m) {
+  m.impl("rotary_embedding", &rotary_embedding_meta);
+  m.impl("paged_attention", &paged_attention_meta);
+}
+
+TORCH_LIBRARY_IMPL(yarn_vllm, CompositeExplicitAutograd, m) {
+  m.impl("paged_attention_check", &paged_attention_check);
+}
+
+}  // namespace yarn
 
 // Importing yarn_vllm._C runs the static registrations above.
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

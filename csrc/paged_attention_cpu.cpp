@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "paged_attention_cpu_kernel.h"
+#include "torch_args.h"
 
 namespace yarn {
 namespace {
@@ -23,27 +24,12 @@ struct WorkItem {
   int64_t slot;  // index of its partial state, or -1: normalise straight into out
 };
 
-void check_int32(const at::Tensor& t, const char* name, int64_t dims) {
-  TORCH_CHECK(t.scalar_type() == at::kInt, name, ": expected int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dims, name, ": expected ", dims, " dims, got ", t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor");
-}
-
-void check_cache(const at::Tensor& c, const char* name, const at::Tensor& query) {
-  TORCH_CHECK(c.dim() == 4, name, ": expected (num_blocks, H_kv, block_size, D), got ", c.sizes());
-  TORCH_CHECK(c.scalar_type() == query.scalar_type(), name, ": dtype ", c.scalar_type(),
-              " differs from query's ", query.scalar_type());
-  TORCH_CHECK(c.size(3) == query.size(2), name, ": head size ", c.size(3), " != query's ",
-              query.size(2));
-  TORCH_CHECK(c.stride(3) == 1, name, ": the head dimension must be contiguous");
-}
-
 template <typename Scalar, typename Elem>
 void run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
          const at::Tensor& value_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
          const at::Tensor& query_start_loc, const at::Tensor& inv_freq,
          const at::Tensor& logit_scale, const std::optional<at::Tensor>& cos_sin,
-         const std::optional<at::Tensor>& cos_sin_start, bool is_neox) {
+         const std::optional<at::Tensor>& cos_sin_start, bool is_neox, const PagedProblem& p) {
   PagedShape sh;
   sh.num_q_heads = static_cast<int>(query.size(1));
   sh.num_kv_heads = static_cast<int>(key_cache.size(1));
@@ -62,7 +48,7 @@ void run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
   const int group = sh.num_q_heads / sh.num_kv_heads;
   const int D = sh.head_size;
 
-  const int64_t num_seqs = seq_lens.size(0);
+  const int64_t num_seqs = p.num_seqs;
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
   const float* freq = inv_freq.data_ptr<float>();
@@ -76,17 +62,11 @@ void run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
   std::vector<WorkItem> merge_heads;                 // the rows each merge writes
   int64_t slots = 0;
   for (int64_t b = 0; b < num_seqs; ++b) {
+    // The contract (checked) bounds these: 0 <= q_len <= seq_len <= kMaxContext < 2^31,
+    // with room for the int arithmetic below.
     const int q_len = starts[b + 1] - starts[b];
     const int seq_len = lens[b];
-    TORCH_CHECK(q_len <= seq_len, "query_start_loc/seq_lens: sequence ", b, " has ", q_len,
-                " queries but only ", seq_len, " tokens");
-    TORCH_CHECK((seq_len + sh.block_size - 1) / sh.block_size <= block_table.size(1),
-                "block_table: sequence ", b, " needs more blocks than the table's ",
-                block_table.size(1), " columns");
     const int32_t* row = block_table.data_ptr<int32_t>() + b * block_table.stride(0);
-    for (int i = 0; i < (seq_len + sh.block_size - 1) / sh.block_size; ++i)
-      TORCH_CHECK(row[i] >= 0 && row[i] < key_cache.size(0), "block_table: sequence ", b,
-                  " uses block ", row[i], " outside the cache's ", key_cache.size(0), " blocks");
     seqs[b] = PagedSequence{row,
                             seq_len, q_len, starts[b], scale[b],
                             table ? table + table_start[b] * sh.rotary_dim : nullptr,
@@ -127,7 +107,8 @@ void run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
     for (int i = it.i0; i < it.i1; ++i)
       for (int g = 0; g < group; ++g) {
         const int r = (i - it.i0) * group + g;
-        const float inv_l = st.l[r] > 0.f ? 1.f / st.l[r] : 0.f;
+        // 0 for a row that saw no key; NaN stays NaN
+        const float inv_l = st.l[r] != 0.f ? 1.f / st.l[r] : 0.f;
         Elem* dst = o + (seq.q_start + i) * o_token +
                     static_cast<int64_t>(it.kv_head * group + g) * o_head;
         const float* acc = st.acc.data() + static_cast<size_t>(r) * D;
@@ -151,20 +132,7 @@ void run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
     for (int64_t n = begin; n < end; ++n) {
       const auto [first, last] = merges[n];
       SoftmaxState merged = partials[first];
-      const int rows = static_cast<int>(merged.m.size());
-      for (int64_t s = first + 1; s < last; ++s) {
-        const SoftmaxState& p = partials[s];
-        for (int r = 0; r < rows; ++r) {
-          if (p.m[r] == -std::numeric_limits<float>::infinity()) continue;
-          const float m = std::max(merged.m[r], p.m[r]);
-          const float a = std::exp(merged.m[r] - m), c = std::exp(p.m[r] - m);
-          merged.l[r] = merged.l[r] * a + p.l[r] * c;
-          merged.m[r] = m;
-          float* acc = merged.acc.data() + static_cast<size_t>(r) * D;
-          const float* pa = p.acc.data() + static_cast<size_t>(r) * D;
-          for (int d = 0; d < D; ++d) acc[d] = acc[d] * a + pa[d] * c;
-        }
-      }
+      for (int64_t s = first + 1; s < last; ++s) merge_states(merged, partials[s], D);
       write_rows(merge_heads[n], merged);
     }
   });
@@ -176,70 +144,26 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Ten
                          const at::Tensor& inv_freq, const at::Tensor& logit_scale,
                          const std::optional<at::Tensor>& cos_sin,
                          const std::optional<at::Tensor>& cos_sin_start, bool is_neox) {
-  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1,
-              "query: expected (T, H_q, D) with a contiguous last dim, got ", query.sizes());
-  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() &&
-                  out.stride(2) == 1,
-              "out: expected the shape and dtype of query, got ", out.sizes(), " ",
-              out.scalar_type());
-  check_cache(key_cache, "key_cache", query);
-  check_cache(value_cache, "value_cache", query);
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(),
-              "value_cache: shape ", value_cache.sizes(), " differs from key_cache's ",
-              key_cache.sizes());
-  TORCH_CHECK(query.size(1) % key_cache.size(1) == 0, "query: ", query.size(1),
-              " heads is not a multiple of the cache's ", key_cache.size(1), " kv heads");
-  check_int32(block_table, "block_table", 2);
-  check_int32(seq_lens, "seq_lens", 1);
-  check_int32(query_start_loc, "query_start_loc", 1);
-  const int64_t num_seqs = seq_lens.size(0);
-  TORCH_CHECK(query_start_loc.size(0) == num_seqs + 1 && block_table.size(0) >= num_seqs,
-              "query_start_loc/block_table: need B + 1 / B rows for B = ", num_seqs);
-  TORCH_CHECK(seq_lens.is_contiguous() && query_start_loc.is_contiguous() &&
-                  block_table.stride(1) == 1,
-              "seq_lens, query_start_loc and block_table rows must be contiguous");
-  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 2 &&
-                  inv_freq.size(0) >= num_seqs && inv_freq.stride(1) == 1,
-              "inv_freq: expected fp32 (B, rotary_dim / 2), got ", inv_freq.sizes());
-  TORCH_CHECK(2 * inv_freq.size(1) <= query.size(2) && inv_freq.size(1) > 0,
-              "inv_freq: rotary_dim ", 2 * inv_freq.size(1), " exceeds head size ", query.size(2));
-  TORCH_CHECK(logit_scale.scalar_type() == at::kFloat && logit_scale.is_contiguous() &&
-                  logit_scale.numel() >= num_seqs,
-              "logit_scale: expected fp32 (B,)");
-  TORCH_CHECK(cos_sin.has_value() == cos_sin_start.has_value(),
-              "cos_sin and cos_sin_start come together");
-  if (cos_sin) {
-    TORCH_CHECK(cos_sin->scalar_type() == at::kFloat && cos_sin->is_contiguous() &&
-                    cos_sin->dim() == 2 && cos_sin->size(1) == 2 * inv_freq.size(1),
-                "cos_sin: expected contiguous fp32 (rows, rotary_dim), got ", cos_sin->sizes());
-    TORCH_CHECK(cos_sin_start->scalar_type() == at::kLong && cos_sin_start->is_contiguous() &&
-                    cos_sin_start->numel() >= num_seqs,
-                "cos_sin_start: expected int64 (B,)");
-    const int64_t* st = cos_sin_start->data_ptr<int64_t>();
-    const int32_t* lens = seq_lens.data_ptr<int32_t>();
-    for (int64_t b = 0; b < num_seqs; ++b) {
-      const int64_t rows = kAngleStride + (lens[b] + kAngleStride - 1) / kAngleStride;
-      TORCH_CHECK(st[b] >= 0 && st[b] + rows <= cos_sin->size(0), "cos_sin: sequence ", b,
-                  " rows [", st[b], ", ", st[b] + rows, ") fall outside the table");
-    }
-  }
+  const PagedProblem p = check_paged(out, query, key_cache, value_cache, block_table, seq_lens,
+                                     query_start_loc, inv_freq, logit_scale, cos_sin,
+                                     cos_sin_start, /*values=*/true).problem;
   switch (query.scalar_type()) {
     case at::kFloat:
       run<float, float>(out, query, key_cache, value_cache, block_table, seq_lens,
-                        query_start_loc, inv_freq, logit_scale, cos_sin, cos_sin_start, is_neox);
+                        query_start_loc, inv_freq, logit_scale, cos_sin, cos_sin_start, is_neox, p);
       break;
     case at::kHalf:
       run<at::Half, _Float16>(out, query, key_cache, value_cache, block_table, seq_lens,
                               query_start_loc, inv_freq, logit_scale, cos_sin, cos_sin_start,
-                              is_neox);
+                              is_neox, p);
       break;
     case at::kBFloat16:
       run<at::BFloat16, bf16>(out, query, key_cache, value_cache, block_table, seq_lens,
                               query_start_loc, inv_freq, logit_scale, cos_sin, cos_sin_start,
-                              is_neox);
+                              is_neox, p);
       break;
-    default:
-      TORCH_CHECK(false, "query: dtype ", query.scalar_type(), " is not fp32, fp16 or bf16");
+    default:  // the contract admits no other dtype
+      break;
   }
 }
 

@@ -16,16 +16,16 @@
 #include <vector>
 
 #include "cpu_elements.h"
+#include "paged_attention_checks.h"  // kAngleStride: the angle table is part of the contract
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define YARN_PAGED_AVX2 1
-#include "rotary_cpu_avx2.h"
+#include "cpu_simd.h"
 #endif
 
 namespace yarn {
 
 constexpr int kKeyTile = 32;  // keys rotated and scored together; one L1-resident tile
-constexpr int kAngleStride = 32;  // positions per coarse angle row (== fine rows)
 constexpr int kFastRows = 64;  // the register path hsums per (row, key): cheap for few rows
 
 struct PagedShape {
@@ -63,12 +63,33 @@ struct SoftmaxState {
   }
 };
 
+// max that keeps a NaN (std::max drops one in either position): a NaN logit must
+// reach the output, as it does in the reference's softmax.
+inline float nan_max(float a, float b) { return (a != a || b != b) ? a + b : std::max(a, b); }
+
+// Folds the state of another split of the same rows' keys into `into` (split-K):
+// both are rescaled to the larger running max, then sums and accumulators add.
+inline void merge_states(SoftmaxState& into, const SoftmaxState& from, int head_size) {
+  const int rows = static_cast<int>(into.m.size());
+  for (int r = 0; r < rows; ++r) {
+    if (from.m[r] == -std::numeric_limits<float>::infinity()) continue;  // saw no key
+    const float m = nan_max(into.m[r], from.m[r]);
+    const float a = std::exp(into.m[r] - m), c = std::exp(from.m[r] - m);
+    into.l[r] = into.l[r] * a + from.l[r] * c;
+    into.m[r] = m;
+    float* acc = into.acc.data() + static_cast<size_t>(r) * head_size;
+    const float* other = from.acc.data() + static_cast<size_t>(r) * head_size;
+    for (int d = 0; d < head_size; ++d) acc[d] = acc[d] * a + other[d] * c;
+  }
+}
+
 namespace detail {
 
 // exp of 8 lanes (Cephes-style: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2]),
-// with -inf (masked keys) mapped to exactly 0.
+// with -inf (masked keys) mapped to exactly 0 and NaN kept NaN.
 #if YARN_PAGED_AVX2
 inline __m256 exp8(__m256 x) {
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
   const __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -84,7 +105,7 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
                                                        _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(masked, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  return _mm256_or_ps(nan, _mm256_andnot_ps(masked, _mm256_mul_ps(p, _mm256_castsi256_ps(e))));
 }
 #endif
 
@@ -333,12 +354,12 @@ void paged_attend(const PagedShape& sh, const PagedSequence& seq, const T* query
       const int limit = first_pos + i0 + r / group - kt;  // last visible key, tile-relative
       for (int j = std::max(0, std::min(n, limit + 1)); j < kKeyTile; ++j) s[j] = neg_inf;
       float tile_max = neg_inf;
-      for (int j = 0; j < kKeyTile; ++j) tile_max = std::max(tile_max, s[j]);
+      for (int j = 0; j < kKeyTile; ++j) tile_max = nan_max(tile_max, s[j]);
       if (tile_max == neg_inf) {  // every key of this tile is in this row's future
         std::fill(s, s + kKeyTile, 0.f);
         continue;
       }
-      const float m_new = std::max(state.m[r], tile_max);
+      const float m_new = nan_max(state.m[r], tile_max);
       const float correction = std::exp(state.m[r] - m_new);  // 0 on the first tile
       detail::exp_shifted(s, m_new);
       float sum = 0.f;

@@ -76,7 +76,7 @@ __device__ __forceinline__ int split_range(int seq_len, int max_splits, int spli
   return (seq_len + per_split - 1) / per_split;
 }
 
-template <typename T, int G_TILE, bool ROTATE>
+template <typename T, int G_TILE>
 __global__ void __launch_bounds__(kThreads)
 paged_decode_kernel(const PagedDecodeArgs a) {
   __shared__ float q_s[G_TILE][kPagedMaxHeadSize];  // rotated, scaled queries
@@ -121,7 +121,7 @@ paged_decode_kernel(const PagedDecodeArgs a) {
       const T* qh = q + (head0 + g) * a.q_head_stride;
       xa = to_f32(qh[ia * a.q_dim_stride]);
       xb = to_f32(qh[ib * a.q_dim_stride]);
-      if (ROTATE) rotate(pos_q, inv_s[j], xa, xb);
+      rotate(pos_q, inv_s[j], xa, xb);
     }
     q_s[g][ia] = xa * scale;
     q_s[g][ib] = xb * scale;
@@ -175,7 +175,7 @@ paged_decode_kernel(const PagedDecodeArgs a) {
         }
 #pragma unroll
         for (int u = 0; u < kKeysPerWarp; ++u) {
-          if (ROTATE) rotate(static_cast<float>(base + min(k0 + u, n - 1)), inv_s[j], xa[u], xb[u]);
+          rotate(static_cast<float>(base + min(k0 + u, n - 1)), inv_s[j], xa[u], xb[u]);
 #pragma unroll
           for (int g = 0; g < G_TILE; ++g) part[u][g] += qa[g] * xa[u] + qb[g] * xb[u];
         }
@@ -290,15 +290,9 @@ __global__ void paged_decode_merge_kernel(const PagedDecodeArgs a) {
 // q heads per CTA: a group of 3 runs in a tile of 4; one of 12 in two tiles of 8
 int head_tile(int group) { return group > 4 ? 8 : group > 2 ? 4 : group; }
 
-template <typename T, int G_TILE, bool ROTATE>
-void launch_attention(const PagedDecodeArgs& a, dim3 grid, cudaStream_t stream) {
-  paged_decode_kernel<T, G_TILE, ROTATE><<<grid, kThreads, 0, stream>>>(a);
-}
-
 template <typename T, int G_TILE>
 void launch_tile(const PagedDecodeArgs& a, dim3 grid, cudaStream_t stream) {
-  if (a.rotate) launch_attention<T, G_TILE, true>(a, grid, stream);
-  else launch_attention<T, G_TILE, false>(a, grid, stream);
+  paged_decode_kernel<T, G_TILE><<<grid, kThreads, 0, stream>>>(a);
 }
 
 template <typename T>

@@ -1,8 +1,11 @@
-// Argument checks shared by the CPU and CUDA launchers of the rotary op.
+// Argument checks of the rotary op, shared by its CPU and CUDA launchers and its
+// Meta twin (bindings.cpp). Contract: the schema comment in bindings.cpp.
 #pragma once
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
+
+#include "arg_checks.h"
 
 namespace yarn {
 
@@ -12,8 +15,8 @@ struct HeadsView {
   int64_t token_stride = 0, head_stride = 0;
 };
 
-// q / k: (num_tokens, H * head_size) or (num_tokens, H, head_size); the token
-// stride may be anything (vLLM passes slices of a fused qkv tensor), the
+// q / k: (num_tokens, H * head_size) or (num_tokens, H, head_size), H > 0; the
+// token stride may be anything (vLLM passes slices of a fused qkv tensor), the
 // channel stride must be 1.
 inline HeadsView heads_view(const at::Tensor& x, const char* name, int64_t num_tokens,
                             int64_t head_size) {
@@ -34,35 +37,52 @@ inline HeadsView heads_view(const at::Tensor& x, const char* name, int64_t num_t
     v.num_heads = static_cast<int>(x.size(1));
     v.head_stride = x.stride(1);
   }
+  TORCH_CHECK(v.num_heads > 0, name, ": 0 heads of head_size ", head_size, " in ", x.sizes(),
+              "; pass at least one head (or None for the key)");
   return v;
 }
 
 struct RotaryProblem {
   int64_t num_tokens;
   int rotary_dim;
+  int64_t num_scales;
   HeadsView q, k;
-  int64_t table_rows = 0;
 };
 
 inline RotaryProblem check_rotary_args(const at::Tensor& positions, const at::Tensor& query,
                                        const std::optional<at::Tensor>& key,
-                                       const at::Tensor& inv_freq,
-                                       const std::optional<at::Tensor>& table,
+                                       const at::Tensor& inv_freq, const at::Tensor& mscale,
+                                       const std::optional<at::Tensor>& scale_index,
                                        int64_t head_size) {
+  TORCH_CHECK(head_size > 0, "head_size: ", head_size, "; expected > 0");
   TORCH_CHECK(positions.scalar_type() == at::kLong, "positions: expected int64, got ",
               positions.scalar_type());
   TORCH_CHECK(positions.is_contiguous(), "positions: must be contiguous");
-  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1 &&
-                  inv_freq.is_contiguous(), "inv_freq: expected a contiguous 1-D fp32 tensor");
-  auto dtype = query.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "query: dtype must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 2 &&
+                  inv_freq.size(0) >= 1 && inv_freq.is_contiguous(),
+              "inv_freq: expected a contiguous fp32 (num_scales >= 1, rotary_dim / 2) tensor, "
+              "got ", inv_freq.scalar_type(), " ", inv_freq.sizes());
   RotaryProblem p;
   p.num_tokens = positions.numel();
-  p.rotary_dim = static_cast<int>(2 * inv_freq.size(0));
+  p.num_scales = inv_freq.size(0);
+  p.rotary_dim = static_cast<int>(2 * inv_freq.size(1));
   TORCH_CHECK(p.rotary_dim > 0 && p.rotary_dim <= head_size && p.rotary_dim <= 1024,
               "rotary_dim ", p.rotary_dim, " must be in (0, min(head_size=", head_size,
               ", 1024)]");
+  TORCH_CHECK(mscale.scalar_type() == at::kFloat && mscale.dim() == 1 &&
+                  mscale.size(0) == p.num_scales && mscale.is_contiguous(),
+              "mscale: expected a contiguous fp32 (", p.num_scales, ",) tensor, one per "
+              "inv_freq row, got ", mscale.scalar_type(), " ", mscale.sizes());
+  if (scale_index.has_value()) {
+    TORCH_CHECK(scale_index->scalar_type() == at::kInt && scale_index->dim() == 1 &&
+                    scale_index->size(0) == p.num_tokens && scale_index->is_contiguous(),
+                "scale_index: expected a contiguous int32 (", p.num_tokens, ",) tensor, got ",
+                scale_index->scalar_type(), " ", scale_index->sizes());
+    TORCH_CHECK(scale_index->device() == query.device(), "scale_index: on another device");
+  }
+  auto dtype = query.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "query: dtype must be float32, float16 or bfloat16, got ", dtype);
   p.q = heads_view(query, "query", p.num_tokens, head_size);
   if (key.has_value()) {
     TORCH_CHECK(key->scalar_type() == dtype, "key: dtype ", key->scalar_type(),
@@ -70,16 +90,18 @@ inline RotaryProblem check_rotary_args(const at::Tensor& positions, const at::Te
     TORCH_CHECK(key->device() == query.device(), "key: on a different device from query");
     p.k = heads_view(*key, "key", p.num_tokens, head_size);
   }
-  TORCH_CHECK(positions.device() == query.device() && inv_freq.device() == query.device(),
-              "positions, query and inv_freq must be on one device");
-  if (table.has_value()) {
-    TORCH_CHECK(table->scalar_type() == at::kFloat && table->dim() == 2 &&
-                    table->size(1) == p.rotary_dim && table->is_contiguous(),
-                "cos_sin_table: expected contiguous fp32 (max_position, rotary_dim)");
-    TORCH_CHECK(table->device() == query.device(), "cos_sin_table: on another device");
-    p.table_rows = table->size(0);
-  }
+  TORCH_CHECK(positions.device() == query.device() && inv_freq.device() == query.device() &&
+                  mscale.device() == query.device(),
+              "positions, query, inv_freq and mscale must be on one device");
   return p;
+}
+
+// Every scale_index value must pick a row of inv_freq. `index` must be host memory.
+inline void check_scale_index_values(const int32_t* index, int64_t num_tokens,
+                                     int64_t num_scales) {
+  for (int64_t t = 0; t < num_tokens; ++t)
+    TORCH_CHECK(index[t] >= 0 && index[t] < num_scales, "scale_index: token ", t, " has ",
+                index[t], ", outside the ", num_scales, " rows of inv_freq");
 }
 
 }  // namespace yarn

@@ -1,10 +1,10 @@
 // YaRN rotary embedding, CPU kernel. Header-only, raw pointers, no torch headers.
 //
-// Rotates q and k in place for a range of tokens. cos/sin are either computed
-// on the fly from inv_freq (O(rotary_dim) memory, the default) or read from a
-// [table_rows, rotary_dim] fp32 table of unscaled cos | sin halves; positions
-// past the table's end fall back to computing on the fly. The YaRN magnitude
-// scale `mscale` multiplies the rotated channels, as in vLLM and HF.
+// Rotates q and k in place for a range of tokens. Token t uses frequency row
+// r = scale_index[t] (row 0 without an index) of inv_freq [num_scales, rotary_dim / 2]
+// and magnitude mscale[r]: static YaRN is one row, request mode one row per
+// scale on offer. cos/sin of the fp32 angle position * inv_freq are computed on
+// the fly (O(rotary_dim) state) and multiply by mscale, as in vLLM and HF.
 #pragma once
 
 #include <cmath>
@@ -21,7 +21,7 @@ constexpr int kMaxRotaryHalf = 512;  // rotary_dim <= 1024, checked by the launc
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define YARN_CPU_AVX2 1
-#include "rotary_cpu_avx2.h"
+#include "cpu_simd.h"
 #endif
 
 namespace yarn {
@@ -32,24 +32,29 @@ struct RotaryShape {
   int head_size, rotary_dim;
   int64_t q_token_stride, q_head_stride;  // in elements; the channel stride is 1
   int64_t k_token_stride, k_head_stride;
-  int64_t table_rows;  // rows of the optional cos/sin table
 };
 
-// cos/sin of position * inv_freq, times mscale. Out: [half] each.
+// cos/sin of position * inv_freq, times mscale. Out: [half] each (the buffers
+// hold kMaxRotaryHalf: the vector loop writes whole groups of 8).
 inline void cos_sin_on_the_fly(int64_t position, const float* inv_freq, int half, float mscale,
                                float* cos_out, float* sin_out) {
-  // The angle is rounded to fp32 before cos/sin, the same as an fp32 outer
-  // product in the PyTorch reference, so that both agree at large positions.
+  // The angle is rounded to fp32 before cos/sin, the same as the fp32 product in
+  // the PyTorch reference, so that both agree at large positions.
   const float pos = static_cast<float>(position);
   int j = 0;
 #ifdef YARN_CPU_AVX2
-  const __m128 ms = _mm_set1_ps(mscale);
-  for (; j + 4 <= half; j += 4) {
-    const __m128 angle = _mm_mul_ps(_mm_set1_ps(pos), _mm_loadu_ps(inv_freq + j));
-    __m128 s, c;
-    avx2::sincos4(_mm256_cvtps_pd(angle), &s, &c);
-    _mm_storeu_ps(cos_out + j, _mm_mul_ps(c, ms));
-    _mm_storeu_ps(sin_out + j, _mm_mul_ps(s, ms));
+  const __m256 ms = _mm256_set1_ps(mscale);
+  for (; j < half; j += 8) {
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(half - j),
+                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 angle = _mm256_mul_ps(_mm256_set1_ps(pos), _mm256_maskload_ps(inv_freq + j, lanes));
+    // sincos8 is exact below 2^50 rad; past it (or for inf/NaN) libm serves the rest
+    const __m256 magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), angle);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(magnitude, _mm256_set1_ps(0x1p50f), _CMP_NLT_UQ))) break;
+    __m256 s, c;
+    avx2::sincos8(angle, &s, &c);
+    _mm256_store_ps(cos_out + j, _mm256_mul_ps(c, ms));
+    _mm256_store_ps(sin_out + j, _mm256_mul_ps(s, ms));
   }
 #endif
   for (; j < half; ++j) {
@@ -59,25 +64,23 @@ inline void cos_sin_on_the_fly(int64_t position, const float* inv_freq, int half
   }
 }
 
-inline void cos_sin_from_table(int64_t position, const float* table, int half, float mscale,
-                               float* cos_out, float* sin_out) {
-  const float* row = table + position * 2 * half;
-#pragma omp simd
-  for (int j = 0; j < half; ++j) {
-    cos_out[j] = row[j] * mscale;
-    sin_out[j] = row[half + j] * mscale;
-  }
-}
-
 template <typename T>
 inline void rotate_head_neox(T* __restrict__ x, const float* __restrict__ c,
                              const float* __restrict__ s, int half) {
   T* x2p = x + half;
   int j = 0;
+#ifdef YARN_CPU_AVX512
+  for (; j + 16 <= half; j += 16) {
+    const __m512 x1 = avx512::load16(x + j), x2 = avx512::load16(x2p + j);
+    const __m512 cj = _mm512_loadu_ps(c + j), sj = _mm512_loadu_ps(s + j);
+    avx512::store16(x + j, _mm512_fmsub_ps(x1, cj, _mm512_mul_ps(x2, sj)));
+    avx512::store16(x2p + j, _mm512_fmadd_ps(x2, cj, _mm512_mul_ps(x1, sj)));
+  }
+#endif
 #ifdef YARN_CPU_AVX2
   for (; j + 8 <= half; j += 8) {
     const __m256 x1 = avx2::load8(x + j), x2 = avx2::load8(x2p + j);
-    const __m256 cj = _mm256_load_ps(c + j), sj = _mm256_load_ps(s + j);
+    const __m256 cj = _mm256_loadu_ps(c + j), sj = _mm256_loadu_ps(s + j);
     avx2::store8(x + j, _mm256_fmsub_ps(x1, cj, _mm256_mul_ps(x2, sj)));
     avx2::store8(x2p + j, _mm256_fmadd_ps(x2, cj, _mm256_mul_ps(x1, sj)));
   }
@@ -99,28 +102,31 @@ inline void rotate_head_gptj(T* x, const float* c, const float* s, int half) {
   }
 }
 
-// Rotates tokens [begin, end). positions: [num_tokens]; table may be null.
 template <typename T>
-void rotary_cpu(int64_t begin, int64_t end, const int64_t* positions, T* query, T* key,
-                const float* inv_freq, const float* table, const RotaryShape& shape,
-                float mscale, bool is_neox) {
+inline void rotate_heads(T* x, int num_heads, int64_t head_stride, const float* c,
+                         const float* s, int half, bool is_neox) {
+  for (int h = 0; h < num_heads; ++h)
+    is_neox ? rotate_head_neox(x + h * head_stride, c, s, half)
+            : rotate_head_gptj(x + h * head_stride, c, s, half);
+}
+
+// Rotates tokens [begin, end). positions: [num_tokens]; scale_index: [num_tokens]
+// rows of inv_freq / mscale, already checked by the caller, or null for row 0.
+template <typename T>
+void rotary_cpu(int64_t begin, int64_t end, const int64_t* positions, const int32_t* scale_index,
+                T* query, T* key, const float* inv_freq, const float* mscale,
+                const RotaryShape& shape, bool is_neox) {
   const int half = shape.rotary_dim / 2;
   alignas(64) float c[kMaxRotaryHalf];
   alignas(64) float s[kMaxRotaryHalf];
   for (int64_t t = begin; t < end; ++t) {
-    if (table != nullptr && positions[t] >= 0 && positions[t] < shape.table_rows) {
-      cos_sin_from_table(positions[t], table, half, mscale, c, s);
-    } else {
-      cos_sin_on_the_fly(positions[t], inv_freq, half, mscale, c, s);
-    }
-    for (int h = 0; h < shape.num_q_heads; ++h) {
-      T* x = query + t * shape.q_token_stride + h * shape.q_head_stride;
-      is_neox ? rotate_head_neox(x, c, s, half) : rotate_head_gptj(x, c, s, half);
-    }
-    for (int h = 0; h < shape.num_k_heads; ++h) {
-      T* x = key + t * shape.k_token_stride + h * shape.k_head_stride;
-      is_neox ? rotate_head_neox(x, c, s, half) : rotate_head_gptj(x, c, s, half);
-    }
+    const int64_t row = scale_index != nullptr ? scale_index[t] : 0;
+    cos_sin_on_the_fly(positions[t], inv_freq + row * half, half, mscale[row], c, s);
+    rotate_heads(query + t * shape.q_token_stride, shape.num_q_heads, shape.q_head_stride, c, s,
+                 half, is_neox);
+    if (key != nullptr)
+      rotate_heads(key + t * shape.k_token_stride, shape.num_k_heads, shape.k_head_stride, c, s,
+                   half, is_neox);
   }
 }
 

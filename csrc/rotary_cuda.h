@@ -12,18 +12,18 @@ struct RotaryCudaShape {
   int num_q_heads, num_k_heads;
   int head_size, rotary_dim;
   int64_t q_token_stride, q_head_stride, k_token_stride, k_head_stride;
-  int64_t table_rows;  // rows of the optional table; positions past it are computed
+  int num_scales;  // rows of inv_freq and mscale
 };
 
 struct RotaryCudaArgs {
   DType dtype;
-  const int64_t* positions;  // [num_tokens], device
-  void* query;               // q: (num_tokens, H_q, head_size) with the strides above
-  void* key;                 // k: (num_tokens, H_k, head_size), or null
-  const float* inv_freq;     // [rotary_dim / 2] fp32
-  const float* table;        // [table_rows, rotary_dim] fp32 unscaled cos|sin, or null
+  const int64_t* positions;     // [num_tokens], device
+  const int32_t* scale_index;   // [num_tokens] rows of inv_freq, clamped into range; or null
+  void* query;                  // q: (num_tokens, H_q, head_size) with the strides above
+  void* key;                    // k: (num_tokens, H_k, head_size), or null
+  const float* inv_freq;        // [num_scales, rotary_dim / 2] fp32
+  const float* mscale;          // [num_scales] fp32
   RotaryCudaShape shape;
-  float mscale;
   bool is_neox;
 };
 

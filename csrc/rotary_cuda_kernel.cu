@@ -2,8 +2,9 @@
 // it on any machine with the CUDA toolkit, GPU or not.
 //
 // One block per token. The block first computes the token's cos/sin (times the
-// YaRN mscale) into shared memory, once for all heads, then every thread
-// rotates channel pairs of q and k heads.
+// YaRN mscale of its scale row) into shared memory, once for all heads, then
+// every thread rotates channel pairs of q and k heads. Nothing is read back to
+// the host: the launch is CUDA-graph safe.
 #include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -35,28 +36,29 @@ __device__ __forceinline__ void rotate_pair(T* head, int j, int half, bool is_ne
 }
 
 template <typename T>
-__global__ void rotary_kernel(const int64_t* __restrict__ positions, T* __restrict__ query,
+__global__ void rotary_kernel(const int64_t* __restrict__ positions,
+                              const int32_t* __restrict__ scale_index, T* __restrict__ query,
                               T* __restrict__ key, const float* __restrict__ inv_freq,
-                              const float* __restrict__ table, RotaryCudaShape shape,
-                              float mscale, bool is_neox) {
+                              const float* __restrict__ mscale, RotaryCudaShape shape,
+                              bool is_neox) {
   extern __shared__ float cos_sin[];  // [2 * half]
   const int half = shape.rotary_dim / 2;
   float* cos_s = cos_sin;
   float* sin_s = cos_sin + half;
   const int64_t t = blockIdx.x;
   const int64_t pos = positions[t];
+  // The host does not read scale_index (no sync): an index out of range is
+  // clamped, so it can never read past inv_freq; YARN_VLLM_CHECK_ARGS=1 finds it.
+  const int row = scale_index == nullptr ? 0 : min(max(scale_index[t], 0), shape.num_scales - 1);
+  const float* freq = inv_freq + static_cast<int64_t>(row) * half;
+  const float ms = mscale[row];
   for (int j = threadIdx.x; j < half; j += blockDim.x) {
-    if (table != nullptr && pos >= 0 && pos < shape.table_rows) {
-      cos_s[j] = table[pos * 2 * half + j] * mscale;
-      sin_s[j] = table[pos * 2 * half + half + j] * mscale;
-    } else {
-      // Accurate sincosf, not __sincosf: positions reach 1e6 and the fast
-      // intrinsic loses the argument reduction there.
-      float c, s;
-      sincosf(static_cast<float>(pos) * inv_freq[j], &s, &c);
-      cos_s[j] = c * mscale;
-      sin_s[j] = s * mscale;
-    }
+    // Accurate sincosf, not __sincosf: positions reach 1e6 and the fast
+    // intrinsic loses the argument reduction there.
+    float c, s;
+    sincosf(static_cast<float>(pos) * freq[j], &s, &c);
+    cos_s[j] = c * ms;
+    sin_s[j] = s * ms;
   }
   __syncthreads();
   const int q_pairs = shape.num_q_heads * half;
@@ -81,8 +83,8 @@ void launch(const RotaryCudaArgs& a, cudaStream_t stream) {
   const int threads = pairs < 512 ? ((pairs + 31) / 32) * 32 : 512;
   rotary_kernel<T><<<static_cast<unsigned>(a.shape.num_tokens), threads,
                      2 * half * sizeof(float), stream>>>(
-      a.positions, static_cast<T*>(a.query), static_cast<T*>(a.key), a.inv_freq, a.table,
-      a.shape, a.mscale, a.is_neox);
+      a.positions, a.scale_index, static_cast<T*>(a.query), static_cast<T*>(a.key), a.inv_freq,
+      a.mscale, a.shape, a.is_neox);
 }
 
 }  // namespace

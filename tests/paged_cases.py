@@ -15,8 +15,8 @@ import sys
 import torch
 
 from conftest import TOL
+from yarn_vllm import yarn_math
 from yarn_vllm.attention.reference import paged_attention_reference
-from yarn_vllm.attention.rope_spec import DynamicRope
 from yarn_vllm.attention.triton_paged import paged_attention_triton
 
 ORIGINAL = 16  # trained length: the test lengths span scales s = 1 .. 4
@@ -47,15 +47,24 @@ CASES = {
 }
 
 
+def per_sequence_rope(seq_lens, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's YaRN frequencies [B, rotary_dim / 2] and attention_scale [B] at
+    s = max(1, len / ORIGINAL) (paper Eq. 24), straight from yarn_math."""
+    scales = [max(1.0, n / ORIGINAL) for n in seq_lens]
+    inv_freq = torch.stack([yarn_math.yarn_inv_freq(rotary_dim, 10000.0, s, ORIGINAL)
+                            for s in scales])
+    attention_scale = torch.tensor([yarn_math.attention_scale(yarn_math.yarn_mscale(s))
+                                    for s in scales], dtype=torch.float32)
+    return inv_freq, attention_scale
+
+
 def make_case(name: str, device: str = "cpu", spec=None) -> dict:
     """Inputs of one case: shuffled block tables (with junk past each sequence),
     caches and query filled at random, YaRN frequencies of each sequence's scale."""
     seq_lens, q_lens, (hq, hkv), head_size, rotary_dim, bs, dtype, extra = spec or CASES[name]
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
     is_neox = extra.get("is_neox", True)
-    rope = DynamicRope(head_size=head_size, rotary_dim=rotary_dim, base=10000.0,
-                       original_max_position=ORIGINAL, is_neox=is_neox)
-    inv_freq, mult = rope.per_sequence(seq_lens)
+    inv_freq, mult = per_sequence_rope(seq_lens, rotary_dim)
     blocks = [(n + bs - 1) // bs for n in seq_lens]
     num_blocks = sum(blocks) + 3
     perm = torch.randperm(num_blocks, generator=gen).int()
@@ -99,8 +108,10 @@ def new_out(case: dict, strided: bool = False) -> torch.Tensor:
 
 
 def reference(case: dict) -> torch.Tensor:
+    """The fp32 reference of a case (its optional angle table is a CPU accelerator only)."""
     return paged_attention_reference(**{k: v.cpu() if torch.is_tensor(v) else v
-                                        for k, v in case.items()})
+                                        for k, v in case.items()
+                                        if k not in ("cos_sin", "cos_sin_start")})
 
 
 def run_triton(case: dict, strided_out: bool = False, **kw) -> torch.Tensor:
@@ -111,10 +122,18 @@ def run_triton(case: dict, strided_out: bool = False, **kw) -> torch.Tensor:
     return out
 
 
+def nan_key_case() -> dict:
+    """The "mixed" case with one NaN key (sequence 0, key 3, kv head 1)."""
+    case = make_case("mixed")
+    case["key_cache"][int(case["block_table"][0, 0]), 1, 3, 5] = float("nan")
+    return case
+
+
 def interpret_worker(path: str) -> None:
     """Runs every case through Triton's interpreter and saves the outputs to `path`."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from yarn_vllm.attention import _triton_paged_kernel as k
+    from yarn_vllm.attention.paged import paged_attention
 
     results = {"kernel_type": type(k.paged_attention_kernel).__name__}
     for name, spec in CASES.items():
@@ -125,6 +144,14 @@ def interpret_worker(path: str) -> None:
     for name in SPLIT_CASES:  # contexts split over programs, then merged
         results[name + "/split"] = run_triton(make_case(name), block_m=16, block_n=16,
                                               num_splits=3).float()
+    results["nan_key"] = run_triton(nan_key_case()).float()
+    # the one entry point, told to take the GPU's route on these CPU tensors
+    case = make_case("mixed")
+    out = new_out(case)
+    paged_attention(out, *[case[k] for k in ("query", "key_cache", "value_cache", "block_table",
+                                             "seq_lens", "query_start_loc", "inv_freq",
+                                             "logit_scale", "is_neox")], kernel="triton")
+    results["mixed/routed"] = out.float()
     torch.save(results, path)
 
 
@@ -143,30 +170,6 @@ DECODE_CASES = {
     "strided_views": ([700, 5, 9], [1, 1, 1], (4, 2), 64, 64, 16, torch.float32,
                       {"strided": True}),
 }
-
-
-def prerotate(case: dict) -> dict:
-    """The case with q and the cached keys rotated ahead: what rotate=False reads."""
-    from yarn_vllm.ops import rotary_reference
-
-    rotated = dict(case)
-    key_cache = case["key_cache"].float().clone()
-    bs = key_cache.shape[2]
-    for b, n in enumerate(case["seq_lens"].tolist()):
-        for t in range(n):
-            blk = int(case["block_table"][b, t // bs])
-            row = key_cache[blk, :, t % bs][None]
-            key_cache[blk, :, t % bs] = rotary_reference(
-                row, torch.tensor([t], device=row.device), case["inv_freq"][b], 1.0,
-                case["is_neox"])[0]
-    rotated["key_cache"] = key_cache.to(case["key_cache"].dtype)
-    q = case["query"].float().clone()
-    for b, n in enumerate(case["seq_lens"].tolist()):
-        tok = int(case["query_start_loc"][b])
-        q[tok:tok + 1] = rotary_reference(q[tok:tok + 1], torch.tensor([n - 1], device=q.device),
-                                          case["inv_freq"][b], 1.0, case["is_neox"])
-    rotated["query"] = q.to(case["query"].dtype)
-    return rotated
 
 
 if __name__ == "__main__":

@@ -3,35 +3,31 @@ Triton against the fp32 reference, and against xformers where it is installed.""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from paged_cases import (ATTN_TOL, CASES, CUDA_TOL, DECODE_CASES, make_case, new_out, prerotate,
-                         reference, run_triton)
+from paged_cases import (ATTN_TOL, CASES, CUDA_TOL, DECODE_CASES, make_case, new_out, reference,
+                         run_triton)
+from yarn_vllm import ops
+from yarn_vllm.attention.paged import choose_kernel, paged_attention
 
 pytestmark = pytest.mark.gpu
+NAMES = ("query", "key_cache", "value_cache", "block_table", "seq_lens", "query_start_loc",
+         "inv_freq", "logit_scale")
 
-
-def _cuda_op_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    from yarn_vllm import ops
-    return ops.HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "yarn_vllm::paged_attention", "CUDA")
-
-
-needs_cuda_op = pytest.mark.skipif(not _cuda_op_available(),
-                                   reason="needs a GPU and the CUDA build of yarn_vllm._C")
+needs_cuda_op = pytest.mark.skipif(
+    not torch.cuda.is_available() or not ops.has_kernel("paged_attention", "CUDA"),
+    reason="needs a GPU and the CUDA build of yarn_vllm._C")
 needs_triton_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-def _cuda_op(case, out, rotate=None):
-    args = (out, case["query"], case["key_cache"], case["value_cache"], case["block_table"],
-            case["seq_lens"], case["query_start_loc"], case["inv_freq"], case["logit_scale"])
-    if rotate is None:
-        torch.ops.yarn_vllm.paged_attention(*args, None, None, case["is_neox"])
-    else:
-        torch.ops.yarn_vllm.paged_attention_decode_cuda(*args, case["is_neox"], rotate)
+def _cuda_op(case, out):
+    torch.ops.yarn_vllm.paged_attention(out, *[case[k] for k in NAMES], None, None,
+                                        case["is_neox"])
     return out
 
 
@@ -60,22 +56,48 @@ def test_cuda_decode_matches_reference(name):
 
 
 @needs_cuda_op
-def test_cuda_prerotated_variant_is_the_same_attention():
-    """rotate=False on keys rotated ahead gives rotate=True's result (fp32 keys, so
-    rotating ahead loses nothing)."""
-    case = make_case("decode_gqa3", "cuda")
-    on_load = _cuda_op(case, new_out(case))
-    ahead = _cuda_op(prerotate(case), new_out(case), rotate=False)
-    torch.testing.assert_close(ahead, on_load, **CUDA_TOL[torch.float32])
+@pytest.mark.parametrize("name,route", [("decode_gqa3", "cuda"), ("mixed", "triton"),
+                                        ("chunked_prefill", "triton")])
+def test_one_entry_point_routes_and_matches_reference(name, route):
+    """attention.paged.paged_attention: decode batches to the CUDA op, the rest to Triton."""
+    case = make_case(name, "cuda")
+    q_lens = case["query_start_loc"].diff()
+    assert choose_kernel(case["query"], q_lens.shape[0], case["query_start_loc"],
+                         int(q_lens.max())) == route
+    out = new_out(case)
+    paged_attention(out, *[case[k] for k in NAMES], case["is_neox"])
+    tol = CUDA_TOL if route == "cuda" else ATTN_TOL
+    torch.testing.assert_close(out.float().cpu(), reference(case), **tol[case["query"].dtype])
 
 
-@needs_cuda_op
-def test_cuda_op_empty_batch():
-    case = make_case("decode_gqa3", "cuda")
-    empty = {k: (v[:0] if torch.is_tensor(v) and k not in ("key_cache", "value_cache") else v)
-             for k, v in case.items()}
-    empty["query_start_loc"] = case["query_start_loc"][:1]
-    _cuda_op(empty, new_out(empty))  # launches nothing, and does not divide by zero
+def test_debug_switch_checks_values_on_the_device():
+    """YARN_VLLM_CHECK_ARGS=1: the CUDA op reads offsets, lengths and block ids back (a
+    sync) and refuses bad ones, as the CPU op always does."""
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "import torch\n"
+        "from paged_cases import make_case, new_out\n"
+        "import yarn_vllm.ops\n"
+        "names = ('query', 'key_cache', 'value_cache', 'block_table', 'seq_lens',\n"
+        "         'query_start_loc', 'inv_freq', 'logit_scale')\n"
+        "for key, index, value, match in [('block_table', (1, 0), 10 ** 6, 'uses block'),\n"
+        "        ('logit_scale', 0, float('nan'), 'finite'),\n"
+        "        ('query_start_loc', (2,), 3, 'decode batches only')]:\n"
+        "    case = make_case('decode_gqa3', 'cuda')\n"
+        "    case[key][index] = value\n"
+        "    try:\n"
+        "        torch.ops.yarn_vllm.paged_attention(new_out(case), *[case[k] for k in names],\n"
+        "                                            None, None, True)\n"
+        "    except RuntimeError as e:\n"
+        "        assert match in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError(f'{key} accepted')\n"
+        "print('checked')\n")
+    if not torch.cuda.is_available() or not ops.has_kernel("paged_attention", "CUDA"):
+        pytest.skip("needs a GPU and the CUDA build of yarn_vllm._C")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, YARN_VLLM_CHECK_ARGS="1"))
+    assert out.returncode == 0 and "checked" in out.stdout, out.stderr
 
 
 @needs_cuda_op

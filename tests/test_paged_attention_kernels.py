@@ -18,7 +18,10 @@ import pytest
 import torch
 
 from conftest import TOL
-from paged_cases import ATTN_TOL, CASES, SPLIT_CASES, make_case, reference, run_triton
+from paged_cases import (ATTN_TOL, CASES, SPLIT_CASES, make_case, nan_key_case, new_out,
+                         reference)
+from yarn_vllm import ops
+from yarn_vllm.attention.paged import choose_kernel, paged_attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,11 +67,37 @@ def triton_outputs(background):
     return results
 
 
-@pytest.mark.parametrize("name", list(CASES) + [n + "/split" for n in SPLIT_CASES])
+@pytest.mark.parametrize("name", list(CASES) + [n + "/split" for n in SPLIT_CASES]
+                         + ["mixed/routed"])
 def test_triton_interpreted_matches_reference(name, triton_outputs):
+    """Every case; "/split" with contexts split and merged; "/routed" through
+    attention.paged.paged_attention(kernel="triton"), the GPU's route."""
     case = make_case(name.split("/")[0])
     torch.testing.assert_close(triton_outputs[name], reference(case),
                                **ATTN_TOL[case["query"].dtype])
+
+
+def test_triton_interpreted_nan_key_propagates_as_in_the_reference(triton_outputs):
+    out, expected = triton_outputs["nan_key"], reference(nan_key_case())
+    assert expected.isnan().any() and torch.equal(out.isnan(), expected.isnan())
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="yarn_vllm._C not built")
+def test_one_entry_point_picks_the_cpu_op_on_cpu():
+    case = make_case("mixed")
+    names = ("query", "key_cache", "value_cache", "block_table", "seq_lens", "query_start_loc",
+             "inv_freq", "logit_scale", "is_neox")
+    assert choose_kernel(case["query"], 5, case["query_start_loc"], None) == "cpu"
+    out = new_out(case)
+    paged_attention(out, *[case[k] for k in names])
+    torch.testing.assert_close(out, reference(case), **TOL[torch.float32])
+    with pytest.raises(ValueError, match="kernel 'flash' is not one of"):
+        paged_attention(out, *[case[k] for k in names], kernel="flash")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            paged_attention(out, *[case[k] for k in names], kernel="triton")
+    with pytest.raises(RuntimeError, match="no implementation for meta tensors"):
+        choose_kernel(case["query"].to("meta"), 5, case["query_start_loc"], None)
 
 
 def test_cases_tell_per_sequence_rope_apart():
@@ -146,20 +175,3 @@ def test_triton_kernels_compile_for_sm90(dtype, group, head_size, rotary_dim, is
     if split:
         assert _compile_sm90(k.merge_splits_kernel, dict(
             GROUP=group, BLOCK_M=64, BLOCK_D=pow2(head_size)), dtype)
-
-
-@pytest.mark.parametrize("mutate,match", [
-    (lambda c: c.update(block_table=c["block_table"].long()), "block_table: expected int32"),
-    (lambda c: c.update(seq_lens=c["seq_lens"][:-1]), "seq_lens: expected shape"),
-    (lambda c: c.update(inv_freq=c["inv_freq"].double()), "inv_freq"),
-    (lambda c: c.update(logit_scale=c["logit_scale"][:1]), "logit_scale"),
-    (lambda c: c.update(query=c["query"][:, :3]), "not a multiple"),
-    (lambda c: c.update(value_cache=c["value_cache"].half()), "value_cache: dtype"),
-    (lambda c: c.update(key_cache=c["key_cache"][..., :16]), "key_cache"),
-])
-def test_triton_launcher_names_the_bad_argument(mutate, match):
-    """Checked before triton is imported, so this runs anywhere."""
-    case = make_case("chunked_prefill")
-    mutate(case)
-    with pytest.raises(ValueError, match=match):
-        run_triton(case)

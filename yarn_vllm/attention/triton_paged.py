@@ -15,7 +15,7 @@ import os
 
 import torch
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+from yarn_vllm import ops
 
 
 def _next_pow2(x: int) -> int:
@@ -24,48 +24,16 @@ def _next_pow2(x: int) -> int:
 
 def _check(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
            inv_freq, logit_scale) -> None:
-    """Raise ValueError naming the argument that does not fit the op's contract."""
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(f"paged_attention_triton: {msg}")
-
-    need(query.dim() == 3, f"query: expected (T, H_q, D), got {tuple(query.shape)}")
-    need(out.shape == query.shape, f"out: shape {tuple(out.shape)} != query's {tuple(query.shape)}")
-    need(key_cache.dim() == 4, "key_cache: expected (num_blocks, H_kv, block_size, D), got "
-         f"{tuple(key_cache.shape)}")
-    need(value_cache.shape == key_cache.shape,
-         f"value_cache: shape {tuple(value_cache.shape)} != key_cache's {tuple(key_cache.shape)}")
-    need(key_cache.shape[3] == query.shape[2],
-         f"key_cache: head_size {key_cache.shape[3]} != query's {query.shape[2]}")
-    need(key_cache.shape[1] > 0 and query.shape[1] % key_cache.shape[1] == 0,
-         f"query: {query.shape[1]} heads is not a multiple of key_cache's {key_cache.shape[1]}")
-    for name, t in (("query", query), ("out", out), ("key_cache", key_cache),
-                    ("value_cache", value_cache)):
-        need(t.dtype in _FLOATS,
-             f"{name}: dtype must be float32, float16 or bfloat16, got {t.dtype}")
-        need(t.device == query.device, f"{name}: on {t.device}, query on {query.device}")
-    need(value_cache.dtype == key_cache.dtype,
-         f"value_cache: dtype {value_cache.dtype} != key_cache's {key_cache.dtype}")
-    num_seqs = block_table.shape[0]
-    for name, t, shape in (("block_table", block_table, None), ("seq_lens", seq_lens, (num_seqs,)),
-                           ("query_start_loc", query_start_loc, (num_seqs + 1,))):
-        need(t.dtype == torch.int32, f"{name}: expected int32, got {t.dtype}")
-        need(t.device == query.device, f"{name}: on {t.device}, query on {query.device}")
-        need(shape is None or tuple(t.shape) == shape, f"{name}: expected shape {shape}, "
-             f"got {tuple(t.shape)}")
-    need(block_table.dim() == 2 and block_table.stride(1) == 1,
-         "block_table: expected (B, max_blocks) with contiguous rows")
-    need(seq_lens.is_contiguous() and query_start_loc.is_contiguous(),
-         "seq_lens, query_start_loc: must be contiguous")
-    need(inv_freq.dtype == torch.float32 and inv_freq.dim() == 2 and inv_freq.shape[0] == num_seqs
-         and inv_freq.stride(1) == 1, f"inv_freq: expected fp32 (B={num_seqs}, rotary_dim/2) with "
-         f"contiguous rows, got {inv_freq.dtype} {tuple(inv_freq.shape)}")
-    need(0 < 2 * inv_freq.shape[1] <= query.shape[2],
-         f"inv_freq: rotary_dim {2 * inv_freq.shape[1]} must be in (0, head_size={query.shape[2]}]")
-    need(logit_scale.dtype == torch.float32 and tuple(logit_scale.shape) == (num_seqs,)
-         and logit_scale.is_contiguous(), f"logit_scale: expected contiguous fp32 ({num_seqs},)")
-    need(inv_freq.device == query.device and logit_scale.device == query.device,
-         "inv_freq, logit_scale: must be on query's device")
+    """The paged_attention op's own argument checks (csrc/paged_attention_checks.h), run by
+    the extension's paged_attention_check op: one contract for every implementation. Raises
+    RuntimeError naming the argument; values are checked for CPU tensors and, for CUDA
+    ones, under YARN_VLLM_CHECK_ARGS=1."""
+    if not ops.HAS_EXTENSION:
+        raise RuntimeError("paged_attention_triton: needs yarn_vllm._C for its argument checks. "
+                           "Fix: build the extension (pip install --no-build-isolation -e .).")
+    torch.ops.yarn_vllm.paged_attention_check(out, query, key_cache, value_cache, block_table,
+                                              seq_lens, query_start_loc, inv_freq, logit_scale,
+                                              None, None)
 
 
 def paged_attention_triton(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
@@ -77,8 +45,9 @@ def paged_attention_triton(out: torch.Tensor, query: torch.Tensor, key_cache: to
                            block_n: int | None = None) -> None:
     """Causal paged attention over pre-RoPE keys, written into `out`.
 
-    out, query: [T, H_q, D] (any strides); key_cache, value_cache:
-    [num_blocks, H_kv, block_size, D] (any strides); block_table: [B, max_blocks]
+    The op's contract (csrc/paged_attention_checks.h), checked by the op's own code:
+    out, query: [T, H_q, D]; key_cache, value_cache: [num_blocks, H_kv, block_size, D]
+    (any strides but a contiguous last dim); block_table: [B, max_blocks]
     int32; seq_lens: [B] int32; query_start_loc: [B + 1] int32; inv_freq:
     [B, rotary_dim / 2] fp32; logit_scale: [B] fp32. max_query_len (the largest
     q_len_b) sizes the grid; passing it avoids a device-to-host sync.
