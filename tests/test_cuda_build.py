@@ -32,12 +32,15 @@ VLLM_CHECKS = (
     "entry point registered the rotary layer as plugin.py documents",
     "entry point wrapped CudaPlatform's hooks",
     "entry point registered AttentionBackendEnum.CUSTOM",
-    "get_rope hands out the class plugin.py promises",
+    "get_rope (static) hands out the class plugin.py promises",
+    "get_rope (dynamic) hands out the class plugin.py promises",
+    "dynamic model on CUDA: config hook selects CUSTOM, one-step prefill, no APC",
     "CudaPlatform.get_attn_backend_cls(CUSTOM) answers our backend",
     "vLLM's selector resolves CUSTOM to our class",
     "KV-cache layout is head-major with contiguous blocks",
     "do_kv_cache_update + split_kv_cache round-trip through vLLM's KV view",
-    "metadata builder",
+    "metadata builder and CUDA graphs",
+    "builder's GPU branch hands the kernels per-sequence tensors",
 )
 
 
