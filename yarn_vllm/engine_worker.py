@@ -8,7 +8,8 @@ module's worker, which generates:
 
 Spec (JSON): {"model", "llm_kwargs": {...}, "prompts": [PROMPT],
               "sampling": {"max_tokens", "logprobs", "prompt_logprobs", ...},
-              "batches": [[PROMPT]] (optional: run after "prompts", one generate call each)}
+              "batches": [[PROMPT]] (optional: run after "prompts", one generate call each),
+              "introspect": bool (optional, default true: see below)}
 where a PROMPT is a list of token ids, or {"prompt_token_ids": [...], "sampling": {...}}
 whose sampling keys (e.g. "extra_args") override the spec's for that request.
 Result: {"rotary_classes", "attention_backends", "prefix_caching", "chunked_prefill",
@@ -17,7 +18,10 @@ Result: {"rotary_classes", "attention_backends", "prefix_caching", "chunked_pref
                       "num_cached_tokens"}]}  (every batch's outputs, in order)
 where logprobs are lists (per step) of {token_id: logprob}, dtype is the one the
 engine really ran in (e.g. "bfloat16") and num_preemptions vLLM's counter (None
-where the engine keeps no stats).
+where the engine keeps no stats). rotary_classes and attention_backends come from
+LLM.apply_model, which pickles a function to the engine core: only a spec that asks
+for them ("introspect", the default) runs with VLLM_ALLOW_INSECURE_SERIALIZATION=1;
+with "introspect": false both are None and the engine keeps vLLM's safe default.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ import time
 
 from yarn_vllm.cpu import apply_cpu_defaults
 
-_ENV_DEFAULTS = {"TOKENIZERS_PARALLELISM": "false",
-                 # lets LLM.apply_model ship yarn_vllm.introspect functions to the worker
-                 "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+_ENV_DEFAULTS = {"TOKENIZERS_PARALLELISM": "false"}
+# lets LLM.apply_model ship yarn_vllm.introspect functions to the engine core; only for
+# engines asked to introspect (see the module docstring)
+INTROSPECTION_ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
 PROGRESS = "PROGRESS "  # a worker's stdout line carrying one JSON progress record
 PARENT_PID = "YARN_VLLM_PARENT_PID"  # who started a worker (see exit_with_parent)
 
@@ -116,6 +121,8 @@ def run_worker(module: str, spec: dict, *, plugins: bool = True, env: dict | Non
 def run_engine(spec: dict, *, plugins: bool = True, timeout: float = 3600,
                env: dict | None = None) -> dict:
     """Generate `spec` in a fresh process (see the module docstring)."""
+    if spec.get("introspect", True):
+        env = {**INTROSPECTION_ENV, **(env or {})}
     return run_worker("yarn_vllm.engine_worker", spec, plugins=plugins, env=env,
                       timeout=timeout)
 
@@ -193,13 +200,15 @@ def main(spec_path: str, out_path: str) -> None:
     for batch in batches:
         prompts = [TokensPrompt(prompt_token_ids=p if isinstance(p, list)
                                 else p["prompt_token_ids"]) for p in batch]
-        params = [SamplingParams(**sampling, **({} if isinstance(p, list)
-                                                else p.get("sampling", {}))) for p in batch]
+        params = [SamplingParams(**{**sampling, **({} if isinstance(p, list)
+                                                   else p.get("sampling", {}))}) for p in batch]
         results += llm.generate(prompts, params, use_tqdm=spec.get("progress", False))
     seconds = time.perf_counter() - t0
     config = llm.llm_engine.vllm_config
-    out = {"rotary_classes": llm.apply_model(rotary_layer_classes)[0],
-           "attention_backends": llm.apply_model(attention_backend_classes)[0],
+    introspect = spec.get("introspect", True)
+    out = {"rotary_classes": llm.apply_model(rotary_layer_classes)[0] if introspect else None,
+           "attention_backends": (llm.apply_model(attention_backend_classes)[0]
+                                  if introspect else None),
            "prefix_caching": bool(config.cache_config.enable_prefix_caching),
            "chunked_prefill": bool(config.scheduler_config.enable_chunked_prefill),
            "dtype": engine_dtype(llm), "generate_seconds": seconds,

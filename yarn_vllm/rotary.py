@@ -89,11 +89,11 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
             mscales[row] = self.policy.mscale(s)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("mscales", mscales, persistent=False)
-        self.scale_index: torch.Tensor | None = None
+        tokens = (int(vllm_config.scheduler_config.max_num_batched_tokens)
+                  if self.yarn_mode == "request" else 0)
+        self.register_buffer("scale_index", torch.zeros(tokens, dtype=torch.int32),
+                             persistent=False)
         if self.yarn_mode == "request":
-            tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
-            self.register_buffer("scale_index", torch.zeros(tokens, dtype=torch.int32),
-                                 persistent=False)
             from yarn_vllm.request_scales import install_runner_hooks
 
             install_runner_hooks()  # the model runner must feed scale_index every step

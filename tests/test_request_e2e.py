@@ -1,0 +1,235 @@
+"""Request mode end to end on the real vLLM engine (CPU), against independent references.
+
+A random tiny Llama trained to L = 1024 is served with factor 4, so a request gets
+s = 1, 2 or 4 at admission (the smallest with s x L >= prompt + max_tokens), or its
+own `yarn_factor`. Each request must equal its reference at that scale: HF
+transformers (as trained at s = 1, its own YaRN at s = 2 and 3) and vLLM with our
+plugin off (static YaRN at s = 4). Engines:
+
+  one_step   prefix caching on, a token budget that prefills every prompt in one step;
+             three sequential batches: a mixed batch, then prompts sharing prefixes
+             with it at the same and at another scale, then a repeat at s = 4;
+  chunked    a 256-token budget (chunked prefill) and a KV cache too small for its
+             second batch, so that vLLM preempts and recomputes requests;
+  vllm_s4    plugin off, static YaRN s = 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from yarn_vllm.config import YarnConfig
+from yarn_vllm.engine_worker import run_engine
+
+L, NEW = 1024, 8
+LOGPROB_TOL = 1e-4  # fp32 engine against fp32 references; a wrong scale is off by > 1e-2
+TIE = 1e-3  # two tokens this close are a tie that summation order may break either way
+
+
+def _tokens(vocab: int, n: int, seed: int) -> list[int]:
+    return torch.randint(2, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="session")
+def case(tiny_llama):
+    hf = json.load(open(os.path.join(tiny_llama, "config.json")))
+    v = hf["vocab_size"]
+    short, mid, long_, own = _tokens(v, 300, 1), _tokens(v, 1500, 2), _tokens(v, 3000, 3), \
+        _tokens(v, 300, 4)
+    p = {  # name: (prompt, extra_args, the scale admission must give it)
+        "short": (short, None, 1.0), "mid": (mid, None, 2.0), "long": (long_, None, 4.0),
+        "own": (own, {"yarn_factor": 3.0}, 3.0),
+        # batch 2: prefixes of batch 1's prompts
+        "mid_again": (mid[:1280] + _tokens(v, 200, 5), None, 2.0),
+        "mid_other_scale": (mid[:1280] + _tokens(v, 200, 6), {"yarn_factor": 4}, 4.0),
+        "short_again": (short[:256] + _tokens(v, 100, 7), None, 1.0),
+        # batch 3: batch 2's prompt at s = 4 again
+        "mid_other_scale_again": (mid[:1280] + _tokens(v, 200, 6), {"yarn_factor": 4}, 4.0),
+        # the chunked engine's second batch: 32 blocks of 128 needed, 26 there
+        "grow_a": (_tokens(v, 1100, 8), None, 2.0), "grow_b": (_tokens(v, 200, 9), None, 1.0),
+        "grow_c": (_tokens(v, 1400, 10), None, 2.0),
+    }
+    overrides = YarnConfig(factor=4.0, mode="request").hf_overrides(hf)
+    base = {"dtype": "float32", "hf_overrides": overrides, "skip_tokenizer_init": True,
+            "max_model_len": 3200, "seed": 0}
+    return {"model": tiny_llama, "hf": hf, "prompts": p, "llm_kwargs": base}
+
+
+BATCH_1 = ("short", "mid", "long", "own")
+BATCH_2 = ("mid_again", "mid_other_scale", "short_again")
+GROW = ("grow_a", "grow_b", "grow_c")
+GROW_TOKENS = 400
+
+
+def _request(case, name, **sampling):
+    prompt, extra, _ = case["prompts"][name]
+    sampling = dict(sampling, extra_args=extra) if extra else sampling
+    return {"prompt_token_ids": prompt, "sampling": sampling}
+
+
+@pytest.fixture(scope="session")
+def one_step(case):
+    first = [_request(case, n, prompt_logprobs=1) for n in BATCH_1]
+    spec = {"model": case["model"], "prompts": first,
+            "batches": [[_request(case, n) for n in BATCH_2],
+                        [_request(case, "mid_other_scale_again")]],
+            "sampling": {"max_tokens": NEW, "logprobs": 1, "detokenize": False},
+            "llm_kwargs": dict(case["llm_kwargs"], enable_prefix_caching=True,
+                               max_num_batched_tokens=8192)}
+    out = run_engine(spec, timeout=900)
+    return dict(zip(BATCH_1 + BATCH_2 + ("mid_other_scale_again",), out["outputs"])), out
+
+
+@pytest.fixture(scope="session")
+def chunked(case):
+    spec = {"model": case["model"],
+            "prompts": [_request(case, n, prompt_logprobs=1) for n in BATCH_1],
+            "batches": [[_request(case, n, max_tokens=GROW_TOKENS) for n in GROW]],
+            "sampling": {"max_tokens": NEW, "logprobs": 1, "detokenize": False},
+            "llm_kwargs": dict(case["llm_kwargs"], enable_prefix_caching=False,
+                               enable_chunked_prefill=True, max_num_batched_tokens=256,
+                               num_gpu_blocks_override=26, disable_log_stats=False)}
+    out = run_engine(spec, timeout=900)
+    return dict(zip(BATCH_1 + GROW, out["outputs"])), out
+
+
+@pytest.fixture(scope="session")
+def vllm_s4(case):
+    hf = case["hf"]
+    names = ("long", "mid_other_scale")
+    spec = {"model": case["model"], "prompts": [case["prompts"][n][0] for n in names],
+            "sampling": {"max_tokens": NEW, "logprobs": 1, "prompt_logprobs": 1,
+                         "detokenize": False},
+            "llm_kwargs": dict(case["llm_kwargs"],
+                               hf_overrides=YarnConfig(factor=4.0).hf_overrides(hf))}
+    out = run_engine(spec, plugins=False, timeout=900)
+    assert out["rotary_classes"] == [
+        "vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope.YaRNScalingRotaryEmbedding"]
+    return dict(zip(names, out["outputs"]))
+
+
+_HF_MODELS: dict[float, object] = {}
+
+
+def hf_reference(case, name: str, s: float, new_tokens: int):
+    """HF transformers at scale s (plain RoPE at s = 1): the prompt's per-token logprobs
+    [P - 1], the greedy continuation and each step's log-softmax [new_tokens, vocab]."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    if s not in _HF_MODELS:
+        config = AutoConfig.from_pretrained(case["model"])
+        if s != 1.0:
+            config.max_position_embeddings = int(4 * L)
+            config.rope_parameters = {"rope_type": "yarn", "factor": s, "rope_theta": 10000.0,
+                                      "original_max_position_embeddings": L}
+        _HF_MODELS[s] = LlamaForCausalLM.from_pretrained(
+            case["model"], config=config, dtype=torch.float32).eval()
+    model = _HF_MODELS[s]
+    prompt = torch.tensor([case["prompts"][name][0]])
+    with torch.no_grad():
+        logits = model(prompt).logits[0].float()
+        prompt_lp = torch.log_softmax(logits[:-1], -1).gather(1, prompt[0, 1:, None])[:, 0]
+        gen = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, output_scores=True, return_dict_in_generate=True,
+                             eos_token_id=None, pad_token_id=0)
+    steps = torch.stack([torch.log_softmax(x[0].float(), -1) for x in gen.scores])
+    return prompt_lp, gen.sequences[0, prompt.shape[1]:].tolist(), steps
+
+
+def prompt_logprob_gap(ours: dict, prompt: list[int], reference: torch.Tensor) -> float:
+    """Largest |ours - reference| over the prompt's own tokens (positions 1 .. P-1)."""
+    got = torch.tensor([step[str(token)] for step, token in
+                        zip(ours["prompt_logprobs"][1:], prompt[1:])])
+    return (got - reference).abs().max().item()
+
+
+def assert_steps_match(ours: dict, tokens: list[int], steps: torch.Tensor) -> None:
+    """Greedy tokens agree, and each chosen token's logprob within LOGPROB_TOL; should they
+    part at an exact tie (top two within TIE in the reference), the rest is not compared."""
+    assert len(ours["token_ids"]) == len(tokens)
+    for step, token in enumerate(tokens):
+        mine = ours["token_ids"][step]
+        if mine != token:
+            assert steps[step][token] - steps[step][mine] < TIE, f"step {step}"
+            return
+        assert ours["logprobs"][step][str(token)] == pytest.approx(steps[step][token].item(),
+                                                                   abs=LOGPROB_TOL)
+
+
+@pytest.mark.parametrize("name", ["short", "mid", "own"])
+def test_each_request_equals_hf_at_its_admitted_scale(case, one_step, name):
+    """In one mixed batch: s = 1 (as trained), s = 2 (listed) and s = 3 (its own yarn_factor)."""
+    outputs, _ = one_step
+    prompt, _, s = case["prompts"][name]
+    ref_prompt, ref_tokens, ref_steps = hf_reference(case, name, s, NEW)
+    gap = prompt_logprob_gap(outputs[name], prompt, ref_prompt)
+    assert gap < LOGPROB_TOL
+    assert_steps_match(outputs[name], ref_tokens, ref_steps)
+    # the contrast: the neighbouring scale is far outside the tolerance
+    wrong = 2.0 if s == 1.0 else 1.0
+    wrong_prompt, _, _ = hf_reference(case, name, wrong, 1)
+    assert prompt_logprob_gap(outputs[name], prompt, wrong_prompt) > 100 * LOGPROB_TOL
+
+
+@pytest.mark.parametrize("name", ["long", "mid_other_scale"])
+def test_long_requests_equal_vllms_static_yarn_at_their_scale(case, one_step, vllm_s4, name):
+    outputs, _ = one_step
+    ours, ref = outputs[name], vllm_s4[name]
+    assert ours["token_ids"] == ref["token_ids"]
+    for a, b in zip(ours["logprobs"], ref["logprobs"]):
+        for token, lp in a.items():
+            if token in b:
+                assert lp == pytest.approx(b[token], abs=LOGPROB_TOL)
+    if name == "long":  # it asked for prompt logprobs: every position agrees
+        gaps = [abs(a[k] - b[k]) for a, b in zip(ours["prompt_logprobs"][1:],
+                                                  ref["prompt_logprobs"][1:]) for k in a if k in b]
+        assert len(gaps) >= 2999 and max(gaps) < LOGPROB_TOL
+
+
+def test_prefix_cache_hits_within_a_scale_and_never_across(one_step):
+    outputs, result = one_step
+    assert result["prefix_caching"] is True
+    cached = {n: outputs[n]["num_cached_tokens"] for n in outputs}
+    assert cached["mid_again"] >= 1280 - 128  # mid's blocks, computed at s = 2
+    assert cached["short_again"] >= 256 - 128  # short's blocks, at s = 1 (unsalted)
+    assert cached["mid_other_scale"] == 0  # the same prefix at s = 4: never mid's s = 2 blocks
+    assert cached["mid_other_scale_again"] >= 1280  # but s = 4 blocks serve s = 4 requests
+
+
+def test_cache_hits_change_nothing(case, one_step):
+    outputs, _ = one_step
+    for name in ("mid_again", "short_again"):
+        _, tokens, steps = hf_reference(case, name, case["prompts"][name][2], NEW)
+        assert_steps_match(outputs[name], tokens, steps)
+    assert outputs["mid_other_scale_again"]["token_ids"] == outputs["mid_other_scale"]["token_ids"]
+
+
+@pytest.mark.parametrize("name", BATCH_1)
+def test_chunked_prefill_equals_one_step_prefill(one_step, chunked, name):
+    """A 256-token budget prefills the 3,000-token prompt in 12 chunks, each at its scale."""
+    a, b = one_step[0][name], chunked[0][name]
+    assert a["token_ids"] == b["token_ids"]
+    gaps = [abs(x[k] - y[k]) for x, y in zip(a["prompt_logprobs"][1:], b["prompt_logprobs"][1:])
+            for k in x if k in y]
+    assert max(gaps) < LOGPROB_TOL
+
+
+@pytest.mark.parametrize("name", GROW)
+def test_preempted_requests_keep_their_scale(case, chunked, name):
+    """Three requests outgrow a 26-block cache while decoding; vLLM preempts and recomputes.
+    Every one must still equal its reference at the scale it was admitted at."""
+    outputs, result = chunked
+    assert result["num_preemptions"] and result["num_preemptions"] > 0
+    _, tokens, steps = hf_reference(case, name, case["prompts"][name][2], GROW_TOKENS)
+    assert_steps_match(outputs[name], tokens, steps)
+
+
+def test_served_by_our_layer_on_vllms_own_attention(one_step):
+    _, result = one_step
+    assert result["rotary_classes"] == ["yarn_vllm.rotary.YarnRotaryEmbedding"]
+    assert result["attention_backends"] == [
+        "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend"]

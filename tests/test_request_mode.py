@@ -1,0 +1,200 @@
+"""Request mode's pieces without an engine: the choice at admission, the per-request
+override, the cache salt, the runner's scale rows, and the rotary layer's per-token rows
+against the fp32 reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TOL
+from yarn_vllm import yarn_math
+from yarn_vllm.config import YarnConfig
+from yarn_vllm.errors import UserError
+from yarn_vllm.ops import rotary_reference
+from yarn_vllm.request_scales import RequestScaleFeeder, admit, salted
+from yarn_vllm.scale_policy import ScalePolicy
+
+L = 1024
+
+
+def policy(factor=4.0, listed=None):
+    return ScalePolicy(YarnConfig(factor=factor, original_max_position=L, mode="request",
+                                  request_factors=listed), 64, 10000.0)
+
+
+@pytest.mark.parametrize("prompt,max_tokens,expected", [
+    (300, 8, 1.0), (1000, 24, 1.0), (1000, 25, 2.0), (2040, 8, 2.0), (2041, 8, 4.0),
+    (4000, 96, 4.0), (9000, 8, 4.0)])  # past every listed scale: the largest
+def test_admission_picks_the_smallest_scale_that_holds_prompt_and_max_tokens(
+        prompt, max_tokens, expected):
+    assert policy().request_factor(prompt, max_tokens) == expected
+
+
+def test_listed_scales_and_the_factor_6_default():
+    assert policy(6.0).scales_on_offer() == (1.0, 2.0, 4.0, 6.0)
+    assert policy(6.0).request_factor(4500, 0) == 6.0
+    assert policy(8.0, listed=(1.0, 3.0, 8.0)).request_factor(2000, 0) == 3.0
+
+
+@pytest.mark.parametrize("value", [1, 1.0, 2.5, 3.999, 4])
+def test_override_takes_any_finite_scale_in_range(value):
+    assert policy().request_factor(10, 10, override=value) == float(value)
+
+
+@pytest.mark.parametrize("value", [0.5, 0, -1, 4.01, float("nan"), float("inf"), "2", None and 1,
+                                   True, [2]])
+def test_bad_override_names_yarn_factor(value):
+    if value is None:
+        return
+    with pytest.raises(UserError, match="`yarn_factor`.*Fix: give a number from 1 to 4"):
+        policy().request_factor(10, 10, override=value)
+
+
+def _request(prompt_len, max_tokens, extra=None, salt=None):
+    params = SimpleNamespace(max_tokens=max_tokens, extra_args=extra)
+    return SimpleNamespace(prompt_token_ids=list(range(prompt_len)), prompt_embeds=None,
+                           sampling_params=params, cache_salt=salt)
+
+
+def _processor(tiny_llama, mode="request"):
+    from vllm.engine.arg_utils import EngineArgs
+
+    hf = json.load(open(os.path.join(tiny_llama, "config.json")))
+    overrides = YarnConfig(factor=4.0, mode=mode).hf_overrides(hf)
+    config = EngineArgs(model=tiny_llama, hf_overrides=overrides, skip_tokenizer_init=True,
+                        max_model_len=4096).create_engine_config()
+    return SimpleNamespace(vllm_config=config)
+
+
+def test_admit_writes_the_scale_and_salts_only_scaled_requests(tiny_llama):
+    import yarn_vllm
+
+    yarn_vllm.register()
+    processor = _processor(tiny_llama)
+    short, long_, own = (_request(300, 8), _request(2500, 8, salt="tenant-a"),
+                         _request(300, 8, extra={"yarn_factor": 3, "other": 1}))
+    for r in (short, long_, own):
+        admit(processor, r)
+    assert short.sampling_params.extra_args == {"yarn_factor": 1.0}
+    assert short.cache_salt is None  # s = 1 hashes exactly like plain vLLM
+    assert long_.sampling_params.extra_args["yarn_factor"] == 4.0
+    assert long_.cache_salt == "tenant-a|yarn_factor=4.0"  # the user's salt is kept
+    assert own.sampling_params.extra_args == {"yarn_factor": 3.0, "other": 1}
+    assert own.cache_salt == salted(None, 3.0) != salted(None, 4.0)
+    with pytest.raises(UserError, match="yarn_factor"):
+        admit(processor, _request(10, 10, extra={"yarn_factor": 9}))
+    with pytest.raises(UserError, match="`resumable`"):
+        admit(processor, _request(10, 10), resumable=True)
+
+
+def test_admit_leaves_other_modes_alone(tiny_llama):
+    processor = _processor(tiny_llama, mode="static")
+    r = _request(2500, 8, extra={"yarn_factor": "anything"}, salt="s")
+    admit(processor, r)
+    assert r.sampling_params.extra_args == {"yarn_factor": "anything"} and r.cache_salt == "s"
+
+
+# ---- the model runner's side -----------------------------------------------------------
+
+@pytest.fixture
+def request_layer(tiny_llama):
+    """A real request-mode rotary layer, built under the engine config vLLM would give it."""
+    from vllm.config import set_current_vllm_config
+
+    import yarn_vllm
+    from yarn_vllm.rotary import YarnRotaryEmbedding
+
+    yarn_vllm.register()
+    config = _processor(tiny_llama).vllm_config
+    with set_current_vllm_config(config):
+        layer = YarnRotaryEmbedding(64, 64, L, 10000.0, True, 4.0, torch.float32)
+    return layer, config
+
+
+def _scheduled(*reqs):
+    """SchedulerOutput's fields the feeder reads: new requests (id, prompt, params) and finished."""
+    new = [SimpleNamespace(req_id=i, prompt_token_ids=list(range(n)), prompt_embeds=None,
+                           sampling_params=SimpleNamespace(max_tokens=m, extra_args=extra))
+           for i, n, m, extra in reqs]
+    return SimpleNamespace(scheduled_new_reqs=new, finished_req_ids=set())
+
+
+def test_feeder_writes_each_tokens_row_and_reuses_spare_rows(request_layer):
+    layer, config = request_layer
+    listed = (1.0, 2.0, 4.0)
+    assert layer.inv_freq.shape == (3 + config.scheduler_config.max_num_seqs, 32)
+    feeder = RequestScaleFeeder([layer])
+    feeder.update(_scheduled(("a", 300, 8, {"yarn_factor": 1.0}),
+                             ("b", 2500, 8, {"yarn_factor": 4.0}),
+                             ("c", 300, 8, {"yarn_factor": 3.0}),
+                             ("d", 1500, 8, None)))  # admitted without our frontend: 2
+    feeder.write(["b", "a", "c", "d"], np.array([3, 1, 2, 2]))
+    rows = layer.scale_index[:8].tolist()
+    assert rows[:4] == [2, 2, 2, 0] and rows[6:] == [1, 1]
+    assert rows[4] == rows[5] >= len(listed)  # the override's own spare row
+    torch.testing.assert_close(layer.inv_freq[rows[4]],
+                               yarn_math.yarn_inv_freq(64, 10000.0, 3.0, L), rtol=0, atol=0)
+    assert layer.mscales[rows[4]].item() == pytest.approx(0.1 * math.log(3.0) + 1.0)
+    # rows of the listed scales: s = 1 is plain RoPE at magnitude 1
+    assert torch.equal(layer.inv_freq[0], yarn_math.rope_inv_freq(64, 10000.0))
+    assert layer.mscales[0].item() == 1.0
+    # c finishes; a new override takes a spare row, never one the batch still needs
+    sched = _scheduled(("e", 300, 8, {"yarn_factor": 2.5}))
+    sched.finished_req_ids = {"c"}
+    feeder.update(sched)
+    feeder.write(["e", "b"], np.array([1, 1]))
+    e_row = layer.scale_index[0].item()
+    assert e_row >= len(listed) and layer.scale_index[1].item() == 2
+    assert "c" not in feeder.factor_of
+
+
+def test_feeder_never_evicts_a_row_the_batch_needs(request_layer):
+    layer, config = request_layer
+    feeder = RequestScaleFeeder([layer])
+    spare = layer.inv_freq.shape[0] - 3
+    factors = [1.0 + (i + 1) / (spare + 2) for i in range(spare)]  # fills every spare row
+    feeder.update(_scheduled(*[(f"r{i}", 10, 1, {"yarn_factor": f})
+                               for i, f in enumerate(factors)]))
+    ids = [f"r{i}" for i in range(spare)]
+    feeder.write(ids, np.ones(spare, dtype=np.int64))
+    assert len(set(layer.scale_index[:spare].tolist())) == spare
+    for i, f in enumerate(factors):
+        torch.testing.assert_close(layer.inv_freq[layer.scale_index[i]],
+                                   yarn_math.yarn_inv_freq(64, 10000.0, f, L), rtol=0, atol=0)
+
+
+def test_request_layer_rotates_each_token_at_its_rows_scale(request_layer):
+    """Tokens of three requests at s = 1, 4 and 3 in one forward, against the fp32 reference
+    at each token's own scale (plain RoPE at s = 1)."""
+    layer, _ = request_layer
+    feeder = RequestScaleFeeder([layer])
+    feeder.update(_scheduled(("a", 300, 8, {"yarn_factor": 1.0}),
+                             ("b", 2500, 8, {"yarn_factor": 4.0}),
+                             ("c", 300, 8, {"yarn_factor": 3.0})))
+    lens = [5, 7, 4]
+    feeder.write(["a", "b", "c"], np.array(lens))
+    g = torch.Generator().manual_seed(0)
+    positions = torch.cat([torch.arange(290, 295), torch.arange(2400, 2407),
+                           torch.arange(0, 4)])
+    q = torch.randn(16, 4 * 64, generator=g)
+    k = torch.randn(16, 2 * 64, generator=g)
+    q_out, k_out = layer.forward_native(positions, q.clone(), k.clone())
+    starts = np.cumsum([0] + lens)
+    for (a, b), s in zip(zip(starts[:-1], starts[1:]), [1.0, 4.0, 3.0]):
+        inv = (yarn_math.rope_inv_freq(64, 10000.0) if s == 1.0
+               else yarn_math.yarn_inv_freq(64, 10000.0, s, L))
+        m = 1.0 if s == 1.0 else 0.1 * math.log(s) + 1.0
+        for x, out, heads in ((q, q_out, 4), (k, k_out, 2)):
+            ref = rotary_reference(x[a:b].view(-1, heads, 64), positions[a:b], inv, m)
+            torch.testing.assert_close(out[a:b].view(-1, heads, 64), ref, **TOL[torch.float32])
+    # the contrast: token 5 rotated at s = 1 instead of its s = 4 is far off
+    wrong = rotary_reference(q[5:6].view(1, 4, 64), positions[5:6],
+                             yarn_math.rope_inv_freq(64, 10000.0), 1.0)
+    assert (q_out[5:6].view(1, 4, 64) - wrong).abs().max() > 0.1
