@@ -7,6 +7,7 @@
 // the fly (O(rotary_dim) state) and multiply by mscale, as in vLLM and HF.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -44,8 +45,11 @@ inline void cos_sin_on_the_fly(int64_t position, const float* inv_freq, int half
   int j = 0;
 #ifdef YARN_CPU_AVX2
   const __m256 ms = _mm256_set1_ps(mscale);
-  for (; j < half; j += 8) {
-    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(half - j),
+  // Vector lanes in whole groups of 4 and libm for the last half % 4, as this kernel
+  // always split them: static mode's results stay the same bit for bit.
+  const int vector_lanes = half & ~3;
+  for (; j < vector_lanes; j += 8) {
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(vector_lanes - j),
                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const __m256 angle = _mm256_mul_ps(_mm256_set1_ps(pos), _mm256_maskload_ps(inv_freq + j, lanes));
     // sincos8 is exact below 2^50 rad; past it (or for inf/NaN) libm serves the rest
@@ -56,6 +60,7 @@ inline void cos_sin_on_the_fly(int64_t position, const float* inv_freq, int half
     _mm256_store_ps(cos_out + j, _mm256_mul_ps(c, ms));
     _mm256_store_ps(sin_out + j, _mm256_mul_ps(s, ms));
   }
+  j = std::min(j, vector_lanes);  // a partial last group covered only its own lanes
 #endif
   for (; j < half; ++j) {
     const float angle = pos * inv_freq[j];

@@ -21,9 +21,9 @@ from yarn_vllm import ops, yarn_math
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOKENS = [1, 7, 989, 4099]
-# (head_size, rotary_dim): full, partial, and (80, 20) whose rotary_dim/2 = 10 runs
-# the kernels' 16-, 8-lane and masked tails
-SHAPES = [(64, 64), (128, 128), (128, 64), (80, 32), (80, 20)]
+# (head_size, rotary_dim): full, partial, and halves of 10 and 14 that run the
+# kernels' 16-, 8-lane, masked and scalar tails
+SHAPES = [(64, 64), (128, 128), (128, 64), (80, 32), (80, 20), (64, 28)]
 FACTORS = (1.0, 2.0, 4.0, 8.0)  # request mode's scales on offer, one row each
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_ext = pytest.mark.skipif(not ops.HAS_EXTENSION, reason="yarn_vllm._C not built")
