@@ -23,10 +23,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from timing import environment, measure, write_json  # noqa: E402
 
 import yarn_vllm.ops  # noqa: E402,F401  (loads the extension)
-from yarn_vllm.attention import rope_registry  # noqa: E402
 from yarn_vllm.attention.backend import (YarnDynamicAttentionImpl,  # noqa: E402
                                          YarnDynamicMetadataBuilder)
-from yarn_vllm.attention.rope_spec import DynamicRope  # noqa: E402
+from yarn_vllm.config import YarnConfig  # noqa: E402
+from yarn_vllm.scale_policy import ScalePolicy  # noqa: E402
 
 
 def _paged_cache(num_blocks, kv_heads, block_size, head, dtype):
@@ -46,7 +46,10 @@ def one_case(ctx, q_len, args, dtype):
     qsl = torch.tensor([0, q_len], dtype=torch.int32)
     query = torch.randn(q_len, hq, head).to(dtype)
     out = torch.empty_like(query)
-    spec = DynamicRope(head, head, args.rope_theta, args.original_max_position)
+    # the builder's policy, as it reads it from an engine's vllm_config in dynamic mode
+    builder = SimpleNamespace(policy=ScalePolicy(
+        YarnConfig(factor=max(1.0, ctx / args.original_max_position), mode="dynamic",
+                   original_max_position=args.original_max_position), head, args.rope_theta))
 
     # vLLM's kernel wants its own packed cache: fill it through its own writer.
     vcache, vkc, vvc = _paged_cache(nblocks, hkv, bs, head, dtype)
@@ -65,7 +68,6 @@ def one_case(ctx, q_len, args, dtype):
                 sliding_window=-1, block_table=block_table, softcap=0.0,
                 scheduler_metadata=meta, s_aux=None)
 
-    rope_registry.publish(spec, owner=-1)
     impl = YarnDynamicAttentionImpl(hq, head, head ** -0.5, hkv, None, None, "auto")
     common = SimpleNamespace(num_reqs=1, num_actual_tokens=q_len, query_start_loc_cpu=qsl,
                              seq_lens=seq_lens, block_table_tensor=block_table,
@@ -73,7 +75,7 @@ def one_case(ctx, q_len, args, dtype):
     flat_out = out.view(q_len, hq * head)
 
     def ours_step():
-        meta = YarnDynamicMetadataBuilder.build(SimpleNamespace(), 0, common)
+        meta = YarnDynamicMetadataBuilder.build(builder, 0, common)
         for _ in range(args.layers):
             impl.forward(None, query, None, None, cache.view(nblocks, hkv, bs, 2 * head), meta,
                          flat_out)

@@ -159,8 +159,8 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
                                  "(max_num_batched_tokens)")
             rotary_embedding_(positions, q, k, self.inv_freq, self.mscales, self.head_size,
                               self.is_neox_style, scale_index=self.scale_index[:tokens])
-        else:
-            rotary_embedding_(positions, q, k, self.inv_freq[0], self.mscale, self.head_size,
+        else:  # the buffers, not a float: no host-to-device copy inside a CUDA graph
+            rotary_embedding_(positions, q, k, self.inv_freq, self.mscales, self.head_size,
                               self.is_neox_style)
         return query, key
 

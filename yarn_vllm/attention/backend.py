@@ -13,8 +13,9 @@ keys with those angles:
     PyTorch's fused SDPA, which is quicker than a per-key kernel at O(n^2).
 
 On a GPU, all-decode batches go to the CUDA kernel (csrc/paged_attention_cuda*)
-and every other batch to the Triton kernel (triton_paged.py). That routing has
-only been exercised kernel by kernel: no CUDA build of vLLM was at hand.
+and every other batch to the Triton kernel (triton_paged.py), through the one
+wrapper attention.paged.paged_attention. The routing runs on this CPU with
+Triton's interpreter (tests); no GPU has run it inside an engine yet.
 
 The cache layout is vLLM's CPU one ([num_blocks, H_kv, block_size, 2 * D] with
 the K and V halves of each (block, head)); only our code reads or writes it.
@@ -30,6 +31,7 @@ from vllm.v1.attention.backend import (AttentionImpl, AttentionMetadataBuilder, 
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from yarn_vllm.attention.angles import angle_table
+from yarn_vllm.attention.paged import paged_attention
 from yarn_vllm.ops import rotary_embedding_
 from yarn_vllm.scale_policy import ScalePolicy
 
@@ -84,11 +86,13 @@ class YarnDynamicAttentionBackend(CPUAttentionBackend):
 
 @dataclass
 class YarnDynamicMetadata:
-    """One step's batch. B sequences, T tokens; all tensors on the CPU.
+    """One step's batch. B sequences, T tokens.
 
-    query_start_loc [B + 1] and seq_lens [B] int32; block_table [B, max_blocks]
-    int32; inv_freq [B, rotary_dim / 2] and attention_scale [B] fp32 (mscale(s)^2);
-    angles / angle_start: the kernel's angle table (attention.angles.angle_table).
+    On the host: query_start_loc [B + 1] and seq_lens [B] int32; inv_freq
+    [B, rotary_dim / 2] and attention_scale [B] fp32 (mscale(s)^2); angles /
+    angle_start, the CPU kernel's angle table (attention.angles.angle_table; None on a
+    GPU). block_table [B, max_blocks] int32 and device_args (seq_lens,
+    query_start_loc, inv_freq, attention_scale) are on the KV cache's device.
     """
 
     num_actual_tokens: int
@@ -104,7 +108,7 @@ class YarnDynamicMetadata:
     angle_start: torch.Tensor
     long_queries: list[int]  # sequences served by gather + SDPA (CPU)
     short_queries: list[int]  # sequences with queries served by the kernel (CPU)
-    device_args: tuple | None = None  # GPU: (seq_lens, query_start_loc, inv_freq, attention_scale)
+    device_args: tuple
 
 
 class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
@@ -128,13 +132,11 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
         query_lens = (qsl[1:] - qsl[:-1]).tolist()
         inv_freq, attention_scale = self.policy.per_sequence(seq_list)
         device = m.block_table_tensor.device
-        if device.type == "cpu":
-            angles, start = angle_table(seq_list, inv_freq)
-            device_args = None
-        else:  # the GPU kernels form angles themselves; move the per-step tensors once
-            angles = start = None
-            device_args = tuple(t.to(device, non_blocking=True)
-                                for t in (seq_lens, qsl, inv_freq, attention_scale))
+        # the GPU kernels form angles themselves; the CPU kernel reads a table built once here
+        angles, start = (angle_table(seq_list, inv_freq) if device.type == "cpu"
+                         else (None, None))
+        device_args = tuple(t.to(device, non_blocking=True)
+                            for t in (seq_lens, qsl, inv_freq, attention_scale))
         return YarnDynamicMetadata(
             num_actual_tokens=m.num_actual_tokens, query_start_loc=qsl, seq_lens=seq_lens,
             block_table=m.block_table_tensor[:num_reqs].to(torch.int32),
@@ -143,12 +145,6 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
             long_queries=[b for b, n in enumerate(query_lens) if n > SDPA_MIN_QUERY],
             short_queries=[b for b, n in enumerate(query_lens) if 0 < n <= SDPA_MIN_QUERY],
             device_args=device_args)
-
-
-def _has_cuda_op() -> bool:
-    from yarn_vllm.ops import extension_supports
-
-    return extension_supports(torch.device("cuda"))
 
 
 def _refuse(field: str, value) -> None:
@@ -202,7 +198,7 @@ class YarnDynamicAttentionImpl(AttentionImpl):
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         key_cache, value_cache = split_kv_cache(kv_cache)
-        if meta.device_args is not None:
+        if key_cache.device.type != "cpu":
             self._gpu(meta, q, out, key_cache, value_cache, IS_NEOX)
             return output
         logit_scale = meta.attention_scale * self.scale
@@ -214,29 +210,21 @@ class YarnDynamicAttentionImpl(AttentionImpl):
         return output
 
     def _gpu(self, meta: YarnDynamicMetadata, q, out, key_cache, value_cache,
-             is_neox: bool) -> None:
-        """CUDA decode kernel for all-decode batches (one token per sequence), else Triton."""
+             is_neox: bool, kernel: str = "auto") -> None:
+        """The whole batch in one call: the CUDA decode op for all-decode batches, else Triton
+        (attention.paged.choose_kernel; `kernel="triton"` forces it, e.g. on CPU tensors)."""
         seq_lens, qsl, inv_freq, attention_scale = meta.device_args
-        logit_scale = attention_scale * self.scale
-        if max(meta.query_lens) == 1 == min(meta.query_lens) and _has_cuda_op():
-            torch.ops.yarn_vllm.paged_attention(out, q, key_cache, value_cache, meta.block_table,
-                                                seq_lens, qsl, inv_freq, logit_scale, None, None,
-                                                is_neox)
-            return
-        from yarn_vllm.attention.triton_paged import paged_attention_triton
-
-        paged_attention_triton(out, q, key_cache, value_cache, meta.block_table, seq_lens, qsl,
-                               inv_freq, logit_scale, is_neox,
-                               max_query_len=max(meta.query_lens))
+        paged_attention(out, q, key_cache, value_cache, meta.block_table, seq_lens, qsl, inv_freq,
+                        attention_scale * self.scale, is_neox,
+                        max_query_len=max(meta.query_lens), kernel=kernel)
 
     def _kernel(self, seqs: list[int], meta: YarnDynamicMetadata, q, out, key_cache,
                 value_cache, logit_scale, is_neox: bool) -> None:
         """The C++ kernel over `seqs`; a sub-batch is gathered when others take the SDPA path."""
         if len(seqs) == len(meta.query_lens):
-            torch.ops.yarn_vllm.paged_attention(
-                out, q, key_cache, value_cache, meta.block_table, meta.seq_lens,
-                meta.query_start_loc, meta.inv_freq, logit_scale, meta.angles, meta.angle_start,
-                is_neox)
+            paged_attention(out, q, key_cache, value_cache, meta.block_table, meta.seq_lens,
+                            meta.query_start_loc, meta.inv_freq, logit_scale, is_neox,
+                            angles=meta.angles, angle_start=meta.angle_start, kernel="cpu")
             return
         idx = torch.tensor(seqs)
         starts = meta.query_start_loc
@@ -245,11 +233,11 @@ class YarnDynamicAttentionImpl(AttentionImpl):
         sub_qsl = torch.zeros(len(seqs) + 1, dtype=torch.int32)
         sub_qsl[1:] = lens.cumsum(0)
         sub_out = torch.empty((tokens.shape[0],) + tuple(q.shape[1:]), dtype=q.dtype)
-        torch.ops.yarn_vllm.paged_attention(
-            sub_out, q[tokens].contiguous(), key_cache, value_cache,
-            meta.block_table[idx].contiguous(), meta.seq_lens[idx].contiguous(), sub_qsl,
-            meta.inv_freq[idx].contiguous(), logit_scale[idx].contiguous(), meta.angles,
-            meta.angle_start[idx].contiguous(), is_neox)
+        paged_attention(sub_out, q[tokens].contiguous(), key_cache, value_cache,
+                        meta.block_table[idx].contiguous(), meta.seq_lens[idx].contiguous(),
+                        sub_qsl, meta.inv_freq[idx].contiguous(), logit_scale[idx].contiguous(),
+                        is_neox, angles=meta.angles, angle_start=meta.angle_start[idx].contiguous(),
+                        kernel="cpu")
         out[tokens] = sub_out
 
     def _sdpa(self, b: int, meta: YarnDynamicMetadata, q, out, key_cache, value_cache,
