@@ -167,6 +167,7 @@ interface_check() {
     && extra=(LD_LIBRARY_PATH="$(driver_stub)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}")
   log "$part: benchmarks/cuda_interface_check.py $part (log: $OUT/$part.log)"
   # Run from $OUT: the repository root on sys.path would shadow the tree's yarn_vllm.
+  # CUDA_VISIBLE_DEVICES="": nothing here may touch a GPU, even where one exists.
   (cd "$OUT" && env "${extra[@]}" PYTHONPATH="$OUT/tree" CUDA_VISIBLE_DEVICES="" \
     "$PY" "$ROOT/benchmarks/cuda_interface_check.py" "$part" --out "$OUT/$part.json") \
     >"$OUT/$part.log" 2>&1

@@ -67,8 +67,18 @@ def run(tree: Path, capability: str) -> None:
     from yarn_vllm.ops import extension_supports
     from yarn_vllm.rotary import YarnRotaryEmbedding
 
+    tmp = tempfile.TemporaryDirectory(prefix="yarn_vllm_cuda_check_")  # removed at exit
+    models = Path(tmp.name)
+    for name, rope in (("plain", {"rope_type": "default", "rope_theta": 1e4}),
+                       ("dynamic", TINY_DYNAMIC_LLAMA["rope_parameters"])):
+        (models / name).mkdir()
+        (models / name / "config.json").write_text(
+            json.dumps(dict(TINY_DYNAMIC_LLAMA, rope_parameters=rope)))
+    native = _vllm_choices(torch, platform_cls, models / "plain")
     vllm.plugins.plugins_loaded = False
     vllm.plugins.load_general_plugins()  # finds yarn_vllm through the tree's egg-info
+    check("with the plugin, vLLM chooses as before for a model without YaRN",
+          _vllm_choices(torch, platform_cls, models / "plain") == native, str(native))
     has_cuda_kernel = extension_supports(torch.device("cuda"))
     ours = op_registry_oot.get(ROTARY_OP_NAME) is YarnRotaryEmbedding
     # plugin.py: our layer serves when the extension has a kernel for the platform's device,
@@ -85,14 +95,32 @@ def run(tree: Path, capability: str) -> None:
     with set_current_vllm_config(VllmConfig()):
         _check_get_rope(torch, YarnRotaryEmbedding if ours else None, "static")
         backend = _check_selection(torch, platform_cls)
-    with tempfile.TemporaryDirectory() as model:
-        (Path(model) / "config.json").write_text(json.dumps(TINY_DYNAMIC_LLAMA))
-        vllm_config = _check_dynamic_config(model, ours)
+    vllm_config = _check_dynamic_config(str(models / "dynamic"), ours)
     if vllm_config is None:
         return
     with set_current_vllm_config(vllm_config):
         _check_get_rope(torch, YarnRotaryEmbedding, "dynamic")
         _check_runner_interface(torch, backend, vllm_config)
+
+
+def _vllm_choices(torch, platform_cls, model: Path) -> dict:
+    """What vLLM decides for `model` on this platform: the backend it selects when none is
+    asked for, and the engine settings the platform's config hook leaves."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    cfg = AttentionSelectorConfig(head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto",
+                                  block_size=None)
+    with set_current_vllm_config(VllmConfig()):
+        backend = platform_cls.get_attn_backend_cls(None, attn_selector_config=cfg)
+    config = EngineArgs(model=str(model), skip_tokenizer_init=True).create_engine_config()
+    return {"backend": backend.rsplit(".", 1)[-1],
+            "attention_config.backend": str(config.attention_config.backend),
+            "chunked_prefill": config.scheduler_config.enable_chunked_prefill,
+            "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+            "prefix_caching": config.cache_config.enable_prefix_caching,
+            "cudagraph_mode": str(config.compilation_config.cudagraph_mode)}
 
 
 def _check_imports() -> None:

@@ -2,8 +2,8 @@
 
 Runs benchmarks/cuda_build_check.sh once per module. It needs the side environment
 .venv-cuda (CUDA torch and vllm==0.32.0; `benchmarks/cuda_build_check.sh --env-only`
-makes it, several GB) and skips only when that is missing. About 4 minutes on 2 cores
-when csrc/ changed since the last build, under a minute otherwise.
+makes it, several GB) and skips only when that is missing. 3 to 11 minutes on 2 shared
+cores when csrc/ changed since the last build, about 2 minutes otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ pytestmark = [
 VLLM_CHECKS = (
     "current_platform is CUDA",
     "every yarn_vllm module imports under vLLM's CUDA build",
+    "with the plugin, vLLM chooses as before for a model without YaRN",
     "entry point registered the rotary layer as plugin.py documents",
     "entry point wrapped CudaPlatform's hooks",
     "entry point registered AttentionBackendEnum.CUSTOM",
