@@ -24,9 +24,11 @@ the K and V halves of each (block, head)); only our code reads or writes it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from vllm.v1.attention.backend import (AttentionImpl, AttentionMetadataBuilder, AttentionType,
+from vllm.v1.attention.backend import (AttentionCGSupport, AttentionImpl,
+                                       AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata)
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
@@ -112,6 +114,11 @@ class YarnDynamicMetadata:
 
 
 class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
+    # The build reads sequence lengths on the host (each sequence's scale and, on the CPU,
+    # its angle table), so the attention cannot be captured in a CUDA graph; vLLM then
+    # runs dynamic mode with piecewise graphs around it. Request mode keeps full graphs.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         policy = ScalePolicy.from_vllm_config(vllm_config)

@@ -1,0 +1,119 @@
+"""Short requests behind a long prompt: TTFT of 8 short chat-sized prompts that arrive with
+one 16k prompt, per YaRN mode, through `yarn-vllm serve` (the OpenAI server), side by side.
+
+This is the case chunked prefill exists for. In request mode vLLM keeps chunked prefill,
+so the short prompts are scheduled beside the long one's chunks; in dynamic mode (before
+it learns chunked prefill) the long prompt is prefilled in one step and everything that
+arrives with it waits for that step. Each repeat sends fresh random prompts (no prefix
+cache hits), all at the same moment, and waits for every answer.
+
+    .venv/bin/python benchmarks/bench_mixed_ttft.py --modes request,dynamic --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import environment, write_json  # noqa: E402
+
+from yarn_vllm.bench.online import percentile, stream_one  # noqa: E402
+from yarn_vllm.models import resolve_model  # noqa: E402
+from yarn_vllm.testing.server_process import LocalServer  # noqa: E402
+
+
+def one_round(url: str, model: str, rng: random.Random, args) -> dict:
+    """Send the long prompt and the short ones at once; TTFT and latency of each, seconds."""
+    import httpx
+
+    def tokens(n):
+        return [rng.randrange(100, args.vocab_size) for _ in range(n)]
+
+    jobs = [("long", tokens(args.long_tokens), args.output_tokens)]
+    jobs += [(f"short{i}", tokens(args.short_tokens), args.output_tokens)
+             for i in range(args.num_short)]
+    results: dict[str, dict] = {}
+    start = threading.Barrier(len(jobs))
+
+    def run(name, prompt, out_tokens):
+        with httpx.Client(timeout=None) as client:
+            start.wait()
+            results[name] = stream_one(client, url, model, prompt, out_tokens)
+
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    short = [results[f"short{i}"]["ttft_s"] for i in range(args.num_short)]
+    return {"short_ttft_s": short, "long_ttft_s": results["long"]["ttft_s"],
+            "short_ttft_p50_s": percentile(short, 50), "short_ttft_p99_s": percentile(short, 99),
+            "long_latency_s": results["long"]["latency_s"]}
+
+
+def bench_mode(mode: str, args) -> dict:
+    model = resolve_model(args.model)
+    serve_args = ["--factor", str(args.factor), "--yarn-mode", mode, *args.vllm_args]
+    log = os.path.join(args.log_dir, f"serve_{mode}.log")
+    print(f"[{mode}] starting yarn-vllm serve {' '.join(serve_args)} (log: {log})", flush=True)
+    t0 = time.perf_counter()
+    with LocalServer(model, serve_args, log_path=log) as server:
+        started = time.perf_counter() - t0
+        import httpx
+
+        with httpx.Client(timeout=None) as client:  # warm-up: first-call costs
+            served = client.get(server.url + "/v1/models").json()["data"][0]["id"]
+            stream_one(client, server.url, served, [101, 102, 103], 2)
+        rounds = []
+        for r in range(args.repeats):
+            row = one_round(server.url, served, random.Random(1000 * r + 7), args)
+            rounds.append(row)
+            print(f"[{mode}] round {r + 1}: short TTFT p50 {row['short_ttft_p50_s']:.2f} s, "
+                  f"p99 {row['short_ttft_p99_s']:.2f} s; long TTFT {row['long_ttft_s']:.2f} s",
+                  flush=True)
+    p50 = sorted(x["short_ttft_p50_s"] for x in rounds)
+    p99 = sorted(x["short_ttft_p99_s"] for x in rounds)
+    return {"mode": mode, "serve_args": serve_args, "server_start_s": started, "rounds": rounds,
+            "short_ttft_p50_s_median": p50[len(p50) // 2], "short_ttft_p50_s_range": [p50[0], p50[-1]],
+            "short_ttft_p99_s_median": p99[len(p99) // 2], "short_ttft_p99_s_range": [p99[0], p99[-1]]}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--modes", default="request,dynamic")
+    p.add_argument("--factor", type=float, default=4.0)
+    p.add_argument("--long-tokens", type=int, default=16384)
+    p.add_argument("--short-tokens", type=int, default=256)
+    p.add_argument("--num-short", type=int, default=8)
+    p.add_argument("--output-tokens", type=int, default=16)
+    p.add_argument("--vocab-size", type=int, default=49152)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--log-dir", default="bench_results")
+    p.add_argument("--out", default="bench_results/mixed_ttft.json")
+    args, vllm_args = p.parse_known_args(argv)
+    args.vllm_args = vllm_args  # e.g. --dtype float32, passed to every server
+    os.makedirs(args.log_dir, exist_ok=True)
+    rows = [bench_mode(mode, args) for mode in args.modes.split(",")]
+    print(f"{'mode':>10} {'short TTFT p50 (s)':>20} {'short TTFT p99 (s)':>20}")
+    for row in rows:
+        print(f"{row['mode']:>10} {row['short_ttft_p50_s_median']:>11.2f} "
+              f"({row['short_ttft_p50_s_range'][0]:.2f}-{row['short_ttft_p50_s_range'][1]:.2f}) "
+              f"{row['short_ttft_p99_s_median']:>11.2f} "
+              f"({row['short_ttft_p99_s_range'][0]:.2f}-{row['short_ttft_p99_s_range'][1]:.2f})")
+    if len(rows) > 1:
+        base = rows[-1]["short_ttft_p50_s_median"]
+        for row in rows[:-1]:
+            print(f"{row['mode']} / {rows[-1]['mode']} short TTFT p50: "
+                  f"{row['short_ttft_p50_s_median'] / base:.3f}")
+    write_json(args.out, {"env": environment(), "args": {k: v for k, v in vars(args).items()},
+                          "modes": rows})
+
+
+if __name__ == "__main__":
+    main()
