@@ -49,7 +49,8 @@ def one_case(ctx, q_len, args, dtype):
     # the builder's policy, as it reads it from an engine's vllm_config in dynamic mode
     builder = SimpleNamespace(policy=ScalePolicy(
         YarnConfig(factor=max(1.0, ctx / args.original_max_position), mode="dynamic",
-                   original_max_position=args.original_max_position), head, args.rope_theta))
+                   original_max_position=args.original_max_position), head, args.rope_theta),
+        prompt_lens=None)
 
     # vLLM's kernel wants its own packed cache: fill it through its own writer.
     vcache, vkc, vvc = _paged_cache(nblocks, hkv, bs, head, dtype)

@@ -209,7 +209,7 @@ def test_backend_writes_pre_rope_keys_and_attends_like_the_reference(headroom):
     from yarn_vllm.attention.backend import (SDPA_MIN_QUERY, YarnDynamicAttentionImpl,
                                              YarnDynamicMetadataBuilder)
 
-    builder = SimpleNamespace(policy=dynamic_policy(factor=4.0, headroom=headroom))
+    builder = SimpleNamespace(policy=dynamic_policy(factor=4.0, headroom=headroom), prompt_lens=None)
     seq_lens, q_lens = [400, 900, 5, 2100], [400, 1, 5, 150]  # prefill, decode, tiny, chunk
     assert max(q_lens) > SDPA_MIN_QUERY
     b = _batch(seq_lens, q_lens)
@@ -284,16 +284,42 @@ def _overrides(tiny_llama, mode):
 
 
 @needs_kernel
-def test_dynamic_mode_selects_our_backend_and_one_step_prefill(tiny_llama):
+def test_dynamic_mode_selects_our_backend_and_keeps_the_serving_features(tiny_llama):
+    """Chunked prefill, the token budget and prefix caching stay as the user set them."""
     import yarn_vllm
 
     yarn_vllm.register()
     config = _vllm_config(tiny_llama, _overrides(tiny_llama, "dynamic"),
-                          enable_prefix_caching=True)
+                          enable_prefix_caching=True, max_num_batched_tokens=256)
     assert config.attention_config.backend.name == "CUSTOM"
-    assert config.cache_config.enable_prefix_caching is False
-    assert config.scheduler_config.enable_chunked_prefill is False
-    assert config.scheduler_config.max_num_batched_tokens >= config.model_config.max_model_len
+    assert config.cache_config.enable_prefix_caching is True
+    assert config.scheduler_config.enable_chunked_prefill is True
+    assert config.scheduler_config.max_num_batched_tokens == 256
+
+
+def test_prefill_chunks_run_at_the_scale_of_the_whole_prompt():
+    """l <= P (still in the prompt): s(P), whichever chunk; past it, s(l)."""
+    policy = dynamic_policy(factor=4.0)
+    seq_lens, prompt_lens = [256, 512, 768, 769, 300, 100], [768, 768, 768, 768, 100, 100]
+    inv, attention_scale = policy.per_sequence(seq_lens, prompt_lens)
+    expected = [3.0, 3.0, 3.0, 769 / 256, 300 / 256, 1.0]
+    for b, s in enumerate(expected):
+        assert torch.equal(inv[b], policy.inv_freq(s))
+        assert attention_scale[b].item() == pytest.approx((0.1 * math.log(s) + 1.0) ** 2)
+    alone, _ = policy.per_sequence(seq_lens)  # no prompt lengths: each step's own length
+    assert torch.equal(alone[0], policy.inv_freq(1.0))
+
+
+@pytest.mark.parametrize("seq_len,expected", [(100, 1.0), (256, 1.0), (257, 1.25), (300, 1.25),
+                                              (320, 1.25), (321, 1.5), (1000, 4.0)])
+def test_scale_step_rounds_up_and_keeps_s_monotone(seq_len, expected):
+    policy = ScalePolicy(YarnConfig(factor=4.0, original_max_position=256, mode="dynamic",
+                                    dynamic_scale_step=0.25), 64, 10000.0)
+    assert policy.dynamic_factor(seq_len) == expected
+    lens = torch.arange(1, 2000)
+    s = policy.dynamic_factor(lens)
+    assert bool((s[1:] >= s[:-1]).all()) and s[255].item() == 1.0
+    assert torch.equal(s, torch.tensor([policy.dynamic_factor(int(n)) for n in lens]))
 
 
 @needs_kernel

@@ -18,7 +18,8 @@ from yarn_vllm import yarn_math
 from yarn_vllm.config import YarnConfig
 from yarn_vllm.errors import UserError
 from yarn_vllm.ops import rotary_reference
-from yarn_vllm.request_scales import RequestScaleFeeder, admit, salted
+from yarn_vllm.admission import admit, salted
+from yarn_vllm.request_scales import RequestScaleFeeder
 from yarn_vllm.scale_policy import ScalePolicy
 
 L = 1024
@@ -90,7 +91,7 @@ def test_admit_writes_the_scale_and_salts_only_scaled_requests(tiny_llama):
     assert own.cache_salt == salted(None, 3.0) != salted(None, 4.0)
     with pytest.raises(UserError, match="yarn_factor"):
         admit(processor, _request(10, 10, extra={"yarn_factor": 9}))
-    with pytest.raises(UserError, match="`resumable`"):
+    with pytest.raises(UserError, match="`resumable` is set in yarn_mode 'request'"):
         admit(processor, _request(10, 10), resumable=True)
 
 

@@ -39,6 +39,9 @@ class YarnConfig:
 
     `dynamic_headroom` c >= 1 (dynamic mode only) lets s run ahead of the length,
     s = max(1, min(c length / original, max(factor, length / original))); 1 is the paper.
+    `dynamic_scale_step` (dynamic mode only, opt-in): s is rounded up to a multiple of
+    it, so that prompts of nearby lengths prefill at one scale and share cached blocks;
+    None (the default) keeps s exact.
     `request_factors` (request mode only): the ascending scales a request may get,
     from 1 up to `factor`; None means 1, 2, 4, ... and always `factor` itself.
     """
@@ -54,6 +57,7 @@ class YarnConfig:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     dynamic_headroom: float = 1.0
+    dynamic_scale_step: float | None = None
     request_factors: tuple[float, ...] | None = None
 
     def __post_init__(self):
@@ -92,6 +96,13 @@ class YarnConfig:
         if self.dynamic_headroom != 1.0 and self.mode != "dynamic":
             raise UserError("dynamic_headroom", f"is {self.dynamic_headroom} with mode "
                             f"{self.mode!r}", "set mode: dynamic, or drop dynamic_headroom")
+        if self.dynamic_scale_step is not None:
+            if self.mode != "dynamic":
+                raise UserError("dynamic_scale_step", f"is {self.dynamic_scale_step} with mode "
+                                f"{self.mode!r}", "set mode: dynamic, or drop dynamic_scale_step")
+            if not 0 < self.dynamic_scale_step < math.inf:
+                raise UserError("dynamic_scale_step", f"is {self.dynamic_scale_step}",
+                                "give a finite step > 0, e.g. 0.25, or leave it unset")
         if self.request_factors is not None:
             if self.mode != "request":
                 raise UserError("request_factors", f"are set with mode {self.mode!r}",
@@ -180,6 +191,7 @@ class YarnConfig:
             mscale_all_dim=params.get("mscale_all_dim"),
             attention_factor=params.get("attention_factor"),
             dynamic_headroom=params.get("yarn_dynamic_headroom", 1.0),
+            dynamic_scale_step=params.get("yarn_dynamic_scale_step"),
             request_factors=params.get("yarn_request_factors"),
         )
 
@@ -243,6 +255,8 @@ class YarnConfig:
                 params[key] = float(getattr(cfg, key))
         if cfg.mode == "dynamic":
             params["yarn_dynamic_headroom"] = float(cfg.dynamic_headroom)
+            if cfg.dynamic_scale_step is not None:
+                params["yarn_dynamic_scale_step"] = float(cfg.dynamic_scale_step)
         if cfg.mode == "request":
             params["yarn_request_factors"] = list(cfg.scales_on_offer())
         partial = rope_parameters_of(hf_config).get("partial_rotary_factor")
@@ -255,7 +269,8 @@ class YarnConfig:
 _FIELD_TYPES = {"factor": float, "original_max_position": int, "target_context": int,
                 "beta_fast": float, "beta_slow": float, "mode": str, "truncate": bool,
                 "mscale": float, "mscale_all_dim": float, "attention_factor": float,
-                "dynamic_headroom": float, "request_factors": tuple}
+                "dynamic_headroom": float, "dynamic_scale_step": float,
+                "request_factors": tuple}
 _REQUIRED = ("beta_fast", "beta_slow", "mode", "truncate", "dynamic_headroom")
 
 

@@ -12,11 +12,10 @@ weight loads. Then:
            caching stay on (yarn_vllm.request_scales keeps them exact). Refused:
            what would feed our rotary layers tokens in another order than the
            model runner's batch (speculative decoding, prefill context parallelism).
-  dynamic  our pre-RoPE attention backend (AttentionBackendEnum.CUSTOM); no chunked
-           prefill, and a token budget of at least max_model_len, so that a prompt
-           is prefilled in one step at the scale of its full length (chunks would
-           each see another scale); no prefix caching: a cached block's keys at
-           layers >= 1 depend on the scale they were computed at.
+  dynamic  our pre-RoPE attention backend (AttentionBackendEnum.CUSTOM). Chunked
+           prefill and prefix caching stay as the user set them, and exact: every
+           chunk of a prompt runs at s(P), the scale of a one-step prefill
+           (scale_policy), and a request's blocks are salted with s(P) (admission).
 
 Models without YaRN are left exactly as they were.
 """
@@ -107,26 +106,18 @@ def _configure_dynamic(vllm_config) -> None:
         raise UserError("attention_backend", "CUSTOM is registered by another plugin",
                         "disable that plugin to serve yarn_mode 'dynamic'")
     attention.backend = AttentionBackendEnum.CUSTOM
-    scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
-    max_len = vllm_config.model_config.max_model_len
-    changes = []
-    if scheduler.enable_chunked_prefill:
-        scheduler.enable_chunked_prefill = False
-        changes.append("chunked prefill off")
-    if scheduler.max_num_batched_tokens < max_len:
-        scheduler.max_num_batched_tokens = max_len
-        changes.append(f"max_num_batched_tokens={max_len}")
-    if cache.enable_prefix_caching:
-        cache.enable_prefix_caching = False
-        changes.append("prefix caching off")
-    _allow_long_steps()
-    logger.info("yarn_vllm: Dynamic YaRN: pre-RoPE attention backend%s",
-                f"; {', '.join(changes)} (each prompt is prefilled in one step at its own "
-                "scale, and cached blocks are not shared across scales)" if changes else "")
+    scheduler = vllm_config.scheduler_config
+    if not scheduler.enable_chunked_prefill:
+        _allow_long_steps()
+    logger.info("yarn_vllm: Dynamic YaRN: pre-RoPE attention backend; chunked prefill %s, "
+                "prefix caching %s (each prompt's chunks run at the scale of the whole prompt; "
+                "cached blocks are shared between requests whose prefill ran at one scale)",
+                "on" if scheduler.enable_chunked_prefill else "off",
+                "on" if vllm_config.cache_config.enable_prefix_caching else "off")
 
 
 def _allow_long_steps() -> None:
-    """Let one step run as long as a whole prompt's prefill takes on a CPU.
+    """Without chunked prefill, let one step run as long as a whole prompt's prefill takes.
 
     vLLM's executor gives a step VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (300 s) and then
     kills the engine; a 16k prompt prefilled in one step took longer than that on a

@@ -10,9 +10,10 @@ model without YaRN exactly as vLLM would serve it. What it hooks:
     engine settings applied (yarn_vllm.engine_config);
   * the platform's backend selector: AttentionBackendEnum.CUSTOM answers our
     pre-RoPE backend (dynamic mode; vLLM's CPU platform otherwise always says CPU_ATTN);
-  * request admission: each request's scale is fixed as it enters the engine
-    (request mode; yarn_vllm.request_scales). The model-runner side is installed by
-    the first request-mode rotary layer, in the worker that builds it.
+  * admission: each request's scale is fixed as it enters the engine (the
+    per-sequence modes; yarn_vllm.admission). The model-runner side
+    (yarn_vllm.runner_hooks) is installed by the first request- or dynamic-mode
+    rotary layer, in the worker that builds it.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def _register_admission() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     from yarn_vllm.patching import run_after
-    from yarn_vllm.request_scales import admit
+    from yarn_vllm.admission import admit
 
     # vLLM passes `resumable` by keyword; a streamed prompt cannot keep a fixed scale
     run_after(InputProcessor, "process_inputs", lambda processor, request, *a, **k: admit(

@@ -1,22 +1,11 @@
-"""Request mode in the engine: one YaRN scale per request, chosen at admission, kept for life.
+"""Request mode in the model runner: each scheduled token's row of the rotary frequency table.
 
-Two halves, in the two processes that vLLM runs:
-
-* **Admission** (the frontend's InputProcessor, `admit`): the request's scale s
-  comes from ScalePolicy.request_factor (prompt and max_tokens, or the request's own
-  `yarn_factor`, validated here so that a bad value is the client's 400, not an
-  engine fault). s is written back into the request's own SamplingParams.extra_args
-  and, for s != 1, into its `cache_salt`, so its KV blocks hash apart from those of
-  other scales (vLLM chains block hashes from the first block, which carries the
-  salt); requests at one scale share prefixes as before, and s = 1 hashes exactly
-  as plain vLLM.
-* **Feeding** (each model runner, `RequestScaleFeeder`): before every forward, each
-  scheduled token's row of the rotary layers' frequency table is written into
-  their persistent `scale_index` buffer. The rotary forward then only indexes
-  device memory: no host sync, the same buffers every step (CUDA-graph safe).
-
-The scale travels with the request's SamplingParams, which survive preemption and
-recompute, so a preempted request resumes at the scale it was admitted at.
+A request's scale is fixed at admission (yarn_vllm.admission) and travels in its own
+SamplingParams.extra_args, which survive preemption and recompute, so a preempted
+request resumes at the scale it was admitted at. Before every forward the runner
+(yarn_vllm.runner_hooks) has `RequestScaleFeeder` write each scheduled token's row
+into the rotary layers' persistent `scale_index` buffer; the rotary forward then only
+indexes device memory: no host sync, the same buffers every step (CUDA-graph safe).
 """
 
 from __future__ import annotations
@@ -24,51 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from yarn_vllm.errors import UserError
-from yarn_vllm.patching import run_after
 from yarn_vllm.scale_policy import REQUEST_FACTOR_KEY, ScalePolicy
-
-_POLICY_ATTR = "_yarn_vllm_request_policy"
-_FEEDER_ATTR = "_yarn_vllm_request_feeder"
-
-
-def salted(cache_salt: str | None, factor: float) -> str | None:
-    """The cache_salt of a request at scale `factor`: the user's salt, plus the scale if != 1."""
-    if factor == 1.0:
-        return cache_salt
-    return f"{cache_salt}|yarn_factor={factor!r}" if cache_salt else f"yarn_factor={factor!r}"
-
-
-def admit(processor, request, resumable: bool = False) -> None:
-    """Fix the scale of `request` (an EngineCoreRequest) at admission; a no-op outside request mode.
-
-    Raises UserError (a ValueError: vLLM's server answers 400) for a bad `yarn_factor`.
-    """
-    policy = processor.__dict__.get(_POLICY_ATTR, processor)
-    if policy is processor:  # first request: read the model's policy once
-        policy = ScalePolicy.from_vllm_config(processor.vllm_config)
-        policy = policy if policy is not None and policy.mode == "request" else None
-        setattr(processor, _POLICY_ATTR, policy)
-    params = request.sampling_params
-    if policy is None or params is None:
-        return
-    if resumable:
-        raise UserError("resumable", "is set in request mode; a prompt streamed in later "
-                        "could outgrow the scale fixed at admission",
-                        "send the whole prompt at once, or serve with yarn_mode 'dynamic'",
-                        source="request")
-    extra = dict(params.extra_args or {})
-    s = policy.request_factor(_prompt_len(request), params.max_tokens or 0,
-                              extra.get(REQUEST_FACTOR_KEY))
-    extra[REQUEST_FACTOR_KEY] = s
-    params.extra_args = extra
-    request.cache_salt = salted(request.cache_salt, s)
-
-
-def _prompt_len(request) -> int:
-    if request.prompt_token_ids is not None:
-        return len(request.prompt_token_ids)
-    return int(request.prompt_embeds.shape[0])
 
 
 class RequestScaleFeeder:
@@ -87,17 +32,6 @@ class RequestScaleFeeder:
         self.row_of: dict[float, int] = {s: i for i, s in enumerate(listed)}
         self.spare = list(range(len(listed), layers[0].inv_freq.shape[0]))  # LRU first
         self.factor_of: dict[str, float] = {}
-
-    @classmethod
-    def of(cls, runner) -> "RequestScaleFeeder | None":
-        """The runner's feeder, made on first use; None when its model has no request-mode layer."""
-        feeder = runner.__dict__.get(_FEEDER_ATTR, runner)
-        if feeder is runner:  # yarn_vllm.rotary's layers in request mode
-            layers = {id(m): m for m in runner.get_model().modules()
-                      if getattr(m, "yarn_mode", None) == "request"}
-            feeder = cls(list(layers.values())) if layers else None
-            setattr(runner, _FEEDER_ATTR, feeder)
-        return feeder
 
     def update(self, scheduler_output) -> None:
         """Record the scale of every newly scheduled request; forget finished ones."""
@@ -145,37 +79,3 @@ class RequestScaleFeeder:
 
     def _scale_at(self, row: int) -> float | None:
         return next((s for s, r in self.row_of.items() if r == row), None)
-
-
-def install_runner_hooks() -> None:
-    """Make vLLM's model runners (V1 on every platform, V2 on GPUs) feed request-mode layers.
-
-    Idempotent; installed by the first request-mode rotary layer, in the worker that builds it.
-    """
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
-
-    run_after(V1Runner, "_update_states", lambda runner, _, sched, *a, **k: (
-        _feeder_update(runner, sched)))
-    run_after(V1Runner, "_prepare_inputs", lambda runner, _, sched, tokens, *a, **k: (
-        _feeder_write(runner, runner.input_batch.req_ids[: runner.input_batch.num_reqs],
-                      tokens)))
-    try:
-        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
-    except ImportError:  # a build without the V2 runner
-        return
-    run_after(V2Runner, "add_requests", lambda runner, _, sched, *a, **k: (
-        _feeder_update(runner, sched)))
-    run_after(V2Runner, "prepare_inputs", lambda runner, batch, *a, **k: (
-        _feeder_write(runner, batch.req_ids, batch.num_scheduled_tokens)))
-
-
-def _feeder_update(runner, scheduler_output) -> None:
-    feeder = RequestScaleFeeder.of(runner)
-    if feeder is not None:
-        feeder.update(scheduler_output)
-
-
-def _feeder_write(runner, req_ids, num_scheduled_tokens) -> None:
-    feeder = RequestScaleFeeder.of(runner)
-    if feeder is not None:
-        feeder.write(list(req_ids), np.asarray(num_scheduled_tokens[: len(req_ids)]))

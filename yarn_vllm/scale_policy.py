@@ -5,7 +5,10 @@ settings) and its rotary shape. The modes differ only in how s is chosen:
 
   static   s = factor, for every token of every request;
   dynamic  s = max(1, l / L) for a sequence of current length l (paper Eq. 24),
-           optionally led by a headroom c (yarn_math.dynamic_factor);
+           optionally led by a headroom c (yarn_math.dynamic_factor) and rounded up
+           to a scale step. While a prompt of P tokens is prefilled, in one step or
+           in chunks, l is taken as P: every chunk runs at s(P), as a one-step
+           prefill would, and decoding then follows the length;
   request  s chosen once per request at admission: the smallest scale on offer
            with s x L >= prompt_tokens + max_tokens (or the largest on offer),
            unless the request names its own `yarn_factor`.
@@ -71,9 +74,23 @@ class ScalePolicy:
     # ---- choosing s ---------------------------------------------------------
 
     def dynamic_factor(self, seq_len):
-        """Dynamic mode's s(l) for an int length or an integer tensor of lengths."""
-        return yarn_math.dynamic_factor(seq_len, self.original_max_position,
-                                        self.config.dynamic_headroom, self.factor)
+        """Dynamic mode's s(l) for an int length or an integer tensor of lengths.
+
+        With a scale step the exact s is rounded up to a multiple of it (1 stays 1), which
+        keeps s non-decreasing in l: what makes prefix caching by prefill scale exact.
+        """
+        s = yarn_math.dynamic_factor(seq_len, self.original_max_position,
+                                     self.config.dynamic_headroom, self.factor)
+        step = self.config.dynamic_scale_step
+        if step is None:
+            return s
+        if isinstance(s, torch.Tensor):
+            return torch.ceil(s / step) * step
+        return math.ceil(s / step) * step
+
+    def prefill_factor(self, prompt_tokens: int) -> float:
+        """Dynamic mode's s for every chunk of a prompt's prefill: s(P)."""
+        return self.dynamic_factor(int(prompt_tokens))
 
     def scales_on_offer(self) -> tuple[float, ...]:
         """Request mode's listed scales, ascending, from 1 (or more) up to factor."""
@@ -136,11 +153,19 @@ class ScalePolicy:
         """mscale(s)**2, the multiplier on the attention logits."""
         return yarn_math.attention_scale(self.mscale(s))
 
-    def per_sequence(self, seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dynamic mode, B sequence lengths: inv_freq [B, rotary_dim // 2] and
-        attention_scale [B], fp32, each at that sequence's s(l)."""
+    def per_sequence(self, seq_lens, prompt_lens=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dynamic mode, one step's B sequences: inv_freq [B, rotary_dim // 2] and
+        attention_scale [B], fp32, at each sequence's s.
+
+        seq_lens: lengths after the step's tokens; prompt_lens: each request's prompt
+        length P, or None (every step a whole prefill or a decode). A sequence still
+        within its prompt (l <= P: a prefill chunk) runs at s(P), later steps at s(l).
+        """
         rows: dict[float, torch.Tensor] = {}
-        scales = [self.dynamic_factor(int(n)) for n in seq_lens]
+        lengths = [int(n) for n in seq_lens]
+        if prompt_lens is not None:
+            lengths = [max(n, int(p)) for n, p in zip(lengths, prompt_lens)]
+        scales = [self.dynamic_factor(n) for n in lengths]
         for s in scales:
             if s not in rows:
                 rows[s] = self.inv_freq(s)

@@ -2,10 +2,12 @@
 
 In dynamic mode our rotary layer passes q and k through unrotated, so the
 paged KV cache holds pre-RoPE keys. Each engine step, the metadata builder
-takes every sequence's scale s = max(1, seq_len / L) from its length after the
-step's tokens (the model's ScalePolicy, read from the vllm_config it is given),
-and builds its YaRN frequencies, attention scale mscale(s)^2 and angle table
-once for all layers. RoPE is NeoX-style (the rotary layer refuses the rest). Attention then rotates queries and cached
+takes every sequence's scale from the model's ScalePolicy (read from the
+vllm_config it is given): s(P) for a sequence still in its prompt's prefill,
+whether in one step or in chunks (the runner hands it the prompt lengths), and
+s(l) = max(1, l / L) once it decodes; then it builds the YaRN frequencies,
+attention scale mscale(s)^2 and angle table once for all layers. RoPE is
+NeoX-style (the rotary layer refuses the rest). Attention then rotates queries and cached
 keys with those angles:
 
   * decode and short queries: the C++ kernel, rotating keys as it loads them;
@@ -128,6 +130,9 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
                                "Fix: drop --attention-backend CUSTOM, or set yarn_mode "
                                "'dynamic' with rope_type 'yarn'")
         self.policy = policy
+        # Each request's prompt length in the coming step's batch order, set by the model
+        # runner before every build (yarn_vllm.runner_hooks): a prefill chunk runs at s(P).
+        self.prompt_lens = None
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> YarnDynamicMetadata:
@@ -137,7 +142,10 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
         seq_lens = m.seq_lens[:num_reqs].cpu().to(torch.int32)
         seq_list = seq_lens.tolist()
         query_lens = (qsl[1:] - qsl[:-1]).tolist()
-        inv_freq, attention_scale = self.policy.per_sequence(seq_list)
+        prompt_lens, self.prompt_lens = self.prompt_lens, None  # this step's, used once
+        if prompt_lens is not None and len(prompt_lens) != num_reqs:
+            prompt_lens = None  # a dummy run's batch, not the runner's
+        inv_freq, attention_scale = self.policy.per_sequence(seq_list, prompt_lens)
         device = m.block_table_tensor.device
         # the GPU kernels form angles themselves; the CPU kernel reads a table built once here
         angles, start = (angle_table(seq_list, inv_freq) if device.type == "cpu"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 
+from yarn_vllm.cli.redact import HIDDEN, is_secret
 from yarn_vllm.config import MODES, YarnConfig
 from yarn_vllm.errors import UserError
 from yarn_vllm.models import DEFAULT_MODEL
@@ -14,7 +16,7 @@ FACTOR_HELP = ("extension factor (default: the smallest power of two >= 2 whose 
 YARN_FLAGS = {"factor": "factor", "target_context": "target_context",
               "original_max_position": "original_max_position", "beta_fast": "beta_fast",
               "beta_slow": "beta_slow", "yarn_mode": "mode", "dynamic_headroom": "dynamic_headroom",
-              "request_factors": "request_factors"}
+              "dynamic_scale_step": "dynamic_scale_step", "request_factors": "request_factors"}
 
 
 # ---- list values ----------------------------------------------------------------------
@@ -25,9 +27,9 @@ def positive_ints(text: str) -> list[int]:
         values = [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers") from None
+            f"is {text!r}, not a comma-separated list of integers") from None
     if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every value must be positive")
+        raise argparse.ArgumentTypeError(f"is {text!r}: every value must be positive")
     return values
 
 
@@ -37,14 +39,14 @@ def floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of numbers") from None
+            f"is {text!r}, not a comma-separated list of numbers") from None
 
 
 def depths(text: str) -> list[float]:
     """Needle depths: fractions of the filler in [0, 1]."""
     values = floats(text)
     if not all(0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every depth must be in [0, 1]")
+        raise argparse.ArgumentTypeError(f"is {text!r}: every depth must be in [0, 1]")
     return values
 
 
@@ -55,7 +57,7 @@ def method_names(text: str) -> list[str]:
     names = text.split(",")
     for name in names:
         if name not in METHODS:
-            raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from "
+            raise argparse.ArgumentTypeError(f"names unknown method {name!r}; choose from "
                                              f"{', '.join(METHODS)}")
     return names
 
@@ -81,8 +83,12 @@ def add_yarn_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dynamic-headroom", type=float,
                    help="dynamic mode: run each sequence at up to this multiple of the scale "
                         "its length needs, capped at --factor (default 1, the paper's rule)")
+    g.add_argument("--dynamic-scale-step", type=float,
+                   help="dynamic mode: round each scale up to a multiple of this (e.g. 0.25), "
+                        "so that prompts of nearby lengths share cached blocks (default: exact)")
     g.add_argument("--request-factors", type=floats,
-                   help="comma-separated factors a request may ask for, e.g. 1,2,4")
+                   help="request mode: the ascending scales a request may get, e.g. 1,2,4 "
+                        "(default 1, 2, 4, ... up to --factor)")
     g.add_argument("--no-yarn", action="store_true", help="run the model as trained")
 
 
@@ -138,8 +144,33 @@ def passthrough_kwargs(unknown: list[str]) -> dict:
         try:
             kwargs[key] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise UserError(f"--{key.replace('_', '-')}", f"is not valid JSON: {value[:60]!r}",
+            shown = HIDDEN if is_secret(key) else value[:60]
+            raise UserError(f"--{key.replace('_', '-')}", f"is not valid JSON: {shown!r}",
                             "quote a JSON value, e.g. '{\"max_position_embeddings\": 16384}'",
                             source="command line") from None
         i += 1
     return kwargs
+
+
+# ---- numbers that parse but make no sense ------------------------------------------------
+
+def check_factor(factor: float | None, source: str, flag: str = "--factor") -> None:
+    """A factor as YarnConfig takes one (finite, >= 1), else its UserError under `flag`."""
+    if factor is None:
+        return
+    try:
+        YarnConfig(factor=factor)
+    except UserError as e:
+        raise UserError(flag, e.problem, e.fix, source=source) from None
+
+
+def check_numbers(args, source: str, *, positive=(), non_negative=()) -> None:
+    """UserError for the first flag (argparse dest) in `positive` not in (0, inf), or in
+    `non_negative` not in [0, inf); flags left unset (None) pass."""
+    for dests, low, ok in ((positive, "above 0", lambda v: 0 < v < math.inf),
+                           (non_negative, "0 or more", lambda v: 0 <= v < math.inf)):
+        for dest in dests:
+            value = getattr(args, dest)
+            if value is not None and not ok(value):
+                raise UserError("--" + dest.replace("_", "-"), f"is {value}",
+                                f"give a finite number {low}", source=source)
