@@ -19,36 +19,25 @@ def _sync(device: str) -> None:
 def measure(fn, *, reps: int, warmup: int = 3, setup=None, device: str = "cpu",
             min_seconds: float = 0.0) -> dict:
     """Time `fn()` (after `setup()`, untimed) and return ms quantiles {median, p20, p80, n}."""
-    for _ in range(warmup):
-        if setup:
-            setup()
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start < min_seconds:
-        if setup:
-            setup()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return _quantiles(times)
-
-
-def _quantiles(times: list[float]) -> dict:
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return {"median": statistics.median(times), "p20": q[1], "p80": q[7], "n": len(times)}
+    return measure_interleaved({"fn": fn}, reps=reps, warmup=warmup, setup=setup, device=device,
+                               min_seconds=min_seconds)["fn"]
 
 
 def measure_interleaved(providers: dict, *, reps: int, warmup: int = 3, setup=None,
-                        device: str = "cpu") -> dict:
-    """Time each of `providers` (name -> fn) `reps` times, taking turns every repetition,
-    so that load from other processes falls on all of them alike. Returns ms quantiles
-    per name ({median, p20, p80, n}); `setup()` runs untimed before every call."""
+                        device: str = "cpu", min_seconds: float = 0.0) -> dict:
+    """Time each of `providers` (name -> fn) at least `reps` times and `min_seconds` in all,
+    taking turns every repetition, so that load from other processes falls on all of them
+    alike; the turn order rotates, so that none always runs after the same neighbour (whose
+    traffic leaves the caches in its own state). Returns ms quantiles per name ({median,
+    p20, p80, n}); `setup()` runs untimed before every call."""
     times = {name: [] for name in providers}
-    for rep in range(warmup + reps):
-        for name, fn in providers.items():
+    names = list(providers)
+    start = time.perf_counter()
+    rep = 0
+    while rep < warmup + reps or time.perf_counter() - start < min_seconds:
+        for i in range(len(names)):
+            name = names[(rep + i) % len(names)]
+            fn = providers[name]
             if setup:
                 setup()
             _sync(device)
@@ -57,7 +46,13 @@ def measure_interleaved(providers: dict, *, reps: int, warmup: int = 3, setup=No
             _sync(device)
             if rep >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
+        rep += 1
     return {name: _quantiles(t) for name, t in times.items()}
+
+
+def _quantiles(times: list[float]) -> dict:
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return {"median": statistics.median(times), "p20": q[1], "p80": q[7], "n": len(times)}
 
 
 def environment() -> dict:

@@ -1,5 +1,6 @@
-// CPU launcher of the pre-RoPE paged attention op: validates, cuts the batch into
-// work items, runs them on ATen's OpenMP pool and merges split results.
+// CPU launcher of the pre-RoPE paged attention op: checks the op's contract
+// (paged_attention_checks.h, values included), cuts the batch into work items,
+// runs them on ATen's OpenMP pool and merges split results (merge_states).
 //
 // Work items: a sequence with few query rows (decode, short extends) is split
 // along its keys, so one long sequence still keeps every core busy; its
@@ -31,11 +32,11 @@ void run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
          const at::Tensor& logit_scale, const std::optional<at::Tensor>& cos_sin,
          const std::optional<at::Tensor>& cos_sin_start, bool is_neox, const PagedProblem& p) {
   PagedShape sh;
-  sh.num_q_heads = static_cast<int>(query.size(1));
-  sh.num_kv_heads = static_cast<int>(key_cache.size(1));
-  sh.head_size = static_cast<int>(query.size(2));
-  sh.rotary_dim = static_cast<int>(2 * inv_freq.size(1));
-  sh.block_size = static_cast<int>(key_cache.size(2));
+  sh.num_q_heads = static_cast<int>(p.num_q_heads);
+  sh.num_kv_heads = static_cast<int>(p.num_kv_heads);
+  sh.head_size = static_cast<int>(p.head_size);
+  sh.rotary_dim = static_cast<int>(p.rotary_dim);
+  sh.block_size = static_cast<int>(p.block_size);
   sh.is_neox = is_neox;
   sh.q_token_stride = query.stride(0);
   sh.q_head_stride = query.stride(1);

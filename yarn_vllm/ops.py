@@ -33,11 +33,21 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 # inside torch.compile'd graphs, where a torch._C query cannot be traced.
 _SUPPORTED_DEVICE_TYPES = {"cpu": has_kernel("rotary_embedding", "CPU"),
                            "cuda": has_kernel("rotary_embedding", "CUDA")}
+# Resolved once: torch.ops' namespace lookups cost a microsecond a call.
+_ROTARY_OP = torch.ops.yarn_vllm.rotary_embedding.default if HAS_EXTENSION else None
 
 
 def extension_supports(device: torch.device) -> bool:
     """True if the compiled rotary op has a kernel for `device`."""
     return _SUPPORTED_DEVICE_TYPES.get(device.type, False)
+
+
+def _serves(x: torch.Tensor) -> bool:
+    """extension_supports(x.device) without reading `device.type`, which costs more than
+    a small op's kernel (about 1.5 us)."""
+    if x.is_cpu:
+        return _SUPPORTED_DEVICE_TYPES["cpu"]
+    return x.is_cuda and _SUPPORTED_DEVICE_TYPES["cuda"]
 
 
 def rotary_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -110,9 +120,8 @@ def rotary_embedding_(positions: torch.Tensor, query: torch.Tensor, key: torch.T
         positions = positions.flatten().to(torch.int64)
     if scale_index is not None and scale_index.dtype != torch.int32:
         scale_index = scale_index.to(torch.int32)
-    if extension_supports(query.device):
-        torch.ops.yarn_vllm.rotary_embedding(positions, query, key, inv_freq, mscale, scale_index,
-                                             head_size, is_neox)
+    if _serves(query):
+        _ROTARY_OP(positions, query, key, inv_freq, mscale, scale_index, head_size, is_neox)
     else:
         rotary_embedding_torch_(positions, query, key, inv_freq, mscale, head_size, is_neox,
                                 scale_index)
