@@ -2,7 +2,7 @@
 
 Either start a server yourself and point this script at it:
 
-    yarn-vllm serve smollm2-135m --factor 2 --host 127.0.0.1 --port 8000
+    yarn-vllm serve smollm2-135m --factor 2 --port 8000     # listens on 127.0.0.1 only
     python examples/openai_client.py --base-url http://127.0.0.1:8000/v1
 
 or let the script start one on a free loopback port and stop it at the end:

@@ -91,17 +91,76 @@ def test_serve_argv_keeps_passthrough_values():
 @pytest.mark.parametrize("value, message", [
     ("1024,0", "every value must be positive"),
     ("-5", "every value must be positive"),
-    ("1k", "is not a comma-separated list of integers"),
+    ("1k", "not a comma-separated list of integers"),
 ])
 def test_one_list_parser_refuses_values_below_one(value, message, capsys):
-    """bench and eval share one integer-list parser; both refuse 0 and negatives."""
+    """bench and eval share one integer-list parser; both refuse 0 and negatives, in one line."""
     from yarn_vllm.cli import build_parser
 
     for argv in (["bench", "offline", "--context-lengths", value],
                  ["eval", "ppl", "--windows", value], ["eval", "passkey", "--lengths", value]):
         with pytest.raises(SystemExit) as e:
             build_parser().parse_known_args(argv)
-        assert e.value.code == 2 and message in capsys.readouterr().err
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and message in line and line.startswith("yarn-vllm: ")
+
+
+FACTOR_FIX = "Fix: give a finite number"  # YarnConfig's own fix, whichever check refused it
+# (argv, the one line's start): numbers that parse but make no sense, refused before any
+# model loads or server is asked (the model path does not exist, the URL has no server)
+BAD_FLAGS = [
+    (["bench", "offline", "--factor", "nan"], f"bench offline: `--factor` is nan. {FACTOR_FIX}"),
+    (["bench", "offline", "--factor", "-2"], f"bench offline: `--factor` is -2.0. {FACTOR_FIX}"),
+    (["bench", "offline", "--factor", "0.5"], f"bench offline: `--factor` is 0.5. {FACTOR_FIX}"),
+    (["bench", "offline", "--factor", "inf"], f"bench offline: `--factor` is inf. {FACTOR_FIX}"),
+    (["bench", "offline", "--output-tokens", "0"], "bench offline: `--output-tokens` is 0. "
+     "Fix: give a finite number above 0"),
+    (["bench", "offline", "--repeats", "0"], "bench offline: `--repeats` is 0."),
+    (["bench", "offline", "--timeout", "nan"], "bench offline: `--timeout` is nan."),
+    (["bench", "offline", "--name", "../x"], "bench offline: `--name` is '../x', not a plain "
+     "file name. Fix: give a name without a folder"),
+    (["bench", "offline", "--name", "/tmp/x"], "bench offline: `--name` is '/tmp/x'"),
+    (["bench", "online", "http://127.0.0.1:1", "--num-requests", "0"],
+     "bench online: `--num-requests` is 0. Fix: give a finite number above 0"),
+    (["bench", "online", "http://127.0.0.1:1", "--concurrency", "0"],
+     "bench online: `--concurrency` is 0."),
+    (["bench", "online", "http://127.0.0.1:1", "--output-tokens", "-3"],
+     "bench online: `--output-tokens` is -3."),
+    (["bench", "online", "http://127.0.0.1:1", "--name", "../../x"],
+     "bench online: `--name` is '../../x'"),
+    (["bench", "online", "http://127.0.0.1:1", "--num-requests", "x"],
+     "bench online: `--num-requests` is 'x', not an int. Fix: see yarn-vllm bench online --help"),
+    (["eval", "ppl", "--factor", "nan"], f"eval ppl: `--factor` is nan. {FACTOR_FIX}"),
+    (["eval", "ppl", "--factor", "-1"], f"eval ppl: `--factor` is -1.0. {FACTOR_FIX}"),
+    (["eval", "passkey", "--factor", "inf"], f"eval passkey: `--factor` is inf. {FACTOR_FIX}"),
+    (["eval", "ppl", "--stride", "0"], "eval ppl: `--stride` is 0. Fix: give a finite number"),
+    (["eval", "ppl", "--windows", "64", "--stride", "100"],
+     "eval ppl: `--stride` is 100, longer than the window 64"),
+    (["eval", "ppl", "--max-windows", "-1"], "eval ppl: `--max-windows` is -1. Fix: give a "
+     "finite number 0 or more"),
+    (["eval", "ppl", "--windows", "1"], "eval ppl: `--windows` holds 1."),
+    (["eval", "passkey", "--trials", "0"], "eval passkey: `--trials` is 0."),
+    (["generate", "--replicas", "0"], "generate: `--replicas` is 0. Fix: give a finite number"),
+    (["generate", "--max-tokens", "-1"], "generate: `--max-tokens` is -1."),
+    (["generate", "--temperature", "nan"], "generate: `--temperature` is nan. Fix: give a "
+     "finite number 0 or more"),
+]
+
+
+@pytest.mark.parametrize("argv, want", BAD_FLAGS, ids=[" ".join(a[:2] + a[-2:]) for a, _ in
+                                                       BAD_FLAGS])
+def test_bad_eval_and_bench_flags_are_one_line_and_exit_2(argv, want, capsys, tmp_path):
+    from yarn_vllm.cli import main
+
+    if argv[1] != "online":
+        k = 1 if argv[0] == "generate" else 2
+        argv = argv[:k] + ["--model", str(tmp_path / "never-loaded")] + argv[k:]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own type errors
+        code = e.code
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and line.startswith("yarn-vllm: " + want), line
 
 
 def test_yarn_mode_choices_come_from_the_config_and_request_factors_pass_through():

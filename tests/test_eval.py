@@ -183,7 +183,8 @@ def test_methods_registry_serves_eval_and_bench():
     assert not METHODS["vllm-yarn"].plugins and all(
         m.plugins for name, m in METHODS.items() if name != "vllm-yarn")
     assert method_overrides("vllm-yarn", SMOL, 4) == method_overrides("yarn", SMOL, 4)
-    assert eval_methods() == ["trained", "pi", "ntk", "yarn", "yarn-dynamic", "yarn-dynamic-h2"]
+    assert eval_methods() == ["trained", "pi", "ntk", "yarn", "yarn-dynamic", "yarn-dynamic-h2",
+                              "yarn-request"]
     assert "vllm-yarn" in bench_methods() and "pi" not in bench_methods()
     # the one default-factor rule: the smallest power of two >= 2 that holds the longest input
     assert [default_factor(8192, n) for n in (512, 16384, 16392, 32768, 40000)] == [
@@ -223,6 +224,57 @@ def test_suite_writes_a_readme_only_when_named(tmp_path, monkeypatch, capsys):
     assert main(args + ["--readme", str(named)]) == 0
     assert suite.RESULTS_BEGIN in named.read_text()
     assert here.read_text() == "# someone else's project\n"
+
+
+def test_suite_writes_never_collide_nor_leave_partial_files(tmp_path):
+    """Results, the README section and the PNGs go through unique temporary names
+    (mkstemp) and an atomic replace: concurrent writers of one file do not move each
+    other's temporaries (the fixed `.tmp` name did), and a failed write keeps the old file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from yarn_vllm.eval import report, suite
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# r\n")
+    job = suite.Job("ppl-t", "ppl", (2048,), 2.0)
+    store = str(tmp_path / "store")
+
+    def write(i):  # two suites at once (threads here: matplotlib itself is not thread-safe)
+        suite.save(store, job, "yarn", _ppl_result("yarn", {2048: 20.0 + i}))
+        suite.write_section(str(readme), f"section {i} " + "x" * 200000)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, range(32)))  # raised FileNotFoundError with a shared .tmp name
+    assert suite.load(store, job, "yarn")["methods"]["yarn"]["ppl"]["2048"]["ppl"] >= 20.0
+    text = readme.read_text()
+    assert text.count(suite.RESULTS_BEGIN) == 1 and text.count("x" * 200000) == 1
+    report.write_outputs(_ppl_result("yarn", {2048: 20.0}), str(tmp_path / "out"), "perplexity")
+    png = tmp_path / "out" / "perplexity.png"
+    assert png.read_bytes().startswith(b"\x89PNG") and png.read_bytes().endswith(b"IEND\xaeB`\x82")
+    assert png.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
+    assert [p.name for p in tmp_path.rglob(".*")] == []  # no temporary left behind
+
+    with pytest.raises(RuntimeError), report.replacing(str(png)) as tmp:
+        open(tmp, "wb").write(b"\x89PNG half")
+        raise RuntimeError("killed mid-write")
+    assert png.read_bytes().endswith(b"IEND\xaeB`\x82") and not list(tmp_path.rglob(".*"))
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_passkey_length_too_short_is_one_line(smol_model):
+    from yarn_vllm.errors import UserError
+    from yarn_vllm.eval.run import eval_passkey
+
+    with pytest.raises(UserError, match="eval passkey: `lengths` are \\[10\\]: length 10 is "
+                                        "too short"):
+        eval_passkey(smol_model, ["trained"], [10], [0.5], 1)
 
 
 def test_suite_section_replaces_only_the_marked_block(tmp_path):

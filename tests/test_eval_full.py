@@ -12,15 +12,29 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+# Passkey at 16k = 2x the trained length, over 5 trials per method (depths 0.1 to 0.9, each
+# its own key and filler cut). Measured before (docs/eval/passkey, NOTES): YaRN s=4 found 5
+# of 5 such trials, the model as trained 0 of 5 (it answers "the is the is ..." past 8k).
+# The bounds leave room for chance: were YaRN's true rate only 0.9, 3 or more of 5 holds
+# with p = 0.99; were the model as trained to find one key in 50, at most 1 of 5 holds
+# with p = 0.996. A pinned single outcome could flip on any change to the numerics.
+PASSKEY_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
 def test_yarn_finds_the_16k_passkey_where_the_model_as_trained_does_not(smol_model):
     """At 2x the trained length, YaRN (s=4, the setting `yarn-vllm generate` ships) repeats the
     key; RoPE as trained, extrapolating past 8k, does not (YaRN paper Table 5's shape)."""
     from yarn_vllm.eval.run import eval_passkey
 
-    res = eval_passkey(smol_model, ["trained", "yarn"], [16384], [0.5], 1, factor=4.0)
-    found = {m: r["grid"]["16384"]["0.5"]["found"] for m, r in res["methods"].items()}
-    answers = {m: r["answers"] for m, r in res["methods"].items()}
-    assert found == {"trained": 0, "yarn": 1}, answers
+    res = eval_passkey(smol_model, ["trained", "yarn"], [16384], list(PASSKEY_DEPTHS), 1,
+                       factor=4.0)
+    found = {m: sum(c["found"] for c in r["grid"]["16384"].values())
+             for m, r in res["methods"].items()}
+    answers = {m: [a["text"] for a in r["answers"]] for m, r in res["methods"].items()}
+    assert all(sum(c["trials"] for c in r["grid"]["16384"].values()) == len(PASSKEY_DEPTHS)
+               for r in res["methods"].values())
+    assert found["yarn"] >= 3 and found["trained"] <= 1, (found, answers)
+    assert found["yarn"] - found["trained"] >= 2, (found, answers)
 
 
 def test_model_as_trained_blows_up_at_32k_while_yarn_holds(smol_model):

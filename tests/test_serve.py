@@ -52,7 +52,7 @@ def offline(model: str, prompts: list[list[int]], timeout: float = 1800,
     """Greedy outputs of `prompts` through vLLM offline, settings as the server's."""
     hf = json.load(open(os.path.join(model, "config.json")))
     overrides = YarnConfig(factor=FACTOR).hf_overrides(hf)
-    spec = {"model": model, "prompts": prompts,
+    spec = {"model": model, "prompts": prompts, "introspect": False,
             "llm_kwargs": {"hf_overrides": overrides,
                            "max_model_len": overrides["max_position_embeddings"]},
             "sampling": {"max_tokens": MAX_TOKENS, "ignore_eos": False, **sampling}}

@@ -210,3 +210,76 @@ def test_hf_overrides_merge_drops_nothing_through_generate_too(tiny_llama):
     with pytest.raises(UserError, match="`--factor` is 2.0 but --hf-overrides sets"):
         engine_kwargs(hf, YARN2, {"hf_overrides": {"rope_parameters": {"factor": 3}}},
                       FACTOR_FLAG)
+
+
+# ---- private by default: loopback, where it listens, no secret printed --------------------
+
+def test_binds_loopback_unless_host_is_given(tiny_llama):
+    from yarn_vllm.cli.serve import announce
+
+    cmd, env = serve_command(tiny_llama, YARN2, ["--port", "8123"], cpu=True, env={})
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd.count("--host") == 1
+    out, warnings = announce(cmd, env)
+    assert out[1] == "yarn-vllm serve: listening on http://127.0.0.1:8123" and warnings == []
+    for given in (["--host", "0.0.0.0"], ["--host=0.0.0.0"]):
+        cmd, env = serve_command(tiny_llama, YARN2, given, cpu=True, env={})
+        assert cmd.count("--host") + cmd.count("--host=0.0.0.0") == 1  # the user's, only
+        out, [warning] = announce(cmd, env)
+        assert out[1] == "yarn-vllm serve: listening on http://0.0.0.0:8000"
+        assert warning.startswith("yarn-vllm serve: warning: 0.0.0.0 is beyond loopback and "
+                                  "there is no --api-key") and "Fix: pass --api-key" in warning
+    cmd, env = serve_command(tiny_llama, None, ["--uds", "/tmp/s.sock"], cpu=True, env={})
+    assert "--host" not in cmd  # a unix socket has no host
+    assert announce(cmd, env)[0][1] == "yarn-vllm serve: listening on unix socket /tmp/s.sock"
+
+
+@pytest.mark.parametrize("host, key_flags, env, warned", [
+    ("0.0.0.0", [], {}, True),
+    ("::", [], {}, True),
+    ("my-host.example", [], {}, True),  # a name may resolve anywhere
+    ("0.0.0.0", ["--api-key", "k"], {}, False),
+    ("0.0.0.0", [], {"VLLM_API_KEY": "k"}, False),  # vLLM reads it when --api-key is absent
+    ("127.0.0.2", [], {}, False),
+    ("::1", [], {}, False),
+    ("localhost", [], {}, False),
+])
+def test_warns_beyond_loopback_without_a_key(host, key_flags, env, warned):
+    from yarn_vllm.cli.serve import announce
+
+    cmd = [sys.executable, "-m", "yarn_vllm.serve", "--host", host, *key_flags]
+    assert bool(announce(cmd, env)[1]) == warned
+
+
+def test_secrets_are_hidden_in_what_serve_prints(tiny_llama):
+    from yarn_vllm.cli.serve import announce
+
+    argv = ["--api-key", "s3cret-a", "s3cret-b", "--hf-token=hf_s3cret", "--max-num-batched-tokens",
+            "2048", "--ssl-keyfile", "/k.pem", "--client-secret", "s3cret-c", "--port", "9"]
+    cmd, env = serve_command(tiny_llama, YARN2, argv, cpu=True, env={})
+    assert cmd[cmd.index("--api-key") + 1:cmd.index("--api-key") + 3] == ["s3cret-a", "s3cret-b"]
+    out, _ = announce(cmd, env)
+    printed = "\n".join(out)
+    assert "s3cret" not in printed
+    assert "--api-key *** *** --hf-token=*** --max-num-batched-tokens 2048 --ssl-keyfile " \
+           "/k.pem --client-secret *** --port 9" in printed
+
+
+def test_redaction_rule():
+    from yarn_vllm.cli.redact import is_secret, redact_argv, redact_kwargs
+
+    assert all(map(is_secret, ["--api-key", "--hf-token", "hf_token", "--aws-secret-access-key",
+                               "--db-password", "--API_KEY=x", "--keys"]))
+    assert not any(map(is_secret, ["--max-num-batched-tokens", "--ssl-keyfile", "--tokenizer",
+                                   "--dbo-decode-token-threshold", "--port", "--key-file"]))
+    assert redact_argv(["--api-key", "a", "-1", "--port", "1"]) == [
+        "--api-key", "***", "***", "--port", "1"]  # "-1" is a value, not a flag
+    assert redact_kwargs({"hf_token": "t", "dtype": "float32", "api_key": None}) == {
+        "hf_token": "***", "dtype": "float32", "api_key": None}
+
+
+def test_a_secret_flag_with_a_bad_value_is_not_echoed():
+    from yarn_vllm.cli.args import passthrough_kwargs
+
+    with pytest.raises(UserError) as e:
+        passthrough_kwargs(["--hf-token", "{s3cret"])
+    assert "s3cret" not in str(e.value) and "`--hf-token` is not valid JSON: '***'" in str(e.value)

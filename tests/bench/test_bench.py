@@ -1,20 +1,24 @@
-"""Offline/online benchmark maths and outputs, methods, and the sweep file's errors (no engines)."""
+"""Offline/online benchmark maths and outputs, methods, the sweep file's errors, and one real
+`bench offline` run of Dynamic YaRN on the tiny Llama. The online benchmark runs against a
+real server in tests/test_serve_tiny.py."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import random
-import threading
+import re
+import subprocess
+import sys
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
 from yarn_vllm.bench.measure import Step, summarise
 from yarn_vllm.bench.offline import bench_factor, method_spec
-from yarn_vllm.bench.online import percentile, run_online, write_online
+from yarn_vllm.bench.online import percentile, write_online
 from yarn_vllm.bench.report import ratios, write_offline
 from yarn_vllm.bench.sweep_config import config_id, load_sweep, parse_sweep
 from yarn_vllm.config import YarnConfig
@@ -116,75 +120,6 @@ def test_default_factor_is_one_rule(contexts, output_tokens, factor):
     assert bench_factor(HF, contexts, output_tokens, 3.0) == 3.0  # a given factor wins
 
 
-# ---- online: a fake OpenAI server that streams on a known schedule -------------------------
-
-FIRST_DELAY, TOKEN_GAP = 0.05, 0.01
-
-
-class _FakeServer(BaseHTTPRequestHandler):
-    bodies: list = []
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        body = json.dumps({"data": [{"id": "fake", "root": None, "max_model_len": 4096}]})
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-    def do_POST(self):
-        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.bodies.append(req)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        time.sleep(FIRST_DELAY)
-        for i in range(req["max_tokens"]):
-            if i:
-                time.sleep(TOKEN_GAP)
-            chunk = {"choices": [{"index": 0, "text": f"t{i}"}]}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            self.wfile.flush()
-        usage = {"choices": [], "usage": {"completion_tokens": req["max_tokens"],
-                                          "prompt_tokens": len(req["prompt"])}}
-        self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
-
-
-@pytest.fixture
-def fake_server():
-    _FakeServer.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", _FakeServer.bodies
-    server.shutdown()
-
-
-def test_online_streaming_percentiles(fake_server, tmp_path):
-    url, bodies = fake_server
-    out = run_online(url, [64, 128], num_requests=6, concurrency=3, output_tokens=5,
-                     vocab_size=500, log=lambda *_: None)
-    assert len(bodies) == 12
-    assert sorted(len(b["prompt"]) for b in bodies) == [64] * 6 + [128] * 6
-    assert all(b["stream"] and b["ignore_eos"] and b["max_tokens"] == 5 and b["model"] == "fake"
-               and all(100 <= t < 500 for t in b["prompt"]) for b in bodies)
-    for row in out["rows"]:
-        reqs = row["per_request"]
-        assert len(reqs) == 6 and all(r["output_tokens"] == 5 for r in reqs)
-        # the server waits before the first token and between tokens: lower bounds on the
-        # first arrival and the last (chunks in between may arrive bunched together)
-        assert all(r["ttft_s"] >= FIRST_DELAY and r["tpot_s"] >= 0 and
-                   r["latency_s"] >= FIRST_DELAY + 4 * TOKEN_GAP for r in reqs)
-        for key in ("ttft", "tpot"):
-            vals = [r[f"{key}_s"] for r in reqs]
-            assert row[f"{key}_p50_ms"] == pytest.approx(1e3 * float(np.percentile(vals, 50)))
-            assert row[f"{key}_p99_ms"] == pytest.approx(1e3 * float(np.percentile(vals, 99)))
-    paths = write_online(out, str(tmp_path), log=lambda *_: None)
-    with open(paths["csv"]) as f:
-        assert [int(r["context"]) for r in csv.DictReader(f)] == [64, 128]
-
-
 # ---- the sweep file ---------------------------------------------------------------------------
 
 def test_sweep_grid_expands():
@@ -216,6 +151,17 @@ def test_sweep_grid_expands():
      "use only:"),
     ({"context_lengths": [8], "grid": {"method": ["trained", 7]}}, "grid.method", "one of"),
     (["method", "trained"], "(top level)", "write a mapping"),
+    ({"method": "trained", "context_lengths": [8], "factor": float("inf")}, "factor",
+     "finite number >= 1"),
+    ({"method": "trained", "context_lengths": [8], "factor": float("nan")}, "factor",
+     "finite number >= 1"),
+    ({"method": "trained", "context_lengths": [8], "factor": 0.5}, "factor", "does not compress"),
+    ({"context_lengths": [8], "method": "yarn", "grid": {"factor": [2.0, float("inf")]}},
+     "grid.factor", "finite number >= 1"),
+    ({"method": "trained", "context_lengths": [8], "num_cpus": float("inf")}, "num_cpus",
+     "num_cpus: 2"),
+    ({"method": "trained", "context_lengths": [8], "timeout_s": float("nan")}, "timeout_s",
+     "timeout_s: 1800"),
 ])
 def test_sweep_file_errors_name_field_and_fix(tmp_path, raw, field, fix):
     import yaml
@@ -261,7 +207,8 @@ def test_bench_cli_parses_offline_by_default():
     assert unknown == ["--max-num-seqs", "4"]  # goes to vLLM's LLM(...)
     assert normalise_argv(["bench", "sweep", "s.yaml"]) == ["bench", "sweep", "s.yaml"]
     args, _ = build_parser().parse_known_args(normalise_argv(["bench"]))
-    assert args.methods == bench_methods() == ["trained", "yarn", "yarn-dynamic", "vllm-yarn"]
+    assert args.methods == bench_methods() == ["trained", "yarn", "yarn-dynamic", "yarn-request",
+                                               "vllm-yarn"]
     for bad in (["--methods", "ours-static"], ["--context-lengths", "1024,0"]):
         with pytest.raises(SystemExit):
             build_parser().parse_known_args(["bench", "offline", *bad])
@@ -302,3 +249,50 @@ def test_engine_worker_dies_with_its_parent():
     else:
         os.kill(pid, 9)
         pytest.fail("the orphaned worker is still running")
+
+
+def test_writers_keep_to_the_output_folder(tmp_path):
+    """`--name ../x` (or an absolute path) cannot place results outside `--out`."""
+    from yarn_vllm.errors import UserError
+
+    results = {"settings": {"model": "m", "factor": 2.0, "output_tokens": 1, "url": "u",
+                            "concurrency": 1}, "rows": []}
+    for name in ("../x", "/tmp/x", "a/b", "..", ""):
+        for write in (write_offline, write_online):
+            with pytest.raises(UserError, match="`--name` is .* not a plain file name"):
+                write(results, str(tmp_path / "out"), name)
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "out").exists()
+
+
+def test_no_preexec_fn_anywhere():
+    """CPython documents preexec_fn as a deadlock risk in threaded processes (Ray actors
+    are); child processes are tied to their parent by exit_with_parent instead."""
+    import yarn_vllm
+
+    root = os.path.dirname(yarn_vllm.__file__)
+    uses = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".py")
+            and re.search(r"preexec_fn\s*=", open(os.path.join(d, f), encoding="utf-8").read())]
+    assert uses == []
+
+
+def test_bench_offline_runs_dynamic_yarn(tiny_llama, tmp_path):
+    """`yarn-vllm bench offline --methods yarn-dynamic` on a real engine: a prompt past the
+    tiny model's 1,024 trained positions, our rotary layer and our pre-RoPE attention backend,
+    and the layer classes read without VLLM_ALLOW_INSECURE_SERIALIZATION (the bench engine
+    core runs in its worker process)."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ALLOW_INSECURE_SERIALIZATION"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "yarn_vllm.cli", "bench", "offline", "--model", tiny_llama,
+         "--methods", "yarn-dynamic", "--context-lengths", "1100", "--batch-sizes", "2",
+         "--output-tokens", "4", "--factor", "2", "--out", str(tmp_path), "--name", "dyn",
+         "--dtype", "float32"], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "dyn.json").read_text())
+    engine = result["methods"]["yarn-dynamic"]
+    assert engine["rotary_classes"] == ["yarn_vllm.rotary.YarnRotaryEmbedding"]
+    assert engine["attention_backends"] == ["yarn_vllm.attention.backend.YarnDynamicAttentionBackend"]
+    [row] = result["rows"]
+    assert (row["method"], row["context"], row["batch"], row["generated_tokens"]) == (
+        "yarn-dynamic", 1100, 2, 8)
+    assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
+    assert result["settings"]["factor"] == 2.0 and engine["dtype"] == "float32"

@@ -50,7 +50,8 @@ def test_two_replicas_equal_one_engine(ray_cluster, tiny_llama, monkeypatch):
     sampling = {"temperature": 0.0, "max_tokens": 8, "ignore_eos": True, "detokenize": False}
     with ThreadPoolExecutor(1) as pool:  # the reference engine runs beside the replicas
         ref = pool.submit(run_engine, {"model": tiny_llama, "llm_kwargs": kwargs,
-                                       "prompts": prompts, "sampling": sampling})
+                                       "prompts": prompts, "sampling": sampling,
+                                       "introspect": False})
         got = generate_replicated(tiny_llama, kwargs, prompts, sampling, 2, log=lambda *_: None)
         want = ref.result()
     assert [g["prompt_token_ids"] for g in got] == prompts

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -57,13 +58,59 @@ def test_rerun_resumes(cluster, tmp_path):
     assert second["ran"] == 0 and len(second["skipped"]) == 3
     assert len(_calls(tmp_path)) == 3  # no work done
 
-    # a crash mid-write leaves a cut line: that configuration (only) runs again
+    # a crash mid-write leaves a cut line: that configuration (only) runs again, and its
+    # new record starts on a fresh line instead of being glued to the torn one
     lines = open(out).read().splitlines()
     cut = json.loads(lines[-1])["result"]["name"]
     with open(out, "w") as f:
         f.write("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     third = run_sweep(configs, out, num_cpus=1, work=fake_work, log=lambda *_: None)
     assert third["ran"] == 1 and _calls(tmp_path)[3:] == [cut]
+    assert open(out).read().splitlines()[-2] == lines[-1][:20]
+    fourth = run_sweep(configs, out, num_cpus=1, work=fake_work, log=lambda *_: None)
+    assert fourth["ran"] == 0 and len(_calls(tmp_path)) == 4  # the record after it was read
+
+
+def test_lines_that_are_json_but_not_records_are_skipped(cluster, tmp_path):
+    """Valid JSON that is not a record object (a list, a number, null, an id that is not a
+    string) used to crash the reader; now it is skipped like a torn line."""
+    out = tmp_path / "sweep.jsonl"
+    configs = _configs(tmp_path, ["a"])
+    out.write_text('[1, 2]\n3\nnull\n"x"\n{"id": [1]}\n{"status": "ok"}\n\n\xff\xfe\n')
+    assert read_results(str(out)) == {}
+    report = run_sweep(configs, str(out), num_cpus=1, work=fake_work, log=lambda *_: None)
+    assert report["ran"] == 1 and list(read_results(str(out))) == [config_id(configs[0])]
+
+
+def test_two_sweeps_on_one_file_run_each_configuration_once(cluster, tmp_path):
+    """Started together on the same output, two sweeps share the work: every configuration
+    runs once (a claim per configuration), and each sweep reports what it left to the other."""
+    out = str(tmp_path / "sweep.jsonl")
+    configs = _configs(tmp_path, ["a", "b", "c", "d"], sleep=1.0)
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(lambda _: run_sweep(configs, out, num_cpus=1, work=fake_work,
+                                                    log=lambda *_: None), range(2)))
+    assert sorted(_calls(tmp_path)) == ["a", "b", "c", "d"]  # no configuration twice
+    ran = [r["config"]["name"] for rep in reports for r in rep["ok"]]
+    assert sorted(ran) == ["a", "b", "c", "d"] and not any(rep["failed"] for rep in reports)
+    for rep in reports:  # whatever one did not run, the other ran or had finished
+        mine = {r["id"] for r in rep["ok"]}
+        assert mine | set(rep["busy"]) | set(rep["skipped"]) == {config_id(c) for c in configs}
+    assert set(read_results(out)) == {config_id(c) for c in configs}
+
+
+def test_a_held_claim_is_left_alone_and_a_dead_holder_blocks_nothing(cluster, tmp_path):
+    from yarn_vllm.bench.sweep import Claims
+
+    out = str(tmp_path / "sweep.jsonl")
+    configs = _configs(tmp_path, ["a", "b"])
+    other = Claims(out)  # another sweep's claim on "b" (flock: per open file, even in-process)
+    assert other.take(config_id(configs[1]))
+    report = run_sweep(configs, out, num_cpus=1, work=fake_work, log=lambda *_: None)
+    assert _calls(tmp_path) == ["a"] and report["busy"] == [config_id(configs[1])]
+    other.release_all()  # as when that sweep dies: the kernel drops its lock
+    report = run_sweep(configs, out, num_cpus=1, work=fake_work, log=lambda *_: None)
+    assert _calls(tmp_path) == ["a", "b"] and report["ran"] == 1 and not report["busy"]
 
 
 def _kill_when_seen(pid_dir, kills: dict, stop: threading.Event):

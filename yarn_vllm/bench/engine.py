@@ -2,11 +2,12 @@
 
 Spec (JSON): {"model", "method", "llm_kwargs", "cases": [{"context", "batch"}],
               "output_tokens", "repeats", "vocab_size", "seed"}
-Result: {"method", "rotary_classes", "dtype", "engine_start_s",
+Result: {"method", "rotary_classes", "attention_backends", "dtype", "engine_start_s",
          "results": [summarise(...) per case]}
 
 The engine core runs inside the worker process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a
-killed worker takes its whole engine with it, and steps are timed without IPC in between.
+killed worker takes its whole engine with it, steps are timed without IPC in between, and
+LLM.apply_model reads the layer classes without pickling (no insecure serialization).
 Progress goes to stdout as `PROGRESS {json}` lines; vLLM's logs go to stderr.
 """
 
@@ -79,7 +80,7 @@ def _median_case(runs: list[dict]) -> dict:
 def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM
 
-    from yarn_vllm.introspect import rotary_layer_classes
+    from yarn_vllm.introspect import attention_backend_classes, rotary_layer_classes
 
     exit_with_parent()
     with open(spec_path) as f:
@@ -100,7 +101,9 @@ def main(spec_path: str, out_path: str) -> None:
         results.append(row)
         print(PROGRESS + json.dumps(row), flush=True)
     out = {"method": spec["method"], "engine_start_s": start_s, "dtype": engine_dtype(llm),
-           "rotary_classes": llm.apply_model(rotary_layer_classes)[0], "results": results}
+           "rotary_classes": llm.apply_model(rotary_layer_classes)[0],
+           "attention_backends": llm.apply_model(attention_backend_classes)[0],
+           "results": results}
     with open(out_path, "w") as f:
         json.dump(out, f)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 
 from yarn_vllm.bench.engine import run_bench_engine
+from yarn_vllm.cli.redact import redact_kwargs
+from yarn_vllm.config import YarnConfig
 from yarn_vllm.methods import default_factor, method, method_overrides
 
 DEFAULT_CONTEXTS = (1024, 2048)
@@ -22,9 +24,15 @@ def hf_config_of(model: str) -> dict:
 
 
 def bench_factor(hf_config: dict, contexts, output_tokens: int, factor: float | None) -> float:
-    """`factor`, or the default rule (yarn_vllm.methods.default_factor) for the longest case."""
-    return factor or default_factor(int(hf_config["max_position_embeddings"]),
-                                    max(contexts) + output_tokens)
+    """`factor`, or the default rule (yarn_vllm.methods.default_factor) for the longest case.
+
+    Checked as YarnConfig checks it (finite, >= 1, factor x trained length in bounds) for
+    every method: trained, pi and ntk would otherwise run a NaN or negative factor.
+    """
+    trained = int(hf_config["max_position_embeddings"])
+    factor = default_factor(trained, max(contexts) + output_tokens) if factor is None else factor
+    YarnConfig(factor=factor, original_max_position=trained)
+    return factor
 
 
 def method_spec(model: str, name: str, hf_config: dict, *, contexts, batches,
@@ -49,7 +57,8 @@ def run_offline(model: str, methods, contexts, batches, *, output_tokens: int = 
     factor = bench_factor(hf, contexts, output_tokens, factor)
     out = {"settings": {"model": model, "methods": list(methods), "contexts": list(contexts),
                         "batches": list(batches), "output_tokens": output_tokens,
-                        "factor": factor, "repeats": repeats, "llm_kwargs": llm_kwargs or {}},
+                        "factor": factor, "repeats": repeats,
+                        "llm_kwargs": redact_kwargs(llm_kwargs or {})},
            "methods": {}, "rows": []}
     for i, name in enumerate(methods, 1):
         spec, plugins = method_spec(model, name, hf, contexts=contexts, batches=batches,

@@ -136,8 +136,10 @@ def write_online(results: dict, out_dir: str, name: str = "online", log=print) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from yarn_vllm.bench.report import output_paths
+
+    paths = output_paths(out_dir, name)
     os.makedirs(out_dir, exist_ok=True)
-    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "csv", "png")}
     with open(paths["json"], "w") as f:
         json.dump(results, f, indent=2)
     with open(paths["csv"], "w", newline="") as f:

@@ -6,6 +6,8 @@ import csv
 import json
 import os
 
+from yarn_vllm.errors import UserError
+
 METRICS = ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")
 CSV_FIELDS = ("method", "context", "batch", "output_tokens", "prefill_tok_s", "decode_tok_s",
               "e2e_tok_s", "prefill_s", "decode_s", "total_s", "tpot_ms", "ttft_mean_s",
@@ -95,12 +97,24 @@ def plot(rows: list[dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+def output_paths(out_dir: str, name: str, exts=("json", "csv", "png"), *,
+                 source: str = "bench") -> dict[str, str]:
+    """{ext: out_dir/name.ext}. `name` must be a plain file name, so that `--name ../x`
+    (or an absolute path) cannot write outside `out_dir`."""
+    if (not name or name in (".", "..") or os.path.basename(name) != name
+            or any(c in name for c in "/\\\0")):
+        raise UserError("--name", f"is {name!r}, not a plain file name",
+                        "give a name without a folder, e.g. offline (--out chooses the folder)",
+                        source=source)
+    return {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in exts}
+
+
 def write_offline(results: dict, out_dir: str, name: str = "offline", log=print) -> dict:
     """Write {name}.json/.csv/.png under out_dir; returns the paths."""
+    paths = output_paths(out_dir, name)
     os.makedirs(out_dir, exist_ok=True)
     rows = results["rows"]
     results["ratios"] = ratios(rows)
-    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "csv", "png")}
     with open(paths["json"], "w") as f:
         json.dump(results, f, indent=2)
     write_csv(rows, paths["csv"])

@@ -6,10 +6,15 @@ at once as the cluster's CPUs allow. Each result is appended to the JSONL file t
 arrives, so a rerun skips every configuration already recorded as ok. A worker that dies is
 retried `retries` times on a fresh actor, then recorded as failed; a configuration past
 `timeout_s` has its actor killed and is recorded as failed; the sweep always finishes the rest.
+
+Two sweeps may share one output file: each configuration is claimed (`Claims`) before it
+runs, so the second sweep leaves what the first is running to it. Appends are locked and
+always start on a fresh line, so a line torn by a crash cannot swallow the next record.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -54,24 +59,71 @@ class _Worker:
 
 
 def read_results(path: str) -> dict:
-    """{config id: record} from a sweep's JSONL (the last record per id wins)."""
+    """{config id: record} from a sweep's JSONL (the last record per id wins).
+
+    Lines that are not a record (cut short by a crash, or JSON but not an object with
+    a string id) are skipped: their configurations run again.
+    """
     records = {}
     if os.path.exists(path):
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             for line in f:
                 try:
                     rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("id"), str):
                     records[rec["id"]] = rec
-                except (ValueError, KeyError):
-                    continue  # a line cut short by a crash: that configuration reruns
     return records
 
 
 def _append(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One JSON line at the end of `path`, on a line of its own, under an exclusive lock."""
+    line = (json.dumps(record) + "\n").encode()
+    with open(path, "ab+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":  # a line torn by a crash: close it first
+                line = b"\n" + line
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+class Claims:
+    """The configurations this sweep is running: an flock on <output>.locks/<id> each.
+
+    A second sweep on the same output cannot take a claim that is held, so it never
+    runs what the first is running. The kernel drops a lock when its holder dies, so
+    a killed sweep blocks nothing. The (empty) lock files stay: deleting one while
+    another sweep waits to open it would let two sweeps hold "the same" claim.
+    """
+
+    def __init__(self, output: str):
+        self.dir = os.path.abspath(output) + ".locks"
+        os.makedirs(self.dir, exist_ok=True)
+        self.held = {}
+
+    def take(self, cid: str) -> bool:
+        f = open(os.path.join(self.dir, cid), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return False
+        self.held[cid] = f
+        return True
+
+    def release(self, cid: str) -> None:
+        f = self.held.pop(cid, None)
+        if f is not None:
+            f.close()
+
+    def release_all(self) -> None:
+        for cid in list(self.held):
+            self.release(cid)
 
 
 def _label(config: dict) -> str:
@@ -84,12 +136,12 @@ def _label(config: dict) -> str:
 def run_sweep(configs: list[dict], output: str, *, num_cpus: float = 2, timeout_s: float = 1800,
               retries: int = 1, work=run_config, log=print, poll_s: float = 0.5) -> dict:
     """Run every configuration not yet recorded as ok in `output`; returns
-    {"ok": [records], "failed": [records], "skipped": [ids already done], "ran": n}.
+    {"ok": [records], "failed": [records], "skipped": [ids already done],
+     "busy": [ids another sweep on `output` was running], "ran": n}.
 
     Uses the Ray cluster this process is connected to, or starts a local one.
     """
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
@@ -101,35 +153,71 @@ def run_sweep(configs: list[dict], output: str, *, num_cpus: float = 2, timeout_
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     done = {i for i, r in read_results(output).items() if r.get("status") == "ok"}
     todo = deque((config_id(c), c, 1) for c in configs if config_id(c) not in done)
-    skipped = [config_id(c) for c in configs if config_id(c) in done]
-    total = len(todo)
-    log(f"sweep: {len(configs)} configurations, {len(skipped)} already done in {output}, "
-        f"running {total} ({parallel} at a time, {num_cpus:g} CPUs each, "
+    report = {"ok": [], "failed": [], "skipped": [config_id(c) for c in configs
+                                                  if config_id(c) in done], "busy": []}
+    log(f"sweep: {len(configs)} configurations, {len(report['skipped'])} already done in "
+        f"{output}, running {len(todo)} ({parallel} at a time, {num_cpus:g} CPUs each, "
         f"timeout {timeout_s:g} s, {retries} retr{'y' if retries == 1 else 'ies'} per dead worker)")
+    claims = Claims(output)
+    try:
+        _drive(todo, report, claims, output, parallel=parallel, num_cpus=num_cpus,
+               timeout_s=timeout_s, retries=retries, work=work, log=log, poll_s=poll_s)
+    finally:
+        claims.release_all()
+    failed = report["failed"]
+    log(f"sweep: {len(report['ok'])} ok, {len(failed)} failed, {len(report['skipped'])} skipped "
+        f"(already done)" + (f", {len(report['busy'])} left to another sweep on {output}"
+                             if report["busy"] else "")
+        + "".join(f"\n  FAILED {r['id']} {_label(r['config'])}: {r['error']}" for r in failed))
+    report["ran"] = len(report["ok"]) + len(failed)
+    return report
+
+
+def _drive(todo: deque, report: dict, claims: Claims, output: str, *, parallel: int,
+           num_cpus: float, timeout_s: float, retries: int, work, log, poll_s: float) -> None:
+    """run_sweep's loop: claim, start, collect and record each configuration in `todo`."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
+
     worker_cls = ray.remote(_Worker)
     running = {}  # ObjectRef -> (id, config, attempt, actor, started)
-    ok, failed, finished = [], [], 0
+    total = len(todo)
 
     def record(cid, config, attempt, started, status, result=None, error=None):
-        nonlocal finished
         rec = {"id": cid, "config": config, "status": status, "attempts": attempt,
                "seconds": round(time.time() - (started or time.time()), 3), "result": result,
                "error": error,
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _append(output, rec)
-        (ok if status == "ok" else failed).append(rec)
-        finished += 1
+        claims.release(cid)  # recorded first: a sweep that claims it next sees the record
+        report["ok" if status == "ok" else "failed"].append(rec)
+        finished = len(report["ok"]) + len(report["failed"])
         log(f"[{finished}/{total}] {cid} {_label(config)}: {status} after {rec['seconds']:.1f} s"
             + (f" ({error})" if error else ""))
+
+    def claim(cid, config) -> bool:
+        if not claims.take(cid):
+            report["busy"].append(cid)
+            log(f"  {cid} {_label(config)}: another sweep on {output} is running it; left to it")
+            return False
+        if read_results(output).get(cid, {}).get("status") == "ok":  # done since we looked
+            claims.release(cid)
+            report["skipped"].append(cid)
+            return False
+        return True
 
     while todo or running:
         while todo and len(running) < parallel:
             cid, config, attempt = todo.popleft()
+            if attempt == 1 and not claim(cid, config):  # a retry holds its claim already
+                continue
             actor = worker_cls.options(num_cpus=num_cpus, max_restarts=0,
                                        max_task_retries=0).remote()
             # first the actor's pid (its process is up), then the work; the timeout
             # clock starts with the work, so waiting for a worker process does not count
             running[actor.pid.remote()] = (cid, config, attempt, actor, None)
+        if not running:
+            break
         ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
         for ref in ready:
             cid, config, attempt, actor, started = running.pop(ref)
@@ -163,9 +251,6 @@ def run_sweep(configs: list[dict], output: str, *, num_cpus: float = 2, timeout_
                 ray.kill(actor, no_restart=True)
                 record(cid, config, attempt, started, "failed",
                        error=f"timed out after {timeout_s:g} s (timeout_s)")
-    log(f"sweep: {len(ok)} ok, {len(failed)} failed, {len(skipped)} skipped (already done)"
-        + "".join(f"\n  FAILED {r['id']} {_label(r['config'])}: {r['error']}" for r in failed))
-    return {"ok": ok, "failed": failed, "skipped": skipped, "ran": total}
 
 
 def write_summary(output: str, log=print) -> None:

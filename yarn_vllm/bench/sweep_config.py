@@ -23,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import numbers
 import os
 
+from yarn_vllm.config import YarnConfig
 from yarn_vllm.errors import UserError
 from yarn_vllm.methods import METHODS
 
@@ -35,7 +37,18 @@ def _positive_int(v):
 
 
 def _positive_number(v):
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < math.inf
+
+
+def _factor(v):
+    """What YarnConfig takes as a factor: finite and >= 1 (YAML's .inf and .nan are not)."""
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return False
+    try:
+        YarnConfig(factor=v)
+    except UserError:
+        return False
+    return True
 
 
 # field -> (check, what it must be, an example)
@@ -46,7 +59,8 @@ CONFIG_FIELDS = {
     "batch_sizes": (lambda v: isinstance(v, list) and v and all(map(_positive_int, v)),
                     "a non-empty list of positive integers", "[1, 4]"),
     "output_tokens": (_positive_int, "a positive integer", "32"),
-    "factor": (lambda v: v is None or _positive_number(v), "a positive number", "4.0"),
+    "factor": (lambda v: v is None or _factor(v), "a finite number >= 1 (YaRN extends, it "
+               "does not compress)", "4.0"),
     "repeats": (_positive_int, "a positive integer", "1"),
     "llm_kwargs": (lambda v: isinstance(v, dict), "a mapping of vLLM LLM(...) arguments",
                    "{dtype: float32}"),
@@ -56,8 +70,8 @@ CONFIG_DEFAULTS = {"batch_sizes": [1], "output_tokens": 32, "factor": None, "rep
 SWEEP_FIELDS = {
     "model": (lambda v: isinstance(v, str) and v, "a model folder or name", "smollm2-135m"),
     "output": (lambda v: isinstance(v, str) and v, "a .jsonl path", "bench_results/sweep.jsonl"),
-    "num_cpus": (_positive_number, "a positive number of CPUs per configuration", "2"),
-    "timeout_s": (_positive_number, "a positive number of seconds", "1800"),
+    "num_cpus": (_positive_number, "a finite positive number of CPUs per configuration", "2"),
+    "timeout_s": (_positive_number, "a finite positive number of seconds", "1800"),
     "retries": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                 "a whole number >= 0", "1"),
     "grid": (lambda v: isinstance(v, dict) and v, "a mapping of field -> list of values",

@@ -16,17 +16,36 @@ or a missing file) ends the command with one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from yarn_vllm.cli.args import passthrough_kwargs, yarn_config_from_args  # noqa: F401
 from yarn_vllm.errors import UserError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other user error (exit status 2)."""
+
+    def error(self, message: str):
+        source = self.prog.partition(" ")[2] or "command line"  # "bench offline"
+        field, problem = "arguments", message
+        if m := re.match(r"argument ([^:]+): (.*)", message, re.S):
+            field, problem = m.group(1).split("/")[0], m.group(2)
+            if t := re.match(r"invalid (\w+) value: (.*)", problem):  # argparse's type=int
+                problem = f"is {t.group(2)}, not {'an' if t.group(1)[0] in 'aeiou' else 'a'} " \
+                          f"{t.group(1)}"
+        elif m := re.match(r"the following arguments are required: (.*)", message):
+            field, problem = m.group(1), "is required"
+        err = UserError(field, problem.replace("\n", " "), f"see {self.prog} --help",
+                        source=source)
+        self.exit(2, f"yarn-vllm: {err}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from yarn_vllm.cli import bench, eval as eval_command, generate, inspect, prepare, serve
 
-    ap = argparse.ArgumentParser(prog="yarn-vllm", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="yarn-vllm", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     for command in (generate, eval_command, serve, prepare, inspect, bench):
         command.add_parser(sub)

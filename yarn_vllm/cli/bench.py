@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from yarn_vllm.cli.args import FACTOR_HELP, add_model_flag, method_names, passthrough_kwargs, \
-    positive_ints
+from yarn_vllm.cli.args import FACTOR_HELP, add_model_flag, check_factor, check_numbers, \
+    method_names, passthrough_kwargs, positive_ints
 from yarn_vllm.errors import UserError
 
 BENCH_COMMANDS = ("offline", "online", "sweep")
@@ -19,14 +19,18 @@ def _no_extra(command: str, unknown: list[str]) -> None:
 
 def cmd_offline(args, unknown) -> int:
     from yarn_vllm.bench.offline import run_offline
-    from yarn_vllm.bench.report import write_offline
+    from yarn_vllm.bench.report import output_paths, write_offline
     from yarn_vllm.models import resolve_model
 
+    # before any engine: a bad value must not cost a benchmark's worth of waiting
+    check_factor(args.factor, "bench offline")
+    check_numbers(args, "bench offline", positive=("output_tokens", "repeats", "timeout"))
+    output_paths(args.out, args.name, source="bench offline")
+    llm_kwargs = passthrough_kwargs(unknown)
     t0 = time.perf_counter()
     results = run_offline(resolve_model(args.model), args.methods, args.context_lengths,
                           args.batch_sizes, output_tokens=args.output_tokens, factor=args.factor,
-                          repeats=args.repeats, llm_kwargs=passthrough_kwargs(unknown),
-                          timeout=args.timeout)
+                          repeats=args.repeats, llm_kwargs=llm_kwargs, timeout=args.timeout)
     results["wall_s"] = time.perf_counter() - t0
     write_offline(results, args.out, args.name)
     print(f"yarn-vllm bench offline: {results['wall_s']:.0f} s")
@@ -35,8 +39,12 @@ def cmd_offline(args, unknown) -> int:
 
 def cmd_online(args, unknown) -> int:
     from yarn_vllm.bench.online import run_online, write_online
+    from yarn_vllm.bench.report import output_paths
 
     _no_extra("online", unknown)
+    check_numbers(args, "bench online",
+                  positive=("num_requests", "concurrency", "output_tokens", "vocab_size"))
+    output_paths(args.out, args.name, source="bench online")
     results = run_online(args.url, args.context_lengths, num_requests=args.num_requests,
                          concurrency=args.concurrency, output_tokens=args.output_tokens,
                          model=args.served_model, vocab_size=args.vocab_size)

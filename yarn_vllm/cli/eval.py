@@ -7,15 +7,37 @@ from __future__ import annotations
 
 import time
 
-from yarn_vllm.cli.args import FACTOR_HELP, add_model_flag, depths, method_names, \
-    passthrough_kwargs, positive_ints
+from yarn_vllm.cli.args import FACTOR_HELP, add_model_flag, check_factor, check_numbers, depths, \
+    method_names, passthrough_kwargs, positive_ints
 from yarn_vllm.cpu import apply_cpu_defaults
 from yarn_vllm.errors import UserError
+
+
+def check_flags(args) -> None:
+    """Numbers that parse but make no sense, refused before any model loads."""
+    source = f"eval {args.eval_command}"
+    if args.eval_command == "suite":
+        return
+    check_factor(args.factor, source)
+    if args.eval_command == "passkey":
+        check_numbers(args, source, positive=("trials",))
+        return
+    check_numbers(args, source, positive=("stride",), non_negative=("max_windows",))
+    shortest = min(args.windows)
+    if shortest < 2:
+        raise UserError("--windows", f"holds {shortest}", "give windows of 2 tokens or more "
+                        "(a window scores each token after its first)", source=source)
+    if args.stride is not None and args.stride > shortest:
+        raise UserError("--stride", f"is {args.stride}, longer than the window {shortest}, "
+                        "so tokens between windows would never be scored",
+                        f"give a stride of at most {shortest}", source=source)
+
 
 def run(args, unknown) -> int:
     from yarn_vllm.eval import report, run as evaluate
     from yarn_vllm.models import resolve_model
 
+    check_flags(args)
     model = resolve_model(args.model)
     llm_kwargs = passthrough_kwargs(unknown)
     apply_cpu_defaults(llm_kwargs)

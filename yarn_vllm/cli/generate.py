@@ -10,8 +10,8 @@ import json
 import os
 import time
 
-from yarn_vllm.cli.args import add_model_flag, add_yarn_flags, depths, passthrough_kwargs, \
-    yarn_config_from_args, yarn_flags_given
+from yarn_vllm.cli.args import add_model_flag, add_yarn_flags, check_numbers, depths, \
+    passthrough_kwargs, yarn_config_from_args, yarn_flags_given
 from yarn_vllm.cli.overrides import yarn_hf_overrides
 from yarn_vllm.config import YarnConfig
 from yarn_vllm.cpu import apply_cpu_defaults
@@ -60,6 +60,8 @@ def run(args, unknown) -> int:
     from yarn_vllm.methods import default_factor
     from yarn_vllm.models import resolve_model
 
+    check_numbers(args, "generate", positive=("max_tokens", "replicas", "passkey_length"),
+                  non_negative=("temperature",))
     yarn = yarn_config_from_args(args)
     model = resolve_model(args.model)
     prompts = read_prompts(args)

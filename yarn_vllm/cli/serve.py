@@ -5,10 +5,16 @@ platform *before* any engine starts, and returns the argv and environment of the
 server (`python -m yarn_vllm.serve`, see there). Every flag it does not own passes
 through to vLLM unchanged; the user's `--hf-overrides` is merged into ours
 (yarn_vllm.cli.overrides).
+
+Private by default: the server binds 127.0.0.1 unless `--host` (or `--uds`) is given,
+where vLLM would bind every interface; `run` prints where it listens, warns when that
+is beyond loopback without `--api-key`, and prints the command with every secret
+(yarn_vllm.cli.redact) hidden.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sys
@@ -16,11 +22,14 @@ import sys
 from yarn_vllm.cli.args import add_model_flag, add_yarn_flags, yarn_config_from_args, \
     yarn_flags_given
 from yarn_vllm.cli.overrides import yarn_hf_overrides
+from yarn_vllm.cli.redact import redact_argv
 from yarn_vllm.config import YarnConfig
 from yarn_vllm.cpu import CPU_ENV_DEFAULTS, core_groups, cpu_engine_defaults, omp_bind
 from yarn_vllm.errors import UserError
 
 SERVER_MODULE = "yarn_vllm.serve"
+LOOPBACK = "127.0.0.1"
+VLLM_DEFAULT_PORT = "8000"
 PLUGIN_NAME = "yarn_vllm"  # our name in the vllm.general_plugins entry-point group
 # engine argument -> every server flag that sets it
 _SPELLINGS = {"enforce_eager": ("--enforce-eager", "--no-enforce-eager"),
@@ -195,7 +204,41 @@ def serve_command(model: str, yarn: YarnConfig | None, passthrough: list[str], *
             argv = ["--max-model-len", str(extended)] + argv
     if cpu:
         argv = cpu_flags(argv, env) + argv
+    if not has_flag(argv, "--host", "--uds"):
+        argv = ["--host", LOOPBACK] + argv
     return [sys.executable, "-m", SERVER_MODULE, "--model", model] + argv, env
+
+
+# ---- what the user is told ---------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost; a name that may resolve elsewhere is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def announce(cmd: list[str], env: dict) -> tuple[list[str], list[str]]:
+    """(lines for stdout, warnings for stderr) before the server starts: the command with
+    its secrets hidden, and where it will listen."""
+    out = ["yarn-vllm serve: " + " ".join(redact_argv(cmd))]
+    uds = flag_value(cmd, "--uds")
+    if uds is not None:
+        return out + [f"yarn-vllm serve: listening on unix socket {uds}"], []
+    host = flag_value(cmd, "--host") or ""
+    port = flag_value(cmd, "--port") or VLLM_DEFAULT_PORT
+    shown = f"[{host}]" if ":" in host else host or "every interface"
+    out.append(f"yarn-vllm serve: listening on http://{shown}:{port}")
+    warnings = []
+    if not is_loopback(host) and not has_flag(cmd, "--api-key") and not env.get("VLLM_API_KEY"):
+        warnings.append(f"yarn-vllm serve: warning: {host or 'every interface'} is beyond "
+                        "loopback and there is no --api-key, so anyone who can reach this "
+                        "machine can use the server. Fix: pass --api-key KEY, or drop --host "
+                        f"to listen on {LOOPBACK} only")
+    return out, warnings
 
 
 def add_parser(sub) -> None:
@@ -212,5 +255,8 @@ def run(args, unknown) -> int:
     yarn = yarn_config_from_args(args)  # first: a bad YAML fails in a second
     cmd, env = serve_command(resolve_model(args.model), yarn, unknown,
                              flags=yarn_flags_given(args))
-    print("yarn-vllm serve: " + " ".join(cmd), flush=True)
+    out, warnings = announce(cmd, env)
+    print("\n".join(out), flush=True)
+    for line in warnings:
+        print(line, file=sys.stderr, flush=True)
     os.execve(sys.executable, cmd, env)

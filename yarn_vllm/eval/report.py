@@ -7,8 +7,52 @@ stored results without running anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """Yield a fresh temporary path beside `path`; on success it replaces `path` atomically.
+
+    The name is unique (mkstemp), so two runs writing the same file never move each
+    other's half-written output into place; readers see the old file or the new, never
+    a partial one. It keeps `path`'s extension (matplotlib picks the format from it).
+    On an error the temporary file is removed and `path` is left as it was.
+    """
+    folder, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=os.path.splitext(base)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would otherwise stick to the result
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would race other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(ln for ln in f if ln.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
+def write_text(path: str, text: str) -> None:
+    """`path` replaced atomically by `text` (UTF-8); see `replacing`."""
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _savefig(fig, path: str) -> None:
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120)
 
 
 def _cell(value, fmt: str = "{:.2f}") -> str:
@@ -101,7 +145,7 @@ def plot_perplexity(results: dict, path: str) -> None:
     ax.set_title(_title(results), fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _savefig(fig, path)
     plt.close(fig)
 
 
@@ -127,7 +171,7 @@ def plot_passkey(results: dict, path: str) -> None:
     axes[0][0].set_ylabel("depth")
     fig.suptitle(_title(results), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _savefig(fig, path)
     plt.close(fig)
 
 
@@ -139,11 +183,9 @@ def write_outputs(results: dict, out_dir: str, name: str) -> None:
     """{name}.json, .md (the table) and .png under out_dir; name is a key of REPORTS."""
     table_fn, plot_fn = REPORTS[name]
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(results, indent=2))
     table = table_fn(results)
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(table + "\n")
+    write_text(os.path.join(out_dir, f"{name}.md"), table + "\n")
     plot_fn(results, os.path.join(out_dir, f"{name}.png"))
     print(table)
     print(f"wrote {out_dir}/{name}.json, .md, .png")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import time
 from importlib import resources
 
+from yarn_vllm.config import YarnConfig
 from yarn_vllm.engine_worker import run_engine
+from yarn_vllm.errors import UserError
 from yarn_vllm.eval.perplexity import aggregate, default_bucket_edges, sliding_windows, token_nll
 from yarn_vllm.methods import default_factor, method, method_overrides
 
@@ -26,8 +28,15 @@ def _hf_config(model: str) -> dict:
 
 
 def method_factor(hf_config: dict, longest: int, factor: float | None) -> float:
-    """`factor`, or the default rule (yarn_vllm.methods.default_factor) for `longest` tokens."""
-    return factor or default_factor(int(hf_config["max_position_embeddings"]), longest)
+    """`factor`, or the default rule (yarn_vllm.methods.default_factor) for `longest` tokens.
+
+    Checked as YarnConfig checks it (finite, >= 1, factor x trained length in bounds) for
+    every method: trained, pi and ntk would otherwise run a NaN or negative factor.
+    """
+    trained = int(hf_config["max_position_embeddings"])
+    factor = default_factor(trained, longest) if factor is None else factor
+    YarnConfig(factor=factor, original_max_position=trained)
+    return factor
 
 
 def run_method(model: str, name: str, hf_config: dict, factor: float, prompts, sampling,
@@ -39,8 +48,10 @@ def run_method(model: str, name: str, hf_config: dict, factor: float, prompts, s
     overrides["max_position_embeddings"] += 16
     kwargs = {"hf_overrides": overrides, "max_model_len": overrides["max_position_embeddings"],
               "enable_prefix_caching": False, **(llm_kwargs or {})}
+    # introspect: False, no layer classes wanted, so the engine needs no insecure serialization
     return run_engine({"model": model, "llm_kwargs": kwargs, "prompts": prompts,
-                       "sampling": sampling, "progress": True}, plugins=method(name).plugins)
+                       "sampling": sampling, "progress": True, "introspect": False},
+                      plugins=method(name).plugins)
 
 
 def eval_perplexity(model: str, methods: list[str], windows: list[int], *, stride: int | None = None,
@@ -87,8 +98,12 @@ def eval_passkey(model: str, methods: list[str], lengths: list[int], depths: lis
 
     hf = _hf_config(model)
     tok = AutoTokenizer.from_pretrained(model)
-    cases = [(L, d, t, make_passkey_prompt(tok, L, d, seed=1000 * t + int(100 * d) + L))
-             for L in lengths for d in depths for t in range(trials)]
+    try:
+        cases = [(L, d, t, make_passkey_prompt(tok, L, d, seed=1000 * t + int(100 * d) + L))
+                 for L in lengths for d in depths for t in range(trials)]
+    except ValueError as e:  # a length too short for the task's text
+        raise UserError("lengths", f"are {lengths}: {e}", "give longer lengths",
+                        source="eval passkey") from None
     s = method_factor(hf, max(lengths) + 16, factor)
     results = {"model": model, "factor": s, "lengths": lengths, "depths": depths,
                "trials": trials, "methods": {}}

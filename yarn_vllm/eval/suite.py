@@ -71,12 +71,11 @@ def load(store: str, job: Job, method: str) -> dict | None:
 
 
 def save(store: str, job: Job, method: str, result: dict) -> None:
-    """Write atomically, so a killed run never leaves a half-written result behind."""
+    """Write atomically (render.replacing), so a killed or concurrent run never leaves a
+    half-written result behind."""
     path = result_path(store, job, method)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    render.write_text(path, json.dumps(result, indent=1))
 
 
 def cells(job: Job) -> list[str]:
@@ -259,6 +258,4 @@ def write_section(readme: str, section: str) -> None:
         text = head + block + rest.split(RESULTS_END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    with open(readme + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(readme + ".tmp", readme)
+    render.write_text(readme, text)

@@ -31,7 +31,8 @@ class ServerExited(RuntimeError):
 
 
 class LocalServer:
-    """`yarn-vllm serve MODEL ARGS --host 127.0.0.1 --port P` in its own process group.
+    """`yarn-vllm serve MODEL ARGS --port P` in its own process group, on loopback: the
+    host is left to `yarn-vllm serve`, whose default is 127.0.0.1.
 
     `stop()` ends the whole group (API server, engine core, workers): SIGTERM, then
     SIGKILL after `grace` seconds. The server's stdout and stderr go to `log_path`.
@@ -46,12 +47,17 @@ class LocalServer:
         self.proc: subprocess.Popen | None = None
 
     @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        """The OpenAI API root, for `openai.OpenAI(base_url=...)`."""
+        return self.url + "/v1"
 
     def start(self) -> "LocalServer":
         cmd = [sys.executable, "-m", "yarn_vllm.cli", "serve", self.model, *self.args,
-               "--host", "127.0.0.1", "--port", str(self.port)]
+               "--port", str(self.port)]
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)  # its own process group
@@ -69,7 +75,7 @@ class LocalServer:
                 raise ServerExited(f"yarn-vllm serve exited with {self.proc.returncode} before "
                                    f"it was ready; log tail:\n{self.log()[-4000:]}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health",
+                with urllib.request.urlopen(f"{self.url}/health",
                                             timeout=5) as r:
                     if r.status == 200:
                         return self
