@@ -1,13 +1,19 @@
 """Short requests behind a long prompt: TTFT of 8 short chat-sized prompts that arrive with
 one 16k prompt, per YaRN mode, through `yarn-vllm serve` (the OpenAI server), side by side.
 
-This is the case chunked prefill exists for. In request mode vLLM keeps chunked prefill,
-so the short prompts are scheduled beside the long one's chunks; in dynamic mode (before
-it learns chunked prefill) the long prompt is prefilled in one step and everything that
-arrives with it waits for that step. Each repeat sends fresh random prompts (no prefix
-cache hits), all at the same moment, and waits for every answer.
+This is the case chunked prefill exists for: with it the short prompts can be scheduled
+beside the long one's chunks; a one-step prefill makes everything that arrives with the
+long prompt wait for that step. vLLM's V1 scheduler serves running requests first, so a
+long prompt admitted first takes the whole token budget every step unless
+`--long-prefill-token-threshold` caps its share. Each repeat sends fresh random prompts
+(no prefix cache hits), all at the same moment, and waits for every answer.
 
-    .venv/bin/python benchmarks/bench_mixed_ttft.py --modes request,dynamic --repeats 2
+A configuration is NAME=MODE[:vLLM serve flags, space-separated]:
+
+    .venv/bin/python benchmarks/bench_mixed_ttft.py --configs \
+        "request=request" "request-cap=request:--long-prefill-token-threshold 512" \
+        "dynamic-one-step=dynamic:--no-enable-chunked-prefill --max-num-batched-tokens 32768" \
+        "dynamic-cap=dynamic:--long-prefill-token-threshold 512"
 """
 
 from __future__ import annotations
@@ -56,11 +62,19 @@ def one_round(url: str, model: str, rng: random.Random, args) -> dict:
             "long_latency_s": results["long"]["latency_s"]}
 
 
-def bench_mode(mode: str, args) -> dict:
+def parse_config(text: str) -> tuple[str, str, list[str]]:
+    """'request-cap=request:--long-prefill-token-threshold 512' -> (name, mode, flags)."""
+    name, _, rest = text.partition("=")
+    mode, _, flags = (rest or name).partition(":")
+    return name, mode, flags.split()
+
+
+def bench_mode(config: str, args) -> dict:
+    name, mode, flags = parse_config(config)
     model = resolve_model(args.model)
-    serve_args = ["--factor", str(args.factor), "--yarn-mode", mode, *args.vllm_args]
-    log = os.path.join(args.log_dir, f"serve_{mode}.log")
-    print(f"[{mode}] starting yarn-vllm serve {' '.join(serve_args)} (log: {log})", flush=True)
+    serve_args = ["--factor", str(args.factor), "--yarn-mode", mode, *flags, *args.vllm_args]
+    log = os.path.join(args.log_dir, f"serve_{name}.log")
+    print(f"[{name}] starting yarn-vllm serve {' '.join(serve_args)} (log: {log})", flush=True)
     t0 = time.perf_counter()
     with LocalServer(model, serve_args, log_path=log) as server:
         started = time.perf_counter() - t0
@@ -73,12 +87,12 @@ def bench_mode(mode: str, args) -> dict:
         for r in range(args.repeats):
             row = one_round(server.url, served, random.Random(1000 * r + 7), args)
             rounds.append(row)
-            print(f"[{mode}] round {r + 1}: short TTFT p50 {row['short_ttft_p50_s']:.2f} s, "
+            print(f"[{name}] round {r + 1}: short TTFT p50 {row['short_ttft_p50_s']:.2f} s, "
                   f"p99 {row['short_ttft_p99_s']:.2f} s; long TTFT {row['long_ttft_s']:.2f} s",
                   flush=True)
     p50 = sorted(x["short_ttft_p50_s"] for x in rounds)
     p99 = sorted(x["short_ttft_p99_s"] for x in rounds)
-    return {"mode": mode, "serve_args": serve_args, "server_start_s": started, "rounds": rounds,
+    return {"config": name, "mode": mode, "serve_args": serve_args, "server_start_s": started, "rounds": rounds,
             "short_ttft_p50_s_median": p50[len(p50) // 2], "short_ttft_p50_s_range": [p50[0], p50[-1]],
             "short_ttft_p99_s_median": p99[len(p99) // 2], "short_ttft_p99_s_range": [p99[0], p99[-1]]}
 
@@ -86,7 +100,8 @@ def bench_mode(mode: str, args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--modes", default="request,dynamic")
+    p.add_argument("--configs", nargs="+", default=["request", "dynamic"],
+                   help="NAME=MODE[:serve flags] each (see above); a bare MODE names itself")
     p.add_argument("--factor", type=float, default=4.0)
     p.add_argument("--long-tokens", type=int, default=16384)
     p.add_argument("--short-tokens", type=int, default=256)
@@ -99,18 +114,17 @@ def main(argv=None) -> None:
     args, vllm_args = p.parse_known_args(argv)
     args.vllm_args = vllm_args  # e.g. --dtype float32, passed to every server
     os.makedirs(args.log_dir, exist_ok=True)
-    rows = [bench_mode(mode, args) for mode in args.modes.split(",")]
-    print(f"{'mode':>10} {'short TTFT p50 (s)':>20} {'short TTFT p99 (s)':>20}")
+    rows = [bench_mode(config, args) for config in args.configs]
+    print(f"{'config':>18} {'short TTFT p50 (s)':>20} {'short TTFT p99 (s)':>20}")
     for row in rows:
-        print(f"{row['mode']:>10} {row['short_ttft_p50_s_median']:>11.2f} "
+        print(f"{row['config']:>18} {row['short_ttft_p50_s_median']:>11.2f} "
               f"({row['short_ttft_p50_s_range'][0]:.2f}-{row['short_ttft_p50_s_range'][1]:.2f}) "
               f"{row['short_ttft_p99_s_median']:>11.2f} "
               f"({row['short_ttft_p99_s_range'][0]:.2f}-{row['short_ttft_p99_s_range'][1]:.2f})")
-    if len(rows) > 1:
-        base = rows[-1]["short_ttft_p50_s_median"]
-        for row in rows[:-1]:
-            print(f"{row['mode']} / {rows[-1]['mode']} short TTFT p50: "
-                  f"{row['short_ttft_p50_s_median'] / base:.3f}")
+    for row in rows[1:]:
+        for key in ("short_ttft_p50_s_median", "short_ttft_p99_s_median"):
+            print(f"{row['config']} / {rows[0]['config']} {key.split('_s_')[0]}: "
+                  f"{row[key] / rows[0][key]:.3f}")
     write_json(args.out, {"env": environment(), "args": {k: v for k, v in vars(args).items()},
                           "modes": rows})
 
