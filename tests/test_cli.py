@@ -140,6 +140,7 @@ BAD_FLAGS = [
      "finite number 0 or more"),
     (["eval", "ppl", "--windows", "1"], "eval ppl: `--windows` holds 1."),
     (["eval", "passkey", "--trials", "0"], "eval passkey: `--trials` is 0."),
+    (["bench", "sweep", "s.yaml", "--num-cpus", "0"], "bench sweep: `--num-cpus` is 0."),
     (["generate", "--replicas", "0"], "generate: `--replicas` is 0. Fix: give a finite number"),
     (["generate", "--max-tokens", "-1"], "generate: `--max-tokens` is -1."),
     (["generate", "--temperature", "nan"], "generate: `--temperature` is nan. Fix: give a "
@@ -152,7 +153,7 @@ BAD_FLAGS = [
 def test_bad_eval_and_bench_flags_are_one_line_and_exit_2(argv, want, capsys, tmp_path):
     from yarn_vllm.cli import main
 
-    if argv[1] != "online":
+    if argv[1] not in ("online", "sweep"):
         k = 1 if argv[0] == "generate" else 2
         argv = argv[:k] + ["--model", str(tmp_path / "never-loaded")] + argv[k:]
     try:

@@ -275,6 +275,26 @@ def test_no_preexec_fn_anywhere():
     assert uses == []
 
 
+def test_insecure_serialization_only_where_layers_are_introspected(monkeypatch):
+    """VLLM_ALLOW_INSECURE_SERIALIZATION (LLM.apply_model pickles a function to the engine
+    core) reaches an engine only when its spec asks for the layer classes; evaluations do
+    not, so their engines keep vLLM's safe default."""
+    from yarn_vllm import engine_worker
+    from yarn_vllm.eval.run import run_method
+
+    monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
+    assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in engine_worker.engine_env(True)
+    started = []  # what would start: (spec, env); the engines themselves run elsewhere
+    monkeypatch.setattr(engine_worker, "run_worker",
+                        lambda module, spec, **kw: started.append((spec, kw.get("env"))))
+    run_method("/m", "yarn", HF, 2.0, [[1, 2]], {"max_tokens": 1})
+    engine_worker.run_engine({"model": "/m", "prompts": [[1, 2]]})
+    (evaluated, eval_env), (introspected, env) = started
+    assert evaluated["introspect"] is False and "VLLM_ALLOW_INSECURE_SERIALIZATION" not in (
+        eval_env or {})
+    assert env["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
+
+
 def test_bench_offline_runs_dynamic_yarn(tiny_llama, tmp_path):
     """`yarn-vllm bench offline --methods yarn-dynamic` on a real engine: a prompt past the
     tiny model's 1,024 trained positions, our rotary layer and our pre-RoPE attention backend,

@@ -71,6 +71,19 @@ def test_rerun_resumes(cluster, tmp_path):
     assert fourth["ran"] == 0 and len(_calls(tmp_path)) == 4  # the record after it was read
 
 
+def test_records_keep_no_secret(cluster, tmp_path):
+    out = tmp_path / "sweep.jsonl"
+    [config] = _configs(tmp_path, ["a"])
+    config["llm_kwargs"] = {"hf_token": "hf_s3cret", "dtype": "float32"}
+    run_sweep([config], str(out), num_cpus=1, work=fake_work, log=lambda *_: None)
+    assert "s3cret" not in out.read_text()
+    [rec] = read_results(str(out)).values()
+    assert rec["id"] == config_id(config) and rec["config"]["llm_kwargs"] == {
+        "hf_token": "***", "dtype": "float32"}
+    assert run_sweep([config], str(out), num_cpus=1, work=fake_work,
+                     log=lambda *_: None)["ran"] == 0  # still matched by its id
+
+
 def test_lines_that_are_json_but_not_records_are_skipped(cluster, tmp_path):
     """Valid JSON that is not a record object (a list, a number, null, an id that is not a
     string) used to crash the reader; now it is skipped like a torn line."""

@@ -21,6 +21,7 @@ import time
 from collections import deque
 
 from yarn_vllm.bench.sweep_config import config_id
+from yarn_vllm.cli.redact import redact_kwargs
 
 
 def run_config(config: dict) -> dict:
@@ -184,6 +185,8 @@ def _drive(todo: deque, report: dict, claims: Claims, output: str, *, parallel: 
     total = len(todo)
 
     def record(cid, config, attempt, started, status, result=None, error=None):
+        if isinstance(config.get("llm_kwargs"), dict):  # e.g. an hf_token: not into results
+            config = {**config, "llm_kwargs": redact_kwargs(config["llm_kwargs"])}
         rec = {"id": cid, "config": config, "status": status, "attempts": attempt,
                "seconds": round(time.time() - (started or time.time()), 3), "result": result,
                "error": error,

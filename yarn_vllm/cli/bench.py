@@ -57,6 +57,7 @@ def cmd_sweep(args, unknown) -> int:
     from yarn_vllm.bench.sweep_config import load_sweep
 
     _no_extra("sweep", unknown)
+    check_numbers(args, "bench sweep", positive=("num_cpus",))
     sweep = load_sweep(args.sweep_file)
     s, configs = sweep["settings"], sweep["configs"]
     output = args.output or s["output"]
