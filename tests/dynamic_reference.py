@@ -1,48 +1,145 @@
 """Plain-PyTorch Dynamic-YaRN generation for a Llama: the paper's semantics, written directly.
 
 It keeps a cache of keys *before* RoPE. Each step it takes the scale
-s = max(1, l / L) from the length l after the step's tokens, re-rotates every
-cached key and the step's queries with the YaRN frequencies at s, and scales the
-logits by mscale(s)^2. The prompt is one step. Weights come from an HF
-LlamaForCausalLM; only its linear layers, norms and MLPs are used.
+s = max(1, l / L) from the length l after the step's tokens (paper Section 3.3,
+Eq. 24), re-rotates every cached key and the step's queries with the YaRN
+frequencies at s (Eq. 17-19, yarn_math.yarn_inv_freq; plain RoPE, Eq. 3-4, at
+s = 1) and scales the logits by mscale(s)^2 (Eq. 22). The prompt is one step.
+Weights come from an HF LlamaForCausalLM; only its linear layers, norms and MLPs
+are used.
+
+Nothing here reads yarn_vllm's ScalePolicy: the scale rule and the magnitude are
+written out below, so that a test comparing the engine with this loop compares
+two implementations, not one with itself.
+
+Preemption. vLLM preempts by recomputation: a preempted sequence loses its
+cache, and when it is scheduled again its prompt and every token generated so
+far are prefilled in one step, like a fresh prompt of that length. In dynamic
+mode that prefill runs at the scale of the whole length l = P + k (P prompt
+tokens, k generated), so the recomputed keys and values of layers >= 1 are those
+of one forward at s(P + k), not the ones the sequence had built step by step.
+`generate(..., recompute_at={k})` does exactly that before it produces token k.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
-from yarn_vllm.attention.rope_spec import DynamicRope
-from yarn_vllm.ops import rotary_reference
+from yarn_vllm import yarn_math
+
+# An fp32 engine against this fp32 loop, on the logprob of each token the engine chose:
+# both sides round differently (GEMM blocking, the kernel's composed angle table), about
+# 5e-5 at most on the tiny Llama's peaked distributions.
+LOGPROB_TOL = 1e-4
+# What a wrong scale must be off by, at least, for a test at LOGPROB_TOL to mean anything.
+CONTRAST = 100 * LOGPROB_TOL
+TIE = 1e-3  # two tokens this close are a tie that summation order may break either way
 
 
-def _attention(q, k, v, positions_q, rope: DynamicRope, s: float, head_size: int):
-    """q: [t, Hq, D]; k, v: [l, Hkv, D] pre-RoPE; returns [t, Hq * D] (fp32, float64 angles)."""
-    inv_freq = rope.inv_freq(s)
-    positions_k = torch.arange(k.shape[0])
-    q = rotary_reference(q, positions_q, inv_freq, 1.0, rope.is_neox, torch.float64)
-    k = rotary_reference(k, positions_k, inv_freq, 1.0, rope.is_neox, torch.float64)
+@dataclasses.dataclass(frozen=True)
+class PaperDynamicYarn:
+    """Dynamic YaRN for one model: the rotary shape and the YaRN settings, paper names.
+
+    `fixed_scale`, when set, replaces s(l) by that s at every step: 1.0 is the model as
+    trained, the configured factor is static YaRN (the contrasts a test needs).
+    """
+
+    rotary_dim: int
+    rope_theta: float
+    original_max_position: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    fixed_scale: float | None = None
+
+    def scale(self, length: int) -> float:
+        """s = max(1, l / L) (Eq. 24)."""
+        if self.fixed_scale is not None:
+            return self.fixed_scale
+        return max(1.0, length / self.original_max_position)
+
+    def inv_freq(self, s: float) -> torch.Tensor:
+        """[rotary_dim // 2] fp32: plain RoPE at s = 1, NTK-by-parts (Eq. 17-19) above."""
+        if s == 1.0:
+            return yarn_math.rope_inv_freq(self.rotary_dim, self.rope_theta)
+        return yarn_math.yarn_inv_freq(self.rotary_dim, self.rope_theta, s,
+                                       self.original_max_position, self.beta_fast,
+                                       self.beta_slow)
+
+    def attention_scale(self, s: float) -> float:
+        """The logit multiplier mscale(s)^2.
+
+        sqrt(1/t) = 0.1 ln s + 1 (Eq. 22); with DeepSeek's `mscale` and `mscale_all_dim`
+        both set, the ratio (0.1 m ln s + 1) / (0.1 m_all ln s + 1); an explicit
+        `attention_factor` replaces either. At s = 1 the model runs as trained: 1, whatever
+        the config says (an attention_factor describes the extended model only).
+        """
+        if s == 1.0:
+            return 1.0
+        if self.attention_factor is not None:
+            m = self.attention_factor
+        elif self.mscale and self.mscale_all_dim:
+            ln_s = math.log(s)
+            m = (0.1 * self.mscale * ln_s + 1) / (0.1 * self.mscale_all_dim * ln_s + 1)
+        else:
+            m = 0.1 * math.log(s) + 1
+        return m * m
+
+
+def _cos_sin(length: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, 1, rotary_dim // 2] of positions 0..length-1, formed in float64."""
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq.double()[None, :]
+    return angles.cos().float()[:, None], angles.sin().float()[:, None]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX-style RoPE (full rotary) of x [T, H, D] with cos, sin [T, 1, D // 2]."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _attention(q, k, v, cos, sin, attention_scale: float, head_size: int):
+    """q: [t, Hq, D], the last t of the l positions; k, v: [l, Hkv, D] pre-RoPE; cos, sin
+    [l, 1, D // 2]. Returns [t, Hq * D] (fp32)."""
+    t, l = q.shape[0], k.shape[0]
+    q, k = _rotate(q, cos[l - t:], sin[l - t:]), _rotate(k, cos, sin)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    logits = torch.einsum("qhd,khd->hqk", q, k) * (head_size ** -0.5 * rope.logit_multiplier(s))
-    logits.masked_fill_(positions_k[None, None, :] > positions_q[None, :, None], float("-inf"))
-    return torch.einsum("hqk,khd->qhd", logits.softmax(-1), v).reshape(q.shape[0], -1)
+    logits = torch.einsum("qhd,khd->hqk", q, k) * (head_size ** -0.5 * attention_scale)
+    causal = torch.arange(l)[None, :] > torch.arange(l - t, l)[:, None]
+    logits.masked_fill_(causal[None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", logits.softmax(-1), v).reshape(t, -1)
 
 
 @torch.no_grad()
-def generate(model, prompt: list[int], new_tokens: int, rope: DynamicRope
+def generate(model, prompt: list[int], new_tokens: int, rope: PaperDynamicYarn,
+             recompute_at=(), forced: list[int] | None = None
              ) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and the log-softmax of every step ([vocab] each; the first is the prompt's)."""
+    """Greedy tokens and the log-softmax of every step ([vocab] each; the first is the prompt's).
+
+    recompute_at: the k (tokens generated so far) before which the cache is dropped and
+    the whole sequence prefilled again in one step, as vLLM resumes a preempted sequence.
+    forced: tokens to feed instead of the greedy ones (to follow an engine's continuation).
+    """
     cfg = model.config
     head = cfg.head_dim
     layers = model.model.layers
-    keys = [torch.empty(0, cfg.num_key_value_heads, head) for _ in layers]
-    values = [torch.empty(0, cfg.num_key_value_heads, head) for _ in layers]
+    empty = torch.empty(0, cfg.num_key_value_heads, head)
+    keys, values = [empty] * len(layers), [empty] * len(layers)
     tokens, logprobs = list(prompt), []
     step_ids = torch.tensor(prompt)
-    for _ in range(new_tokens):
+    for k in range(new_tokens):
+        if k in recompute_at:
+            keys, values = [empty] * len(layers), [empty] * len(layers)
+            step_ids = torch.tensor(tokens)
         length = len(tokens)
-        positions = torch.arange(length - step_ids.shape[0], length)
         s = rope.scale(length)
+        cos, sin = _cos_sin(length, rope.inv_freq(s))
         x = model.model.embed_tokens(step_ids).float()
         for i, layer in enumerate(layers):
             attn = layer.self_attn
@@ -51,18 +148,50 @@ def generate(model, prompt: list[int], new_tokens: int, rope: DynamicRope
             keys[i] = torch.cat((keys[i], attn.k_proj(h).view(-1, cfg.num_key_value_heads, head)))
             values[i] = torch.cat((values[i],
                                    attn.v_proj(h).view(-1, cfg.num_key_value_heads, head)))
-            x = x + attn.o_proj(_attention(q, keys[i], values[i], positions, rope, s, head))
+            x = x + attn.o_proj(_attention(q, keys[i], values[i], cos, sin,
+                                           rope.attention_scale(s), head))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = model.lm_head(model.model.norm(x[-1:]))[0].float()
         logprobs.append(torch.log_softmax(logits, -1))
-        token = int(logits.argmax())
+        token = int(logits.argmax()) if forced is None else forced[k]
         tokens.append(token)
         step_ids = torch.tensor([token])
     return tokens[len(prompt):], logprobs
 
 
-def rope_of(hf_config: dict, original_max_position: int) -> DynamicRope:
-    """The DynamicRope of a Llama config dict (NeoX pairs, full rotary, default betas)."""
+def rope_of(hf_config: dict, original_max_position: int | None = None) -> PaperDynamicYarn:
+    """The paper's Dynamic YaRN for a Llama config dict (NeoX pairs, full rotary).
+
+    YaRN settings (betas, mscale, mscale_all_dim, attention_factor) come from its
+    rope_parameters when it has them; `original_max_position` defaults to theirs.
+    """
     head = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
-    theta = hf_config.get("rope_theta") or hf_config.get("rope_parameters", {}).get("rope_theta")
-    return DynamicRope(head, head, float(theta), original_max_position)
+    params = hf_config.get("rope_parameters") or {}
+    theta = hf_config.get("rope_theta") or params.get("rope_theta")
+    original = original_max_position or params["original_max_position_embeddings"]
+    return PaperDynamicYarn(head, float(theta), int(original),
+                            beta_fast=params.get("beta_fast") or 32.0,
+                            beta_slow=params.get("beta_slow") or 1.0,
+                            mscale=params.get("mscale"),
+                            mscale_all_dim=params.get("mscale_all_dim"),
+                            attention_factor=params.get("attention_factor"))
+
+
+def logprob_gap(ours: dict, logprobs: list[torch.Tensor]) -> float:
+    """The largest |engine - reference| over the logprobs of the engine's own tokens.
+
+    ours: an engine output ({"token_ids", "logprobs": [{str(token): logprob}]});
+    logprobs: the reference's [vocab] log-softmax per step (all steps, or the first few).
+    """
+    return max(abs(ours["logprobs"][step][str(token)] - lp[token].item())
+               for step, (token, lp) in enumerate(zip(ours["token_ids"], logprobs)))
+
+
+def assert_follows(ours: dict, logprobs: list[torch.Tensor]) -> None:
+    """The engine's every token is the reference's greedy choice (or tied with it within
+    TIE), at a logprob within LOGPROB_TOL; the reference ran along the engine's tokens."""
+    assert len(logprobs) == len(ours["token_ids"])
+    for step, (token, lp) in enumerate(zip(ours["token_ids"], logprobs)):
+        assert lp.max().item() - lp[token].item() < TIE, f"step {step}: not the greedy token"
+    gap = logprob_gap(ours, logprobs)
+    assert gap <= LOGPROB_TOL, f"logprobs differ by {gap:.3g}"

@@ -6,24 +6,27 @@ batch, in dynamic mode (each sequence at its own scale in every step):
   * 1000 tokens + 48 new: crosses L while decoding, so the scale changes every
     step (plain-PyTorch loop with a pre-RoPE cache, tests/dynamic_reference.py);
   * 2500 tokens: its first token must be static YaRN at s = 2500 / L (HF).
+The engine runs fp32, and so do the references: logprobs agree within LOGPROB_TOL (1e-4),
+and each test checks that a wrong scale would land at least CONTRAST (1e-2) away.
+Staggered arrivals, short prompts and preemption: tests/test_dynamic_engine_steps.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import pytest
 import torch
 
-from dynamic_reference import generate, rope_of
+from dynamic_reference import (CONTRAST, LOGPROB_TOL, assert_follows, generate, logprob_gap,
+                               rope_of)
 from yarn_vllm.config import YarnConfig
 from yarn_vllm.engine_worker import run_engine
 
 L, NEW = 1024, 48
 PROMPTS = {"short": 300, "crossing": 1000, "long": 2500}
-LOGPROB_TOL = 1e-2  # bf16-level on logprobs; the engine runs fp32 and lands far inside it
-TIE = 1e-3  # two tokens this close are a tie that summation order may break either way
 
 
 def _case(tiny_llama, **llm_kwargs):
@@ -41,8 +44,7 @@ def _case(tiny_llama, **llm_kwargs):
 
 @pytest.fixture(scope="session")
 def dynamic_run(tiny_llama):
-    # Prefix caching is asked for: dynamic mode must turn it off (see engine_config.py).
-    case = _case(tiny_llama, enable_prefix_caching=True)
+    case = _case(tiny_llama)
     return case, run_engine({k: v for k, v in case.items() if k != "hf"}, timeout=900)
 
 
@@ -59,20 +61,8 @@ def _outputs(dynamic_run, name):
     return case["prompts"][i], result["outputs"][i]
 
 
-def _assert_steps_match(ours, tokens, logprobs):
-    """ours: the engine's output; logprobs: [vocab] log-softmax per step from a reference.
-
-    Greedy tokens must agree. Should they part at an exact tie (top two within TIE
-    in the reference), the rest is a different continuation and is not compared.
-    """
-    assert len(ours["token_ids"]) == len(tokens)
-    for step, token in enumerate(tokens):
-        mine = ours["token_ids"][step]
-        if mine != token:
-            assert logprobs[step][token] - logprobs[step][mine] < TIE, f"step {step}"
-            break
-        assert ours["logprobs"][step][str(token)] == pytest.approx(
-            logprobs[step][token].item(), abs=LOGPROB_TOL)
+def _rope(case, **changes):
+    return dataclasses.replace(rope_of(case["hf"], L), **changes)
 
 
 def test_engine_serves_dynamic_mode_with_our_backend(dynamic_run):
@@ -80,31 +70,34 @@ def test_engine_serves_dynamic_mode_with_our_backend(dynamic_run):
     assert result["attention_backends"] == [
         "yarn_vllm.attention.backend.YarnDynamicAttentionBackend"]
     assert result["rotary_classes"] == ["yarn_vllm.rotary.YarnRotaryEmbedding"]
-    assert result["prefix_caching"] is False and result["chunked_prefill"] is False
+    assert result["dtype"] == "float32"
 
 
 def test_within_trained_length_is_the_model_as_trained(dynamic_run, hf_model):
+    """One HF forward over the prompt and the engine's tokens: the model as trained."""
     prompt, ours = _outputs(dynamic_run, "short")
     with torch.no_grad():
-        hf = hf_model.generate(torch.tensor([prompt]), max_new_tokens=NEW, min_new_tokens=NEW,
-                               do_sample=False, output_scores=True, return_dict_in_generate=True,
-                               eos_token_id=None, pad_token_id=0)
-    tokens = hf.sequences[0, len(prompt):].tolist()
-    _assert_steps_match(ours, tokens, [torch.log_softmax(s[0].float(), -1) for s in hf.scores])
+        logits = hf_model(torch.tensor([prompt + ours["token_ids"]])).logits[0].float()
+    assert_follows(ours, list(torch.log_softmax(logits[len(prompt) - 1:-1], -1)))
+    # contrast: the configured factor applied regardless of length (static YaRN)
+    _, static = generate(hf_model, prompt, 1, _rope(dynamic_run[0], fixed_scale=4.0))
+    assert logprob_gap(ours, static) > CONTRAST
 
 
 def test_decoding_across_the_boundary_rescales_every_step(dynamic_run, hf_model):
     prompt, ours = _outputs(dynamic_run, "crossing")
     assert len(prompt) < L < len(prompt) + NEW
     case, _ = dynamic_run
-    tokens, logprobs = generate(hf_model, prompt, NEW, rope_of(case["hf"], L))
-    _assert_steps_match(ours, tokens, logprobs)
-    # and a static scale would not do: the references part ways
-    static_tokens, static_lp = generate(hf_model, prompt, NEW, _frozen(case["hf"], L))
-    assert max(abs(a[t] - b[t]).item() for a, b, t in zip(logprobs, static_lp, tokens)) > 1e-3
+    _, logprobs = generate(hf_model, prompt, NEW, _rope(case), forced=ours["token_ids"])
+    assert_follows(ours, logprobs)
+    # contrast: a scale frozen at 1 (the model as trained) once the sequence passes L
+    _, frozen = generate(hf_model, prompt, NEW, _rope(case, fixed_scale=1.0),
+                         forced=ours["token_ids"])
+    assert logprob_gap(ours, frozen) > CONTRAST
 
 
-def test_first_token_after_a_long_prompt_is_static_yarn_at_its_length(dynamic_run, tiny_llama):
+def test_first_token_after_a_long_prompt_is_static_yarn_at_its_length(dynamic_run, tiny_llama,
+                                                                      hf_model):
     from transformers import AutoConfig, LlamaForCausalLM
 
     prompt, ours = _outputs(dynamic_run, "long")
@@ -121,12 +114,9 @@ def test_first_token_after_a_long_prompt_is_static_yarn_at_its_length(dynamic_ru
     assert ours["token_ids"][0] == int(expected.argmax())
     for token, lp in first.items():
         assert lp == pytest.approx(expected[int(token)].item(), abs=LOGPROB_TOL)
-
-
-def _frozen(hf: dict, original: int):
-    """A rope whose scale never moves past 1: the model as trained, for contrast."""
-    rope = rope_of(hf, original)
-    return type(rope)(**{**rope.__dict__, "original_max_position": 10 ** 9})
+    # contrast: the configured factor 4 instead of the length's 2500 / 1024
+    _, static = generate(hf_model, prompt, 1, _rope(dynamic_run[0], fixed_scale=4.0))
+    assert logprob_gap(ours, static) > CONTRAST
 
 
 @pytest.mark.slow
@@ -136,7 +126,8 @@ def test_tensor_parallel_two_gives_the_same_tokens(tiny_llama, dynamic_run):
     result = run_engine({k: v for k, v in case.items() if k != "hf"}, timeout=1200,
                         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     for tp2, tp1 in zip(result["outputs"], dynamic_run[1]["outputs"]):
+        assert tp2["token_ids"] == tp1["token_ids"]
         reference = [torch.full((case["hf"]["vocab_size"],), -1e9).index_put_(
             (torch.tensor([int(t) for t in step]),), torch.tensor(list(step.values())))
             for step in tp1["logprobs"]]
-        _assert_steps_match(tp2, tp1["token_ids"], reference)
+        assert_follows(tp2, reference)

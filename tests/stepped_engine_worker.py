@@ -1,0 +1,89 @@
+"""An engine stepped by hand, with requests arriving at given steps, and a record of each step.
+
+yarn_vllm.engine_worker submits a batch at a time (`LLM.generate` until it is done), so no
+request there ever arrives while others decode. This worker drives `LLMEngine.step()`
+itself, with the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), and
+records what vLLM's scheduler decided each step: how many tokens of each request it ran,
+and which requests it preempted. The scheduler is only watched (its real `schedule` runs
+and its output is returned untouched).
+
+Run it with `yarn_vllm.engine_worker.run_worker(MODULE, spec, env=stepped_env())`.
+Spec (JSON): {"model", "llm_kwargs", "sampling": {...},
+              "requests": [{"id", "prompt_token_ids", "arrive_step", "sampling": {...}}]}
+Result: {"attention_backends", "rotary_classes", "prefix_caching", "chunked_prefill",
+         "dtype", "num_preemptions",
+         "steps": [{"scheduled": {id: num_tokens}, "preempted": [id]}],
+         "outputs": {id: {"token_ids", "logprobs"}}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+MODULE = "stepped_engine_worker"
+
+
+def stepped_env() -> dict:
+    """The worker's environment: importable from tests/, engine core in-process."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": here + (os.pathsep + path if path else ""),
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def _watch(scheduler, steps: list) -> None:
+    schedule = scheduler.schedule
+
+    def recorded(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        steps.append({"scheduled": dict(out.num_scheduled_tokens),
+                      "preempted": sorted(out.preempted_req_ids or ())})
+        return out
+
+    scheduler.schedule = recorded
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from yarn_vllm.engine_worker import _counter, _steps, engine_dtype, exit_with_parent
+    from yarn_vllm.introspect import attention_backend_classes, rotary_layer_classes
+
+    exit_with_parent()
+    with open(spec_path) as f:
+        spec = json.load(f)
+    llm = LLM(model=spec["model"], **{"seed": 0, **spec.get("llm_kwargs", {})})
+    engine = llm.llm_engine
+    steps: list = []
+    _watch(engine.engine_core.engine_core.scheduler, steps)
+    sampling = {"temperature": 0.0, "ignore_eos": True, **spec.get("sampling", {})}
+    pending = sorted(spec["requests"], key=lambda r: r["arrive_step"])
+    outputs = {}
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0]["arrive_step"] <= step:
+            r = pending.pop(0)
+            engine.add_request(r["id"], TokensPrompt(prompt_token_ids=r["prompt_token_ids"]),
+                               SamplingParams(**{**sampling, **r.get("sampling", {})}))
+        for out in engine.step():
+            if out.finished:
+                c = out.outputs[0]
+                outputs[out.request_id] = {"token_ids": list(c.token_ids),
+                                           "logprobs": _steps(c.logprobs)}
+        step += 1
+    config = engine.vllm_config
+    result = {"attention_backends": llm.apply_model(attention_backend_classes)[0],
+              "rotary_classes": llm.apply_model(rotary_layer_classes)[0],
+              "prefix_caching": bool(config.cache_config.enable_prefix_caching),
+              "chunked_prefill": bool(config.scheduler_config.enable_chunked_prefill),
+              "dtype": engine_dtype(llm), "num_preemptions": _counter(llm, "vllm:num_preemptions"),
+              "steps": steps, "outputs": outputs}
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,162 @@
+"""Dynamic YaRN as vLLM's scheduler really runs it: staggered arrivals, short prompts, preemption.
+
+One engine (a random tiny Llama trained to L = 1024, dynamic mode, fp32), stepped by hand
+(tests/stepped_engine_worker.py), with a KV cache of 67 usable blocks of 32 tokens (68, one
+held back by vLLM as its null block):
+
+  step 0  A, 1000 tokens + 40 new: crosses L at its 25th new token;
+  step 3  B, 40 tokens + 20 new, while A decodes: its prompt (<= 64 tokens) and A's decode
+          go through the C++ kernel together;
+  step 6  C, 1050 tokens + 30 new, while A and B decode: C's prefill takes the SDPA path,
+          A and B the kernel as a sub-batch. The cache is then full: C is preempted when
+          it needs another block (at its 7th new token), and resumed once B has finished,
+          beside A's decode (the sub-batch path again).
+
+Recompute semantics (what vLLM does, and what the reference loop replays): a preempted
+sequence loses its KV cache; when it is scheduled again, its prompt and the k tokens it
+had generated are prefilled in one step at the scale of that whole length,
+s = max(1, (P + k) / L), exactly as a fresh prompt of P + k tokens would be. Its keys and
+values at layers >= 1 are therefore those of one forward at s(P + k), not the ones the
+uninterrupted sequence built step by step, and its later tokens follow from those.
+
+Chunked prefill and prefix caching are pinned off here, so that a recompute is that one
+whole step. (With prefix caching on, a resumed sequence may find blocks of its prompt still
+cached and recompute only the rest: a different case, not pinned here.)
+
+The model's rope_parameters carry an explicit attention_factor (1.25): in dynamic mode it
+applies only while s > 1 (A's first 24 tokens run as trained, then at 1.25^2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from dynamic_reference import (CONTRAST, LOGPROB_TOL, assert_follows, generate, logprob_gap,
+                               rope_of)
+from stepped_engine_worker import MODULE, stepped_env
+from yarn_vllm.attention.backend import SDPA_MIN_QUERY
+from yarn_vllm.config import YarnConfig
+from yarn_vllm.engine_worker import run_worker
+
+L = 1024
+# id: (prompt tokens, new tokens, the step it arrives at)
+REQUESTS = {"A": (1000, 40, 0), "B": (40, 20, 3), "C": (1050, 30, 6)}
+BLOCK, BLOCKS, MAX_LEN = 32, 68, 1152
+
+
+@pytest.fixture(scope="session")
+def stepped(tiny_llama):
+    hf = json.load(open(os.path.join(tiny_llama, "config.json")))
+    overrides = YarnConfig(factor=4.0, mode="dynamic", attention_factor=1.25).hf_overrides(hf)
+    g = torch.Generator().manual_seed(5)
+    prompts = {name: torch.randint(2, hf["vocab_size"], (n,), generator=g).tolist()
+               for name, (n, _, _) in REQUESTS.items()}
+    spec = {"model": tiny_llama,
+            "requests": [{"id": name, "prompt_token_ids": prompts[name], "arrive_step": at,
+                          "sampling": {"max_tokens": new}}
+                         for name, (_, new, at) in REQUESTS.items()],
+            # fp32 forced: on a CPU with bf16 (AMX) vLLM would pick bf16 from "auto"
+            "llm_kwargs": {"dtype": "float32", "hf_overrides": overrides,
+                           "max_model_len": MAX_LEN, "skip_tokenizer_init": True,
+                           "block_size": BLOCK, "num_gpu_blocks_override": BLOCKS,
+                           # pinned: each prefill, and each recompute, is one whole step
+                           "enable_chunked_prefill": False, "enable_prefix_caching": False,
+                           "max_num_batched_tokens": MAX_LEN,
+                           "disable_log_stats": False},  # vLLM counts preemptions only then
+            "sampling": {"logprobs": 5, "detokenize": False}}
+    result = run_worker(MODULE, spec, env=stepped_env(), timeout=900)
+    return {"prompts": prompts, "rope": rope_of({**hf, **overrides}), "result": result}
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_llama):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+
+
+def _schedule(stepped):
+    """Per step: {request name: tokens scheduled}, and the names preempted in that step."""
+    return [({_name(r): n for r, n in s["scheduled"].items()}, [_name(r) for r in s["preempted"]])
+            for s in stepped["result"]["steps"]]
+
+
+def _name(request_id: str) -> str:
+    return request_id.split("-")[0]  # vLLM suffixes the ids it is given
+
+
+def _recomputes(stepped, request: str) -> list[int]:
+    """The k (tokens generated so far) at each recomputed prefill of `request`."""
+    prompt_len = REQUESTS[request][0]
+    prefills = [n for scheduled, _ in _schedule(stepped) if (n := scheduled.get(request, 0)) > 1]
+    assert prefills[0] == prompt_len
+    return [n - prompt_len for n in prefills[1:]]
+
+
+def _replay(stepped, hf_model, request: str, rope=None, steps: int | None = None):
+    ours = stepped["result"]["outputs"][request]
+    n = steps or len(ours["token_ids"])
+    _, logprobs = generate(hf_model, stepped["prompts"][request], n, rope or stepped["rope"],
+                           recompute_at=_recomputes(stepped, request), forced=ours["token_ids"])
+    return ours, logprobs
+
+
+def test_the_scheduler_ran_the_scenario(stepped):
+    """Guards the scenario itself: vLLM really interleaved, preempted and resumed as planned."""
+    result = stepped["result"]
+    assert result["attention_backends"] == [
+        "yarn_vllm.attention.backend.YarnDynamicAttentionBackend"]
+    assert result["dtype"] == "float32" and result["chunked_prefill"] is False
+    schedule = _schedule(stepped)
+    assert schedule[3][0] == {"A": 1, "B": 40}  # B arrives while A decodes
+    assert max(schedule[3][0].values()) <= SDPA_MIN_QUERY  # ... and runs through the kernel
+    assert schedule[6][0] == {"A": 1, "B": 1, "C": 1050}  # kernel sub-batch beside SDPA
+    preempted = [name for _, names in schedule for name in names]
+    assert preempted == ["C"] and result["num_preemptions"] == 1
+    (k,) = _recomputes(stepped, "C")
+    assert 0 < k < REQUESTS["C"][1] and (REQUESTS["C"][0] + k) / L > 1
+    resumed = next(s for s, _ in schedule if s.get("C", 0) > 1 and s["C"] != 1050)
+    assert resumed.get("A") == 1  # the recompute ran beside a decode: the sub-batch again
+    for name, (_, new, _) in REQUESTS.items():
+        assert len(result["outputs"][name]["token_ids"]) == new
+
+
+def test_crossing_the_trained_length_while_others_arrive(stepped, hf_model):
+    ours, logprobs = _replay(stepped, hf_model, "A")
+    assert_follows(ours, logprobs)
+    # A few steps past L, the model as trained (s = 1 throughout), or Eq. 22's magnitude in
+    # place of the configured attention_factor, is far outside the tolerance.
+    past = L - REQUESTS["A"][0] + 4
+    for wrong in ({"fixed_scale": 1.0}, {"attention_factor": None}):
+        _, contrast = _replay(stepped, hf_model, "A",
+                              dataclasses.replace(stepped["rope"], **wrong), steps=past)
+        assert logprob_gap(ours, contrast) > CONTRAST, wrong
+
+
+def test_a_short_prompt_arriving_mid_decode_runs_as_trained(stepped, hf_model):
+    """B never passes L: plain RoPE, attention scale 1, whatever attention_factor says. One
+    HF forward over B's prompt and the engine's tokens is the model as trained."""
+    ours = stepped["result"]["outputs"]["B"]
+    ids = torch.tensor([stepped["prompts"]["B"] + ours["token_ids"]])
+    with torch.no_grad():
+        logits = hf_model(ids).logits[0, len(stepped["prompts"]["B"]) - 1:-1].float()
+    assert_follows(ours, list(torch.log_softmax(logits, -1)))
+    _, static = _replay(stepped, hf_model, "B", dataclasses.replace(stepped["rope"],
+                                                                    fixed_scale=4.0), steps=1)
+    assert logprob_gap(ours, static) > CONTRAST  # static YaRN s = 4 would not pass
+
+
+def test_a_preempted_sequence_is_recomputed_at_its_whole_length(stepped, hf_model):
+    ours, logprobs = _replay(stepped, hf_model, "C")
+    assert_follows(ours, logprobs)
+    # Contrast: had the cache survived the preemption (swapped out, not recomputed), the
+    # token after the resume would be far off.
+    (k,) = _recomputes(stepped, "C")
+    _, kept = generate(hf_model, stepped["prompts"]["C"], k + 1, stepped["rope"],
+                       forced=ours["token_ids"])
+    assert logprob_gap(ours, kept) > CONTRAST
