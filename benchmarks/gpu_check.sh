@@ -12,6 +12,9 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 
 echo "== build the CUDA extension (in place)"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+# torch finds CUDA_HOME from `which nvcc` before /usr/local/cuda; a wrapper script on PATH
+# (as on the CPU build machine) then points it at a folder without cuda_runtime.h
+[ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda/include ] && export CUDA_HOME=/usr/local/cuda
 # Step budgets add up to under 8 minutes (build 200 s, then 60 + 60 + 90 + 60 s).
 time timeout 200 env YARN_VLLM_FORCE_CUDA=1 MAX_JOBS=16 python setup.py build_ext --inplace 2>&1 | tail -5
 python -c "import torch, yarn_vllm.ops as o; print('extension', o.HAS_EXTENSION, 'cuda kernel', o.extension_supports(torch.device('cuda')))"

@@ -53,8 +53,6 @@ def test_cuda_decode_matches_reference(name):
     torch.testing.assert_close(out.float().cpu(), reference(case), **CUDA_TOL[case["query"].dtype])
 
 
-
-
 @needs_cuda_op
 @pytest.mark.parametrize("name,route", [("decode_gqa3", "cuda"), ("mixed", "triton"),
                                         ("chunked_prefill", "triton")])
