@@ -53,21 +53,6 @@ def test_generate_bad_yarn_setting_is_one_line(tmp_path):
     assert line.startswith("yarn-vllm: yarn config: `factor` is -1.0. Fix: give a finite number")
 
 
-def test_builtin_passkey_leaves_room_for_the_answer():
-    from yarn_vllm.cli.generate import builtin_passkey_length
-    from yarn_vllm.config import YarnConfig
-
-    hf = {"max_position_embeddings": 8192, "rope_theta": 1e5, "head_dim": 64}
-
-    def limit(factor):  # the engine's max_model_len, as engine_kwargs sets it
-        return YarnConfig(factor=factor).hf_overrides(hf)["max_position_embeddings"]
-
-    assert builtin_passkey_length(8192, limit(4.0), 8) == 16384
-    # factor 2: max_model_len is 16384, so the prompt must stop 8 tokens short of it
-    assert builtin_passkey_length(8192, limit(2.0), 8) == 16384 - 8
-    assert builtin_passkey_length(8192, 8192, 8) == 8192 - 8  # no YaRN: the trained limit
-
-
 def test_passthrough_kwargs():
     assert passthrough_kwargs(["--max-num-seqs", "4", "--enforce-eager", "--dtype=float32",
                                "--hf-overrides", '{"a": 1}']) == {
