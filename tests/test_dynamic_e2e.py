@@ -119,6 +119,29 @@ def test_first_token_after_a_long_prompt_is_static_yarn_at_its_length(dynamic_ru
     assert logprob_gap(ours, static) > CONTRAST
 
 
+@pytest.mark.parametrize("magnitude", [
+    {}, {"mscale": 1.0, "mscale_all_dim": 0.5}, {"mscale": 0.707, "mscale_all_dim": 0.707},
+    {"mscale": 2.0}, {"attention_factor": 1.25}, {"attention_factor": 0.9, "mscale": 1.0,
+                                                  "mscale_all_dim": 0.5}])
+def test_the_engines_scale_rule_is_the_papers(magnitude):
+    """What the backend reads (ScalePolicy, dynamic mode) against the paper written out in the
+    reference: s = max(1, l / L), plain RoPE and attention scale 1 at s = 1, Eq. 22 (or
+    DeepSeek's ratio, or an explicit attention_factor) above it. `mscale` alone is ignored,
+    as in HF and vLLM."""
+    from yarn_vllm.scale_policy import ScalePolicy
+
+    policy = ScalePolicy(YarnConfig(factor=4.0, original_max_position=L, mode="dynamic",
+                                    **magnitude), 64, 10000.0)
+    paper = dataclasses.replace(rope_of({"head_dim": 64, "rope_theta": 10000.0}, L),
+                                **magnitude)
+    for length in (1, 700, L, L + 1, 1500, 2500, 4 * L, 6000):
+        s = paper.scale(length)
+        assert policy.dynamic_factor(length) == s
+        assert torch.equal(policy.inv_freq(s), paper.inv_freq(s))
+        assert policy.attention_scale(s) == pytest.approx(paper.attention_scale(s), rel=1e-12)
+    assert policy.attention_scale(1.0) == 1.0  # s = 1 runs as trained, whatever is configured
+
+
 @pytest.mark.slow
 def test_tensor_parallel_two_gives_the_same_tokens(tiny_llama, dynamic_run):
     """TP 2 on the mp executor (one core per rank) against the TP 1 run above."""
