@@ -5,7 +5,7 @@ A random tiny Llama trained to L = 1024, dynamic mode with factor 4. Engines:
   one_step  chunked prefill off (every prompt prefilled in one step), prefix caching on;
             batches in order: a long prompt and a short one; then prompts sharing the
             short one's first 512 tokens, one short (s = 1) and one long (s > 1); then
-            five questions over one 2,000-token document, one batch each;
+            five questions over one 2,100-token document, one batch each;
   chunked   a 256-token budget (the 2,500-token prompt in 10 chunks), prefix caching off;
   stepped   as one_step's document questions, with `yarn_dynamic_scale_step: 0.25`.
 """
@@ -35,11 +35,11 @@ def case(tiny_llama):
     hf = json.load(open(os.path.join(tiny_llama, "config.json")))
     v = hf["vocab_size"]
     short = _tokens(v, 600, 21)
-    document = _tokens(v, 2000, 22)
+    document = _tokens(v, 2100, 22)
     prompts = {"long": _tokens(v, 2500, 20), "short": short,
                "short_shared": short[:512] + _tokens(v, 80, 23),
                "long_shared": short[:512] + _tokens(v, 1500, 24)}
-    for q in range(QUESTIONS):  # 2,030 to 2,070 tokens: exact scales all differ
+    for q in range(QUESTIONS):  # 2,130 to 2,170 tokens: exact scales all differ
         prompts[f"question{q}"] = document + _tokens(v, 30 + 10 * q, 30 + q)
     return {"model": tiny_llama, "hf": hf, "prompts": prompts}
 
@@ -151,8 +151,8 @@ def test_a_long_prompt_never_reuses_a_short_ones_blocks(case, one_step, chunked)
 
 
 def test_scale_step_lets_questions_over_one_document_share_it(case, one_step, stepped):
-    """Exact scales differ for every question (s = P / L), so no blocks are shared; with a
-    step of 0.25 they all prefill at 2.25 and share the document's blocks."""
+    """Exact scales differ for every question (s = P / L, 2.08 to 2.12), so no blocks are
+    shared; with a step of 0.25 they all prefill at 2.25 and share the document's blocks."""
     outputs, _ = one_step
     names = [f"question{q}" for q in range(QUESTIONS)]
     total = sum(len(case["prompts"][n]) for n in names)
@@ -161,4 +161,4 @@ def test_scale_step_lets_questions_over_one_document_share_it(case, one_step, st
     print(f"\ndocument questions: cache hit rate exact {exact / total:.1%}, "
           f"step 0.25 {step / total:.1%} ({total} prompt tokens)")
     assert exact == 0
-    assert all(stepped[n]["num_cached_tokens"] >= 2000 - 128 for n in names[1:])
+    assert all(stepped[n]["num_cached_tokens"] >= 2048 for n in names[1:])  # 16 blocks of 128

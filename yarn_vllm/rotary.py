@@ -63,6 +63,7 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
             mscale_all_dim=mscale_all_dim, attention_factor=attention_factor,
             mode=served.mode if served else "static",
             dynamic_headroom=served.dynamic_headroom if served else 1.0,
+            dynamic_scale_step=served.dynamic_scale_step if served else None,
             request_factors=served.request_factors if served else None)
         self.policy = ScalePolicy(config, rotary_dim, float(base))
         self.yarn_mode = config.mode
