@@ -60,7 +60,7 @@ def test_bad_override_names_yarn_factor(value):
 
 def _request(prompt_len, max_tokens, extra=None, salt=None):
     params = SimpleNamespace(max_tokens=max_tokens, extra_args=extra)
-    return SimpleNamespace(prompt_token_ids=list(range(prompt_len)), prompt_embeds=None,
+    return SimpleNamespace(prompt_token_ids=[i % 500 for i in range(prompt_len)], prompt_embeds=None,
                            sampling_params=params, cache_salt=salt)
 
 
@@ -95,11 +95,25 @@ def test_admit_writes_the_scale_and_salts_only_scaled_requests(tiny_llama):
         admit(processor, _request(10, 10), resumable=True)
 
 
-def test_admit_leaves_other_modes_alone(tiny_llama):
+def test_admit_leaves_static_mode_alone(tiny_llama):
     processor = _processor(tiny_llama, mode="static")
-    r = _request(2500, 8, extra={"yarn_factor": "anything"}, salt="s")
+    r = _request(500, 8, extra={"yarn_factor": "anything"}, salt="s")
     admit(processor, r)
     assert r.sampling_params.extra_args == {"yarn_factor": "anything"} and r.cache_salt == "s"
+
+
+@pytest.mark.parametrize("mode", ["static", "request", "dynamic"])
+def test_token_ids_outside_the_vocabulary_are_refused_in_every_mode(tiny_llama, mode):
+    """vLLM only checks ids against a tokenizer; without one an id of 2504 for a 512-word
+    vocabulary killed the engine core (seen through the server)."""
+    processor = _processor(tiny_llama, mode=mode)
+    r = _request(10, 8)
+    r.prompt_token_ids[3] = 2504
+    with pytest.raises(UserError, match="`prompt` holds token id 2504.*0 to 511"):
+        admit(processor, r)
+    r.prompt_token_ids[3] = -1
+    with pytest.raises(UserError, match="token id -1"):
+        admit(processor, r)
 
 
 # ---- the model runner's side -----------------------------------------------------------

@@ -34,16 +34,20 @@ def salted(cache_salt: str | None, factor: float) -> str | None:
 def admit(processor, request, resumable: bool = False) -> None:
     """Fix the scale of `request` (an EngineCoreRequest) as it enters the engine.
 
-    A no-op in static mode and without YaRN. Raises UserError (a ValueError: vLLM's
-    server answers 400) for a bad `yarn_factor`.
+    A no-op without YaRN. Raises UserError (a ValueError: vLLM's server answers 400) for a
+    bad `yarn_factor`, and, in every YaRN mode, for a prompt token id outside the
+    vocabulary: vLLM checks ids only when it has a tokenizer, and without one
+    (--skip-tokenizer-init) such an id killed the engine core for every client.
     """
     policy = processor.__dict__.get(_POLICY_ATTR, processor)
     if policy is processor:  # first request: read the model's policy once
         policy = ScalePolicy.from_vllm_config(processor.vllm_config)
-        policy = policy if policy is not None and policy.mode != "static" else None
         setattr(processor, _POLICY_ATTR, policy)
     params = request.sampling_params
     if policy is None or params is None:
+        return
+    _check_token_ids(request, processor.vllm_config.model_config.get_vocab_size())
+    if policy.mode == "static":
         return
     if resumable:
         raise UserError("resumable", f"is set in yarn_mode {policy.mode!r}; a prompt streamed "
@@ -60,6 +64,15 @@ def admit(processor, request, resumable: bool = False) -> None:
     extra[REQUEST_FACTOR_KEY] = s
     params.extra_args = extra
     request.cache_salt = salted(request.cache_salt, s)
+
+
+def _check_token_ids(request, vocab_size: int) -> None:
+    ids = request.prompt_token_ids
+    if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise UserError("prompt", f"holds token id {bad}, outside the model's vocabulary "
+                        f"(0 to {vocab_size - 1})", "send token ids the model knows",
+                        source="request")
 
 
 def _prompt_len(request) -> int:
