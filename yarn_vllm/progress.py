@@ -14,6 +14,7 @@ lines appear whenever one step runs past a minute; `ProgressLine` says so once.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 import time
@@ -134,9 +135,12 @@ def run_stepped(llm, prompts: list, params: list, on_progress=None) -> list:
         cost.add(now - t_step, spans)
         t_step = now
         if on_progress is not None:
-            eta = cost.predict([(computed[r], n) for r, n in lengths.items()])
+            rate = eta = None  # whole prompts at a time (no scheduler here) say too little
+            if scheduler is not None:
+                rate = cost.rate()
+                eta = cost.predict([(computed[r], n) for r, n in lengths.items()])
             on_progress(Progress(now - t0, sum(computed.values()), total, generated,
-                                 len(outputs), len(lengths), cost.rate(), eta))
+                                 len(outputs), len(lengths), rate, eta))
     return [outputs[rid] for rid in lengths]
 
 
@@ -191,20 +195,23 @@ class ProgressLine:
                     self._draw(time.perf_counter() - self.t_last)
 
     def _draw(self, since: float) -> None:
-        self.stream.write("\r" + self.render(self.last, since) + "\033[K")
+        # cut to the terminal's width: a wrapped line cannot be redrawn in place
+        width = shutil.get_terminal_size().columns - 1
+        self.stream.write("\r" + self.render(self.last, since)[:width] + "\033[K")
         self.stream.flush()
 
     @staticmethod
     def render(p: Progress, since: float = 0.0) -> str:
-        """The line for `p`, `since` seconds after it was reported."""
+        """The line for `p`, `since` seconds after it was reported (what matters first: an
+        80-column terminal shows up to the ETA)."""
         rate = f", {p.rate:,.0f} tok/s" if p.rate else ""
-        done = (f"generated {p.generated:,} token{'s' * (p.generated != 1)}, "
-                f"{p.finished}/{p.requests} requests done, elapsed {clock(p.elapsed + since)}")
+        tail = (f"elapsed {clock(p.elapsed + since)} | {p.generated:,} generated, "
+                f"{p.finished}/{p.requests} done")
         if not p.prefilling:
-            return f"prefill done ({p.prompt_total:,} prompt tokens{rate}); {done}"
-        width = 20
+            return f"prefill done: {p.prompt_total:,} prompt tokens{rate}, {tail}"
+        width = 12
         filled = width * p.prompt_done // max(1, p.prompt_total)
         eta = f", ETA {clock(max(0.0, p.eta - since))}" if p.eta is not None else ""
-        return (f"prefill [{'#' * filled}{'.' * (width - filled)}] {p.prompt_done:,}/"
-                f"{p.prompt_total:,} prompt tokens ({100 * p.prompt_done // max(1, p.prompt_total)}"
-                f"%){rate}{eta}; {done}")
+        return (f"prefill {p.prompt_done:,}/{p.prompt_total:,} tokens "
+                f"{100 * p.prompt_done // max(1, p.prompt_total)}% "
+                f"[{'#' * filled}{'.' * (width - filled)}]{rate}{eta}, {tail}")
