@@ -1,0 +1,80 @@
+"""No import cycle inside yarn_vllm, counting imports made inside functions (issue 11).
+
+A cycle hidden in a function-level import works until someone moves the import up; the
+graph below has an edge for every `import` statement anywhere in a module.
+"""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "yarn_vllm"
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _owner(name: str, modules) -> str | None:
+    """The module `name` is, or the package module it lies inside (`a.b.f` -> `a.b`)."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _top_level_names(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {n.id for node in tree.body for n in ast.walk(node) if isinstance(n, ast.Name)} | {
+        node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph = {m: set() for m in modules}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    prefix = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                    base = f"{prefix}.{base}" if base else prefix
+                # `from pkg import x`: the submodule pkg.x, else a name of pkg; a compiled
+                # submodule (yarn_vllm._C) is neither and stays outside the graph
+                names = [f"{base}.{a.name}" for a in node.names
+                         if f"{base}.{a.name}" in modules or base not in modules
+                         or modules[base].name != "__init__.py"
+                         or a.name in _top_level_names(modules[base])]
+            else:
+                continue
+            graph[module] |= {o for n in names if (o := _owner(n, modules)) not in (None, module)}
+    return graph
+
+
+def test_no_import_cycle_inside_the_package():
+    graph = import_graph()
+    assert len(graph) > 40 and sum(map(len, graph.values())) > 80  # the walk saw the package
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as e:
+        raise AssertionError(f"import cycle: {' -> '.join(e.args[1])}") from None
+    assert set(order) == set(graph)
+
+
+def test_the_check_catches_a_cycle_through_a_function_level_import():
+    graph = import_graph()
+    assert "yarn_vllm.yarn_math" in graph["yarn_vllm.scale_policy"]
+    graph["yarn_vllm.yarn_math"] = graph["yarn_vllm.yarn_math"] | {"yarn_vllm.scale_policy"}
+    try:
+        list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError:
+        return
+    raise AssertionError("yarn_math -> scale_policy -> yarn_math is a cycle the check missed")
