@@ -121,12 +121,12 @@ def run_check_op(c):
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+def emulator():
     if shutil.which("g++") is None:
         pytest.skip("g++ not on PATH")
     from cuda_emu.emu import Emulator, build
 
-    return Emulator(build(tmp_path_factory.mktemp("cuda_emu")))
+    return Emulator(build())
 
 
 def _message(fn, c) -> str:

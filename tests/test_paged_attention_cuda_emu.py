@@ -38,10 +38,10 @@ CASES = {**SMALL, **LARGE}
 
 
 @pytest.fixture(scope="module")
-def emu_lib(tmp_path_factory):
+def emu_lib():
     if shutil.which("g++") is None:
         pytest.skip("g++ not on PATH")
-    return build(tmp_path_factory.mktemp("cuda_emu"))
+    return build()
 
 
 def _run(lib, case: dict, num_sms: int) -> tuple[torch.Tensor, int]:

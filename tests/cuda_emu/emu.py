@@ -1,17 +1,21 @@
 """Build and call the CUDA paged decode launcher emulated on the CPU (emu_shim.h).
 
-`build(tmp_dir)` compiles csrc/paged_attention_cuda_kernel.cu with g++ against the
-shim, plus emu_harness.cpp, which runs the launcher's own contract checks and
-marshalling (csrc/paged_attention_checks.h, paged_attention_cuda.h). `Emulator` then
-takes the op's arguments, in the op's order, as torch CPU tensors.
+`build()` compiles csrc/paged_attention_cuda_kernel.cu with g++ against the shim,
+plus emu_harness.cpp, which runs the launcher's own contract checks and marshalling
+(csrc/paged_attention_checks.h, paged_attention_cuda.h), once per process. `Emulator`
+then takes the op's arguments, in the op's order, as torch CPU tensors.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import functools
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 
 import torch
 
@@ -39,8 +43,11 @@ def _describe(t: torch.Tensor | None) -> EmuTensor:
                      t.data_ptr(), label)
 
 
-def build(tmp_dir) -> ctypes.CDLL:
-    """Compiles the emulation into tmp_dir (about 10 s) and loads it."""
+@functools.cache
+def build() -> ctypes.CDLL:
+    """Compiles the emulation (about 10 s) into a fresh temporary folder and loads it."""
+    tmp_dir = tempfile.mkdtemp(prefix="yarn_cuda_emu_")
+    atexit.register(shutil.rmtree, tmp_dir, True)
     src = open(os.path.join(REPO, "csrc", "paged_attention_cuda_kernel.cu")).read()
     src = re.sub(r"#include <cuda[^>]*>\n", "", src)
     src = src.replace('#include "paged_attention_cuda.h"',
