@@ -1,16 +1,17 @@
 """Dynamic YaRN as vLLM's scheduler really runs it: staggered arrivals, short prompts, preemption.
 
 One engine (a random tiny Llama trained to L = 1024, dynamic mode, fp32), stepped by hand
-(tests/stepped_engine_worker.py), with a KV cache of 67 usable blocks of 32 tokens (68, one
+(tests/stepped_engine_worker.py), with a KV cache of 68 usable blocks of 32 tokens (69, one
 held back by vLLM as its null block):
 
   step 0  A, 1000 tokens + 40 new: crosses L at its 25th new token;
   step 3  B, 40 tokens + 20 new, while A decodes: its prompt (<= 64 tokens) and A's decode
           go through the C++ kernel together;
-  step 6  C, 1050 tokens + 30 new, while A and B decode: C's prefill takes the SDPA path,
-          A and B the kernel as a sub-batch. The cache is then full: C is preempted when
-          it needs another block (at its 7th new token), and resumed once B has finished,
-          beside A's decode (the sub-batch path again).
+  step 6  D, 24 tokens + 8 new, and C, 1050 tokens + 30 new, while A and B decode: C's
+          prefill takes the SDPA path, D's prompt and A's and B's decodes the kernel as a
+          sub-batch. The cache is then full: C is preempted when it needs another block
+          (at its 7th new token), and resumed, beside A's and B's decodes (the sub-batch
+          path again), once D has finished.
 
 Recompute semantics (what vLLM does, and what the reference loop replays): a preempted
 sequence loses its KV cache; when it is scheduled again, its prompt and the k tokens it
@@ -45,8 +46,9 @@ from yarn_vllm.engine_worker import run_worker
 
 L = 1024
 # id: (prompt tokens, new tokens, the step it arrives at)
-REQUESTS = {"A": (1000, 40, 0), "B": (40, 20, 3), "C": (1050, 30, 6)}
-BLOCK, BLOCKS, MAX_LEN = 32, 68, 1152
+# (in this order: vLLM preempts the request it took last, which must be C)
+REQUESTS = {"A": (1000, 40, 0), "B": (40, 20, 3), "D": (24, 8, 6), "C": (1050, 30, 6)}
+BLOCK, BLOCKS, MAX_LEN = 32, 69, 1152
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +117,7 @@ def test_the_scheduler_ran_the_scenario(stepped):
     schedule = _schedule(stepped)
     assert schedule[3][0] == {"A": 1, "B": 40}  # B arrives while A decodes
     assert max(schedule[3][0].values()) <= SDPA_MIN_QUERY  # ... and runs through the kernel
-    assert schedule[6][0] == {"A": 1, "B": 1, "C": 1050}  # kernel sub-batch beside SDPA
+    assert schedule[6][0] == {"A": 1, "B": 1, "D": 24, "C": 1050}  # sub-batch beside SDPA
     preempted = [name for _, names in schedule for name in names]
     assert preempted == ["C"] and result["num_preemptions"] == 1
     (k,) = _recomputes(stepped, "C")
@@ -138,16 +140,16 @@ def test_crossing_the_trained_length_while_others_arrive(stepped, hf_model):
         assert logprob_gap(ours, contrast) > CONTRAST, wrong
 
 
-def test_a_short_prompt_arriving_mid_decode_runs_as_trained(stepped, hf_model):
-    """B never passes L: plain RoPE, attention scale 1, whatever attention_factor says. One
-    HF forward over B's prompt and the engine's tokens is the model as trained."""
-    ours = stepped["result"]["outputs"]["B"]
-    ids = torch.tensor([stepped["prompts"]["B"] + ours["token_ids"]])
+@pytest.mark.parametrize("request_id", ["B", "D"])
+def test_a_short_prompt_arriving_mid_decode_runs_as_trained(stepped, hf_model, request_id):
+    """B and D never pass L: plain RoPE, attention scale 1, whatever attention_factor says.
+    One HF forward over the prompt and the engine's tokens is the model as trained."""
+    prompt, ours = stepped["prompts"][request_id], stepped["result"]["outputs"][request_id]
     with torch.no_grad():
-        logits = hf_model(ids).logits[0, len(stepped["prompts"]["B"]) - 1:-1].float()
-    assert_follows(ours, list(torch.log_softmax(logits, -1)))
-    _, static = _replay(stepped, hf_model, "B", dataclasses.replace(stepped["rope"],
-                                                                    fixed_scale=4.0), steps=1)
+        logits = hf_model(torch.tensor([prompt + ours["token_ids"]])).logits[0].float()
+    assert_follows(ours, list(torch.log_softmax(logits[len(prompt) - 1:-1], -1)))
+    _, static = _replay(stepped, hf_model, request_id,
+                        dataclasses.replace(stepped["rope"], fixed_scale=4.0), steps=1)
     assert logprob_gap(ours, static) > CONTRAST  # static YaRN s = 4 would not pass
 
 
