@@ -37,8 +37,8 @@ import os
 import pytest
 import torch
 
-from dynamic_reference import (CONTRAST, LOGPROB_TOL, assert_follows, generate, logprob_gap,
-                               rope_of)
+from dynamic_reference import (CONTRAST, PaperDynamicYarn, assert_follows, generate,
+                               logprob_gap, rope_of)
 from stepped_engine_worker import MODULE, stepped_env
 from yarn_vllm.attention.backend import SDPA_MIN_QUERY
 from yarn_vllm.config import YarnConfig
@@ -156,9 +156,26 @@ def test_a_short_prompt_arriving_mid_decode_runs_as_trained(stepped, hf_model, r
 def test_a_preempted_sequence_is_recomputed_at_its_whole_length(stepped, hf_model):
     ours, logprobs = _replay(stepped, hf_model, "C")
     assert_follows(ours, logprobs)
-    # Contrast: had the cache survived the preemption (swapped out, not recomputed), the
-    # token after the resume would be far off.
+    # Contrasts: had the cache survived the preemption (swapped out, not recomputed), or had
+    # the recompute run at the prompt's scale s(P) rather than s(P + k), the token after the
+    # resume would be far off.
     (k,) = _recomputes(stepped, "C")
-    _, kept = generate(hf_model, stepped["prompts"]["C"], k + 1, stepped["rope"],
-                       forced=ours["token_ids"])
+    prompt = stepped["prompts"]["C"]
+    _, kept = generate(hf_model, prompt, k + 1, stepped["rope"], forced=ours["token_ids"])
     assert logprob_gap(ours, kept) > CONTRAST
+    at_prompt = _ScaleOfPromptAt(**vars(stepped["rope"]), recompute_length=len(prompt) + k)
+    _, stale = generate(hf_model, prompt, k + 1, at_prompt, recompute_at=[k],
+                        forced=ours["token_ids"])
+    assert logprob_gap(ours, stale) > CONTRAST
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScaleOfPromptAt(PaperDynamicYarn):
+    """The paper's rule, except that the step of `recompute_length` runs at s(prompt)."""
+
+    recompute_length: int = 0
+
+    def scale(self, length: int) -> float:
+        if length == self.recompute_length:
+            return super().scale(REQUESTS["C"][0])
+        return super().scale(length)
