@@ -37,7 +37,8 @@ def _extensions():
     cpu_arch = os.environ.get("YARN_VLLM_CPU_ARCH", "native")
     # -fopenmp: ATen's parallel_for is header-inline and only forks under OpenMP.
     # The soname matches torch's bundled libgomp, so one runtime serves both.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", f"-march={cpu_arch}"]
+    # no -std: torch's extension builder picks the standard its headers need (C++20 for 2.13)
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", f"-march={cpu_arch}"]
     sources = ["csrc/bindings.cpp", "csrc/rotary_cpu.cpp", "csrc/paged_attention_cpu.cpp"]
     # setuptools rebuilds only when a listed file is newer than the library: list the headers
     depends = sorted(glob.glob("csrc/*.h"))
@@ -47,7 +48,7 @@ def _extensions():
                     "csrc/paged_attention_cuda.cpp", "csrc/paged_attention_cuda_kernel.cu"]
         ext = cpp_extension.CUDAExtension(
             "yarn_vllm._C", sources,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"], depends=depends)
     else:
         ext = cpp_extension.CppExtension("yarn_vllm._C", sources, extra_compile_args={"cxx": cxx},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-ANGLE_STRIDE = 32  # csrc/paged_attention_cpu_kernel.h: kAngleStride
+ANGLE_STRIDE = 32  # csrc/paged_attention_checks.h: kAngleStride
 
 
 def angle_table(seq_lens: list[int], inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
