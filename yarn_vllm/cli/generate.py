@@ -84,11 +84,11 @@ def dtype_reason(user_kwargs: dict, kwargs: dict, dtype: str) -> str:
 
 
 def run(args, unknown) -> int:
+    t_command = time.perf_counter()  # before transformers' import (~15 s here under load)
     from transformers import AutoConfig
 
     from yarn_vllm.models import resolve_model
 
-    t_command = time.perf_counter()
     check_numbers(args, "generate", positive=("max_tokens", "replicas", "passkey_length"),
                   non_negative=("temperature",))
     if args.static:
