@@ -1,9 +1,9 @@
 """The main job of `yarn-vllm generate`: one batch holding a short and a long passkey prompt.
 
 The short prompt fits well inside the trained context L (L/8 tokens), the long one runs
-past it (1.5 L: 12,288 tokens on SmolLM2's 8,192, the shortest length that is clearly
-past L, because a CPU prefill grows with the square of the length). Each hides a 5-digit
-key. In request mode each request is served at its own YaRN scale, chosen at admission:
+past it (1.5 L: 12,288 tokens on SmolLM2's 8,192; no longer, since the attention of a CPU
+prefill grows with the square of the length and the job should take minutes, not ten).
+Each hides a 5-digit key. In request mode each request is served at its own YaRN scale, chosen at admission:
 s = 1 for the short one, which then must equal the model as trained, and s = 2 for the
 long one, which must still find its key. `as_trained_reference` is that first check, made
 independently of vLLM: HF transformers runs the model from its own config (RoPE as
