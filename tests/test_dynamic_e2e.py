@@ -90,8 +90,8 @@ def test_decoding_across_the_boundary_rescales_every_step(dynamic_run, hf_model)
     case, _ = dynamic_run
     _, logprobs = generate(hf_model, prompt, NEW, _rope(case), forced=ours["token_ids"])
     assert_follows(ours, logprobs)
-    # contrast: a scale frozen at 1 (the model as trained) once the sequence passes L
-    _, frozen = generate(hf_model, prompt, NEW, _rope(case, fixed_scale=1.0),
+    # contrast: a scale frozen at 1 (the model as trained), a few steps past L
+    _, frozen = generate(hf_model, prompt, L - len(prompt) + 4, _rope(case, fixed_scale=1.0),
                          forced=ours["token_ids"])
     assert logprob_gap(ours, frozen) > CONTRAST
 
