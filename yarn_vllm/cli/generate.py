@@ -123,6 +123,9 @@ def run(args, unknown) -> int:
         from yarn_vllm.scale_policy import ScalePolicy
 
         sampling["max_tokens"] = max(p.get("max_tokens", args.max_tokens) for p in prompts)
+        for p in prompts:  # one sampling for all: the scale column must use what was asked
+            if "job" in p:
+                p["job"].max_tokens = sampling["max_tokens"]
         results, wall = generate_replicated_outputs(model, kwargs, prompts, sampling,
                                                     args.replicas)
         dtype = ref_dtype  # the same engine arguments, so the same resolution
