@@ -49,7 +49,8 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from yarn_vllm.engine_worker import _counter, _steps, engine_dtype, exit_with_parent
+    from yarn_vllm.engine_worker import (engine_dtype, exit_with_parent, logprob_steps,
+                                         metric_counter)
     from yarn_vllm.introspect import attention_backend_classes, rotary_layer_classes
 
     exit_with_parent()
@@ -72,14 +73,15 @@ def main(spec_path: str, out_path: str) -> None:
             if out.finished:
                 c = out.outputs[0]
                 outputs[out.request_id] = {"token_ids": list(c.token_ids),
-                                           "logprobs": _steps(c.logprobs)}
+                                           "logprobs": logprob_steps(c.logprobs)}
         step += 1
     config = engine.vllm_config
     result = {"attention_backends": llm.apply_model(attention_backend_classes)[0],
               "rotary_classes": llm.apply_model(rotary_layer_classes)[0],
               "prefix_caching": bool(config.cache_config.enable_prefix_caching),
               "chunked_prefill": bool(config.scheduler_config.enable_chunked_prefill),
-              "dtype": engine_dtype(llm), "num_preemptions": _counter(llm, "vllm:num_preemptions"),
+              "dtype": engine_dtype(llm),
+              "num_preemptions": metric_counter(llm, "vllm:num_preemptions"),
               "steps": steps, "outputs": outputs}
     with open(out_path, "w") as f:
         json.dump(result, f)

@@ -14,6 +14,7 @@ from yarn_vllm import yarn_math
 from yarn_vllm.attention.angles import angle_table
 from yarn_vllm.attention.reference import paged_attention_reference
 from yarn_vllm.config import YarnConfig
+from yarn_vllm.errors import UserError
 from yarn_vllm.ops import HAS_EXTENSION
 from yarn_vllm.scale_policy import ScalePolicy
 
@@ -257,9 +258,9 @@ def _gather(cache, table, seq_lens, q_lens):
 def test_backend_refuses_unsupported_features_by_name():
     from yarn_vllm.attention.backend import YarnDynamicAttentionImpl
 
-    with pytest.raises(NotImplementedError, match="sliding_window"):
+    with pytest.raises(UserError, match="sliding_window"):
         YarnDynamicAttentionImpl(4, 64, 0.125, 2, None, 128, "auto")
-    with pytest.raises(NotImplementedError, match="kv_cache_dtype"):
+    with pytest.raises(UserError, match="kv_cache_dtype"):
         YarnDynamicAttentionImpl(4, 64, 0.125, 2, None, None, "fp8")
 
 

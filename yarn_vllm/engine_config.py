@@ -83,11 +83,14 @@ def _refuse_unsupported(vllm_config, mode: str) -> None:
     if getattr(vllm_config.parallel_config, "prefill_context_parallel_size", 1) > 1:
         raise UserError("prefill_context_parallel_size", "is above 1; it reorders a prefill's "
                         "tokens across ranks", "drop it, or " + _FIX_STATIC)
-    if op_registry_oot.get(ROTARY_OP_NAME) is not YarnRotaryEmbedding:
+    owner = op_registry_oot.get(ROTARY_OP_NAME)
+    if owner is not YarnRotaryEmbedding:
+        why, fix = (("no compiled kernel for this platform", "rebuild yarn-vllm with its "
+                     "extension (pip install --no-build-isolation -e .)") if owner is None else
+                    (f"{ROTARY_OP_NAME} is replaced by another plugin's "
+                     f"{owner.__module__}.{owner.__qualname__}", "disable that plugin"))
         raise UserError("yarn_mode", f"is {mode!r}, but yarn-vllm's rotary layer is not "
-                        "active (no compiled kernel for this platform)",
-                        "rebuild yarn-vllm with its extension (pip install "
-                        "--no-build-isolation -e .) or use yarn_mode 'static'")
+                        f"active ({why})", f"{fix}, or use yarn_mode 'static'")
 
 
 def _configure_dynamic(vllm_config) -> None:

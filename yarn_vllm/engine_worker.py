@@ -168,7 +168,7 @@ def engine_dtype(llm) -> str:
     return str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
 
 
-def _counter(llm, name: str) -> int | None:
+def metric_counter(llm, name: str) -> int | None:
     """A counter of vLLM's metrics (needs disable_log_stats=False), or None."""
     try:
         metrics = llm.get_metrics()
@@ -177,7 +177,7 @@ def _counter(llm, name: str) -> int | None:
     return next((int(m.value) for m in metrics if m.name == name), None)
 
 
-def _steps(steps) -> list:
+def logprob_steps(steps) -> list:
     return [None if step is None else {str(t): lp.logprob for t, lp in step.items()}
             for step in (steps or [])]
 
@@ -212,12 +212,12 @@ def main(spec_path: str, out_path: str) -> None:
            "prefix_caching": bool(config.cache_config.enable_prefix_caching),
            "chunked_prefill": bool(config.scheduler_config.enable_chunked_prefill),
            "dtype": engine_dtype(llm), "generate_seconds": seconds,
-           "num_preemptions": _counter(llm, "vllm:num_preemptions"), "outputs": []}
+           "num_preemptions": metric_counter(llm, "vllm:num_preemptions"), "outputs": []}
     for r in results:
         c = r.outputs[0]
         out["outputs"].append({"token_ids": list(c.token_ids), "text": c.text,
-                               "logprobs": _steps(c.logprobs),
-                               "prompt_logprobs": _steps(r.prompt_logprobs),
+                               "logprobs": logprob_steps(c.logprobs),
+                               "prompt_logprobs": logprob_steps(r.prompt_logprobs),
                                "num_cached_tokens": r.num_cached_tokens})
     with open(out_path, "w") as f:
         json.dump(out, f)

@@ -41,6 +41,25 @@ def _served_config() -> tuple[YarnConfig | None, object]:
     return (None if hf_config is None else YarnConfig.of_model(hf_config)), vllm_config
 
 
+def _check_matches_model(layer: ScalePolicy, vllm_config, is_neox_style: bool) -> None:
+    """The per-sequence modes read one policy per model (the attention backend and the
+    admission build theirs from the model config): a layer built from other settings
+    (the request and dynamic knobs aside, which only the model config carries) is refused."""
+    model = ScalePolicy.from_vllm_config(vllm_config)
+    fields = ("factor", "original_max_position", "beta_fast", "beta_slow", "truncate", "mscale",
+              "mscale_all_dim", "attention_factor")
+    ours = [getattr(layer.config, f) for f in fields] + [layer.rotary_dim, layer.rope_theta]
+    theirs = [getattr(model.config, f) for f in fields] + [model.rotary_dim, model.rope_theta]
+    fix = "serve this model with yarn_mode 'static'"
+    if ours != theirs:
+        differ = [f"{f} {a} vs {b}" for f, a, b in zip(fields + ("rotary_dim", "rope_theta"),
+                                                        ours, theirs) if a != b]
+        raise UserError("rope_parameters", f"of a rotary layer differ from the model's in "
+                        f"yarn_mode {model.mode!r} ({', '.join(differ)})", fix)
+    if model.mode == "dynamic" and not is_neox_style:
+        raise UserError("is_neox_style", "is False; dynamic mode serves NeoX-style RoPE", fix)
+
+
 class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
     """YaRN rotary embedding (same constructor as vLLM's YaRN layer).
 
@@ -57,14 +76,17 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
                  truncate: bool = True) -> None:
         validate_rotary_dim(rotary_dim, head_size)
         served, vllm_config = _served_config()
+        mode = served.mode if served else "static"
         config = YarnConfig(
             factor=scaling_factor, original_max_position=max_position_embeddings,
             beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate, mscale=mscale,
-            mscale_all_dim=mscale_all_dim, attention_factor=attention_factor,
-            mode=served.mode if served else "static",
-            dynamic_headroom=served.dynamic_headroom if served else 1.0,
-            dynamic_scale_step=served.dynamic_scale_step if served else None,
-            request_factors=served.request_factors if served else None)
+            mscale_all_dim=mscale_all_dim, attention_factor=attention_factor, mode=mode,
+            dynamic_headroom=served.dynamic_headroom if mode == "dynamic" else 1.0,
+            dynamic_scale_step=served.dynamic_scale_step if mode == "dynamic" else None)
+        if mode != "static":  # the model's policy, which admission and the backend read too
+            _check_matches_model(ScalePolicy(config, rotary_dim, float(base)), vllm_config,
+                                 is_neox_style)
+            config = served.resolve(vllm_config.model_config.hf_config)
         self.policy = ScalePolicy(config, rotary_dim, float(base))
         self.yarn_mode = config.mode
         self.scaling_factor = scaling_factor
@@ -74,8 +96,6 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
         self.mscale = self.policy.mscale(scaling_factor)
         RotaryEmbedding.__init__(self, head_size, rotary_dim, max_position_embeddings, base,
                                  is_neox_style, dtype, init_cache=False)
-        if self.yarn_mode != "static":
-            self._check_matches_model(vllm_config)
         scales = (self.policy.scales_on_offer() if self.yarn_mode == "request"
                   else (float(scaling_factor),))
         rows = len(scales)
@@ -99,18 +119,6 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
 
             runner_hooks.install()
         self._tables: dict[tuple, torch.Tensor] = {}
-
-    def _check_matches_model(self, vllm_config) -> None:
-        """The per-sequence modes read one policy per model (the attention backend and the
-        request admission build theirs from the model config): this layer must agree."""
-        model = ScalePolicy.from_vllm_config(vllm_config)
-        fix = "serve this model with yarn_mode 'static'"
-        if model != self.policy:
-            raise UserError("rope_parameters", f"of a rotary layer ({self.policy}) differ from "
-                            f"the model's ({model}) in yarn_mode {self.yarn_mode!r}", fix)
-        if self.yarn_mode == "dynamic" and not self.is_neox_style:
-            raise UserError("is_neox_style", "is False; dynamic mode serves NeoX-style RoPE",
-                            fix)
 
     def _apply(self, fn, recurse=True):
         """Device moves reach the fp32 buffers; dtype casts (.half(), .to(bf16)) do not."""

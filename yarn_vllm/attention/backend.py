@@ -36,6 +36,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from yarn_vllm.attention.angles import angle_table
 from yarn_vllm.attention.paged import paged_attention
+from yarn_vllm.errors import UserError
 from yarn_vllm.ops import rotary_embedding_
 from yarn_vllm.scale_policy import ScalePolicy
 
@@ -163,9 +164,11 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
 
 
 def _refuse(field: str, value) -> None:
-    raise NotImplementedError(f"yarn_vllm dynamic attention: `{field}` = {value!r} is not "
-                              "supported. Fix: serve this model with yarn_mode 'static' "
-                              "(rope_parameters.yarn_mode, via config.json or --hf-overrides).")
+    shown = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+             else repr(value))
+    raise UserError(field, f"is {shown}, which the dynamic attention backend does not support",
+                    "serve this model with yarn_mode 'static' (rope_parameters.yarn_mode, via "
+                    "config.json or --hf-overrides)", source="yarn_vllm dynamic attention")
 
 
 class YarnDynamicAttentionImpl(AttentionImpl):
@@ -205,7 +208,8 @@ class YarnDynamicAttentionImpl(AttentionImpl):
                 output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
         """query: [T, H_q, D] before RoPE; output: [T, H_q * D] or [T, H_q, D]."""
         if output_scale is not None or output_block_scale is not None:
-            _refuse("output quantization", "fused")
+            _refuse("output_scale" if output_scale is not None else "output_block_scale",
+                    output_scale if output_scale is not None else output_block_scale)
         if attn_metadata is None:  # profiling run
             return output
         meta = attn_metadata
