@@ -97,18 +97,18 @@ def bench_mode(config: str, args) -> dict:
             "short_ttft_p99_s_median": p99[len(p99) // 2], "short_ttft_p99_s_range": [p99[0], p99[-1]]}
 
 
+# The workload's numbers: YaRN factor, prompt sizes, requests, and repeats of the whole round.
+SIZES = {"factor": 4.0, "long_tokens": 16384, "short_tokens": 256, "num_short": 8,
+         "output_tokens": 16, "vocab_size": 49152, "repeats": 2}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--configs", nargs="+", default=["request", "dynamic"],
                    help="NAME=MODE[:serve flags] each (see above); a bare MODE names itself")
-    p.add_argument("--factor", type=float, default=4.0)
-    p.add_argument("--long-tokens", type=int, default=16384)
-    p.add_argument("--short-tokens", type=int, default=256)
-    p.add_argument("--num-short", type=int, default=8)
-    p.add_argument("--output-tokens", type=int, default=16)
-    p.add_argument("--vocab-size", type=int, default=49152)
-    p.add_argument("--repeats", type=int, default=2)
+    for name, default in SIZES.items():  # --factor 4.0, --long-tokens 16384, ...
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     p.add_argument("--log-dir", default="bench_results")
     p.add_argument("--out", default="bench_results/mixed_ttft.json")
     args, vllm_args = p.parse_known_args(argv)
