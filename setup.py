@@ -41,7 +41,7 @@ def _extensions():
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", f"-march={cpu_arch}"]
     sources = ["csrc/bindings.cpp", "csrc/rotary_cpu.cpp", "csrc/paged_attention_cpu.cpp"]
     # setuptools rebuilds only when a listed file is newer than the library: list the headers
-    depends = sorted(glob.glob("csrc/*.h"))
+    depends = sorted(glob.glob("csrc/*.h") + glob.glob("csrc/*.cuh"))
     with_cuda = _want_cuda(torch, cpp_extension)
     if with_cuda:
         sources += ["csrc/rotary_cuda.cpp", "csrc/rotary_cuda_kernel.cu",

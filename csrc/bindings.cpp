@@ -56,12 +56,7 @@ TORCH_LIBRARY(yarn_vllm, m) {
 namespace yarn {
 namespace {
 
-void rotary_embedding_meta(const at::Tensor& positions, at::Tensor& query,
-                           std::optional<at::Tensor> key, const at::Tensor& inv_freq,
-                           const at::Tensor& mscale, const std::optional<at::Tensor>& scale_index,
-                           int64_t head_size, bool is_neox) {
-  check_rotary_args(positions, query, key, inv_freq, mscale, scale_index, head_size);
-}
+void shapes_only(const RotaryCall&) {}  // the Meta twin: the contract's shapes, no kernel
 
 void paged_attention_meta(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                           const at::Tensor& value_cache, const at::Tensor& block_table,
@@ -87,7 +82,7 @@ void paged_attention_check(const at::Tensor& out, const at::Tensor& query,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(yarn_vllm, Meta, m) {
-  m.impl("rotary_embedding", &rotary_embedding_meta);
+  m.impl("rotary_embedding", &rotary_embedding_op<shapes_only>);
   m.impl("paged_attention", &paged_attention_meta);
 }
 

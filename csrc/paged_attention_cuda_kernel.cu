@@ -12,7 +12,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "paged_attention_cuda.h"
+#include "paged_attention_cuda.h"  // first: the CPU emulation puts its CUDA shim before it
+#include "cuda_dtype.cuh"
 
 namespace yarn {
 namespace {
@@ -331,14 +332,8 @@ int paged_decode_cuda(const PagedDecodeArgs& args, void* stream) {
   if (args.num_seqs == 0) return 0;
   if (args.head_size > kPagedMaxHeadSize || args.max_splits < 1 || args.max_splits > kMaxSplits)
     return static_cast<int>(cudaErrorInvalidValue);
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (args.dtype) {
-    case DType::kFloat32: launch<float>(args, s); break;
-    case DType::kFloat16: launch<__half>(args, s); break;
-    case DType::kBFloat16: launch<__nv_bfloat16>(args, s); break;
-    default: return -1;
-  }
-  return static_cast<int>(cudaGetLastError());
+  const auto s = static_cast<cudaStream_t>(stream);
+  return launch_for_dtype(args.dtype, [&](auto elem) { launch<decltype(elem)>(args, s); });
 }
 
 }  // namespace yarn

@@ -96,6 +96,31 @@ inline RotaryProblem check_rotary_args(const at::Tensor& positions, const at::Te
   return p;
 }
 
+// The rotary op's arguments as an implementation receives them, its contract checked.
+struct RotaryCall {
+  const at::Tensor& positions;
+  at::Tensor& query;
+  std::optional<at::Tensor>& key;
+  const at::Tensor& inv_freq;
+  const at::Tensor& mscale;
+  const std::optional<at::Tensor>& scale_index;
+  int64_t head_size;
+  bool is_neox;
+  RotaryProblem problem;
+};
+
+// The op as registered for one dispatch key (the schema's signature, written once): checks
+// the contract, then runs `Impl` (the CPU or CUDA launcher; nothing for the Meta twin).
+template <void (*Impl)(const RotaryCall&)>
+void rotary_embedding_op(const at::Tensor& positions, at::Tensor& query,
+                         std::optional<at::Tensor> key, const at::Tensor& inv_freq,
+                         const at::Tensor& mscale, const std::optional<at::Tensor>& scale_index,
+                         int64_t head_size, bool is_neox) {
+  Impl(RotaryCall{positions, query, key, inv_freq, mscale, scale_index, head_size, is_neox,
+                  check_rotary_args(positions, query, key, inv_freq, mscale, scale_index,
+                                    head_size)});
+}
+
 // Every scale_index value must pick a row of inv_freq. `index` must be host memory.
 inline void check_scale_index_values(const int32_t* index, int64_t num_tokens,
                                      int64_t num_scales) {

@@ -11,38 +11,36 @@
 namespace yarn {
 namespace {
 
-void rotary_embedding_cuda(const at::Tensor& positions, at::Tensor& query,
-                           std::optional<at::Tensor> key, const at::Tensor& inv_freq,
-                           const at::Tensor& mscale, const std::optional<at::Tensor>& scale_index,
-                           int64_t head_size, bool is_neox) {
-  const RotaryProblem p = check_rotary_args(positions, query, key, inv_freq, mscale, scale_index,
-                                            head_size);
-  if (scale_index.has_value() && debug_checks_enabled()) {
-    const at::Tensor host = scale_index->cpu();
+void rotary_embedding_cuda(const RotaryCall& c) {
+  const RotaryProblem& p = c.problem;
+  if (c.scale_index.has_value() && debug_checks_enabled()) {
+    const at::Tensor host = c.scale_index->cpu();
     check_scale_index_values(host.data_ptr<int32_t>(), p.num_tokens, p.num_scales);
   }
-  const c10::cuda::CUDAGuard guard(query.device());
+  const c10::cuda::CUDAGuard guard(c.query.device());
   RotaryCudaArgs a;
-  a.dtype = query.scalar_type() == at::kFloat  ? DType::kFloat32
-            : query.scalar_type() == at::kHalf ? DType::kFloat16
-                                               : DType::kBFloat16;
-  a.positions = positions.data_ptr<int64_t>();
-  a.scale_index = scale_index.has_value() ? scale_index->data_ptr<int32_t>() : nullptr;
-  a.query = query.data_ptr();
-  a.key = key.has_value() ? key->data_ptr() : nullptr;
-  a.inv_freq = inv_freq.data_ptr<float>();
-  a.mscale = mscale.data_ptr<float>();
+  a.dtype = c.query.scalar_type() == at::kFloat  ? DType::kFloat32
+            : c.query.scalar_type() == at::kHalf ? DType::kFloat16
+                                                 : DType::kBFloat16;
+  a.positions = c.positions.data_ptr<int64_t>();
+  a.scale_index = c.scale_index.has_value() ? c.scale_index->data_ptr<int32_t>() : nullptr;
+  a.query = c.query.data_ptr();
+  a.key = c.key.has_value() ? c.key->data_ptr() : nullptr;
+  a.inv_freq = c.inv_freq.data_ptr<float>();
+  a.mscale = c.mscale.data_ptr<float>();
   a.shape = RotaryCudaShape{p.num_tokens, p.q.num_heads, p.k.num_heads,
-                            static_cast<int>(head_size), p.rotary_dim, p.q.token_stride,
+                            static_cast<int>(c.head_size), p.rotary_dim, p.q.token_stride,
                             p.q.head_stride, p.k.token_stride, p.k.head_stride,
                             static_cast<int>(p.num_scales)};
-  a.is_neox = is_neox;
+  a.is_neox = c.is_neox;
   const int err = rotary_cuda(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "yarn_vllm rotary CUDA kernel failed with cudaError ", err);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(yarn_vllm, CUDA, m) { m.impl("rotary_embedding", &rotary_embedding_cuda); }
+TORCH_LIBRARY_IMPL(yarn_vllm, CUDA, m) {
+  m.impl("rotary_embedding", &rotary_embedding_op<rotary_embedding_cuda>);
+}
 
 }  // namespace yarn

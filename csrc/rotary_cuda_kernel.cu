@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_dtype.cuh"
 #include "rotary_cuda.h"
 
 namespace yarn {
@@ -90,14 +91,8 @@ void launch(const RotaryCudaArgs& a, cudaStream_t stream) {
 }  // namespace
 
 int rotary_cuda(const RotaryCudaArgs& args, void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  switch (args.dtype) {
-    case DType::kFloat32: launch<float>(args, s); break;
-    case DType::kFloat16: launch<__half>(args, s); break;
-    case DType::kBFloat16: launch<__nv_bfloat16>(args, s); break;
-    default: return -1;
-  }
-  return static_cast<int>(cudaGetLastError());
+  const auto s = static_cast<cudaStream_t>(stream);
+  return launch_for_dtype(args.dtype, [&](auto elem) { launch<decltype(elem)>(args, s); });
 }
 
 }  // namespace yarn
