@@ -70,7 +70,9 @@ def run(tree: Path, capability: str) -> None:
     tmp = tempfile.TemporaryDirectory(prefix="yarn_vllm_cuda_check_")  # removed at exit
     models = Path(tmp.name)
     for name, rope in (("plain", {"rope_type": "default", "rope_theta": 1e4}),
-                       ("dynamic", TINY_DYNAMIC_LLAMA["rope_parameters"])):
+                       ("dynamic", TINY_DYNAMIC_LLAMA["rope_parameters"]),
+                       ("request", dict(TINY_DYNAMIC_LLAMA["rope_parameters"],
+                                        yarn_mode="request"))):
         (models / name).mkdir()
         (models / name / "config.json").write_text(
             json.dumps(dict(TINY_DYNAMIC_LLAMA, rope_parameters=rope)))
@@ -95,6 +97,8 @@ def run(tree: Path, capability: str) -> None:
     with set_current_vllm_config(VllmConfig()):
         _check_get_rope(torch, YarnRotaryEmbedding if ours else None, "static")
         backend = _check_selection(torch, platform_cls)
+    if ours:
+        _check_request_mode(torch, models / "request", native)
     vllm_config = _check_dynamic_config(str(models / "dynamic"), ours)
     if vllm_config is None:
         return
@@ -188,6 +192,38 @@ def _check_selection(torch, platform_cls):
     return backend
 
 
+def _check_request_mode(torch, model: Path, native: dict) -> None:
+    """Request mode leaves vLLM's engine choices as they are for a plain model (its attention
+    backend, chunked prefill, prefix caching, CUDA graphs), and its rotary layer hooks both
+    GPU model runners: V1, and V2 (vLLM 0.32's default on GPUs with Triton)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
+
+    from yarn_vllm.rotary import YarnRotaryEmbedding
+
+    config = EngineArgs(model=str(model), skip_tokenizer_init=True).create_engine_config()
+    chosen = {"attention_config.backend": str(config.attention_config.backend),
+              "chunked_prefill": config.scheduler_config.enable_chunked_prefill,
+              "prefix_caching": config.cache_config.enable_prefix_caching,
+              "cudagraph_mode": str(config.compilation_config.cudagraph_mode)}
+    check("request mode on CUDA: vLLM's own choices (backend, chunked prefill, APC, graphs)",
+          all(native[k] == v for k, v in chosen.items()), str(chosen))
+    with set_current_vllm_config(config):
+        layer = YarnRotaryEmbedding(128, 128, 2048, 1e4, True, 4.0, torch.bfloat16)
+    check("request-mode rotary layer: rows per scale, a token index sized to the budget",
+          layer.yarn_mode == "request" and tuple(layer.inv_freq.shape[1:]) == (64,)
+          and layer.scale_index.shape[0] == config.scheduler_config.max_num_batched_tokens,
+          f"inv_freq {tuple(layer.inv_freq.shape)}, scale_index {tuple(layer.scale_index.shape)}")
+    hooked = {f"{cls.__module__}.{name}": getattr(getattr(cls, name), "_yarn_vllm", False)
+              for cls, names in ((V1Runner, ("_update_states", "_prepare_inputs")),
+                                 (V2Runner, ("add_requests", "prepare_inputs")))
+              for name in names}
+    check("request mode hooks both GPU model runners (V1 and V2)", all(hooked.values()),
+          str(hooked))
+
+
 def _check_dynamic_config(model: str, ours: bool):
     """EngineArgs -> VllmConfig runs CudaPlatform.check_and_update_config, which the plugin wraps."""
     from vllm.engine.arg_utils import EngineArgs
@@ -205,10 +241,9 @@ def _check_dynamic_config(model: str, ours: bool):
         return None
     config = args.create_engine_config()
     sched, cache = config.scheduler_config, config.cache_config
-    check("dynamic model on CUDA: config hook selects CUSTOM, one-step prefill, no APC",
+    check("dynamic model on CUDA: config hook selects CUSTOM, keeps chunked prefill and APC",
           config.attention_config.backend is AttentionBackendEnum.CUSTOM
-          and not sched.enable_chunked_prefill and sched.max_num_batched_tokens >= 8192
-          and not cache.enable_prefix_caching,
+          and sched.enable_chunked_prefill and cache.enable_prefix_caching,
           f"backend {config.attention_config.backend}, chunked prefill "
           f"{sched.enable_chunked_prefill}, max_num_batched_tokens "
           f"{sched.max_num_batched_tokens}, prefix caching {cache.enable_prefix_caching}, "
