@@ -211,9 +211,9 @@ def _check_request_mode(torch, model: Path, native: dict) -> None:
     check("request mode on CUDA: vLLM's own choices (backend, chunked prefill, APC, graphs)",
           all(native[k] == v for k, v in chosen.items()), str(chosen))
     with set_current_vllm_config(config):
-        layer = YarnRotaryEmbedding(128, 128, 2048, 1e4, True, 4.0, torch.bfloat16)
+        layer = YarnRotaryEmbedding(64, 64, 2048, 1e4, True, 4.0, torch.bfloat16)
     check("request-mode rotary layer: rows per scale, a token index sized to the budget",
-          layer.yarn_mode == "request" and tuple(layer.inv_freq.shape[1:]) == (64,)
+          layer.yarn_mode == "request" and tuple(layer.inv_freq.shape[1:]) == (32,)
           and layer.scale_index.shape[0] == config.scheduler_config.max_num_batched_tokens,
           f"inv_freq {tuple(layer.inv_freq.shape)}, scale_index {tuple(layer.scale_index.shape)}")
     hooked = {f"{cls.__module__}.{name}": getattr(getattr(cls, name), "_yarn_vllm", False)
