@@ -14,10 +14,10 @@ import math
 from typing import Any, Mapping
 
 from yarn_vllm.errors import UserError
+from yarn_vllm.model_config import (check_rotary_dims, config_value, rope_parameters_of,
+                                    rope_theta_of, rope_type_of)
 
 MODES = ("static", "dynamic", "request")  # the interface: rope_parameters["yarn_mode"]
-# Keys of rope_parameters that name the RoPE variant; "type" is the legacy rope_scaling spelling.
-_ROPE_TYPE_KEYS = ("rope_type", "type")
 _UNSCALED_ROPE_TYPES = ("default", None)
 # Positions past 2**24 are no longer exact in fp32, where every RoPE angle is formed.
 MAX_CONTEXT = 1 << 24
@@ -158,7 +158,7 @@ class YarnConfig:
         What the plugin serves: every YaRN config is validated here, in every mode,
         while other RoPE variants (llama3, longrope, ...) pass through untouched.
         """
-        if _rope_type(rope_parameters_of(hf_config)) != "yarn":
+        if rope_type_of(rope_parameters_of(hf_config)) != "yarn":
             return None
         return cls.from_hf_config(hf_config)
 
@@ -169,13 +169,13 @@ class YarnConfig:
         Reads `rope_parameters` (transformers >= 5) or the legacy `rope_scaling`.
         """
         params = rope_parameters_of(hf_config)
-        rope_type = _rope_type(params)
+        rope_type = rope_type_of(params)
         if rope_type in _UNSCALED_ROPE_TYPES:
             return None
         if rope_type != "yarn":
             raise UserError("rope_type", f"is {rope_type!r} in the model config",
                                   "yarn-vllm serves rope_type 'yarn' (or plain RoPE to extend)")
-        max_position = _get(hf_config, "max_position_embeddings")
+        max_position = config_value(hf_config, "max_position_embeddings")
         original = params.get("original_max_position_embeddings") or max_position
         factor = params.get("factor")
         if factor is None and max_position and original:
@@ -200,7 +200,7 @@ class YarnConfig:
     def resolve(self, hf_config) -> "YarnConfig":
         """A copy with every field filled from the model, after checking the model can take YaRN."""
         params = rope_parameters_of(hf_config)
-        rope_type = _rope_type(params)
+        rope_type = rope_type_of(params)
         if rope_type not in _UNSCALED_ROPE_TYPES + ("yarn",):
             raise UserError("rope_type", f"is {rope_type!r} in the model config",
                                   "YaRN extends plain RoPE; start from a model with rope_type "
@@ -209,7 +209,7 @@ class YarnConfig:
         original = self.original_max_position
         if original is None and rope_type == "yarn":
             original = params.get("original_max_position_embeddings")
-        original = original or _get(hf_config, "max_position_embeddings")
+        original = original or config_value(hf_config, "max_position_embeddings")
         if not original:
             raise UserError("original_max_position", "is unknown for this model",
                                   "pass --original-max-position (the trained context length)")
@@ -338,67 +338,3 @@ def _resolved(cfg: "YarnConfig", **changes) -> "YarnConfig":
     for k, v in changes.items():
         setattr(out, k, v)
     return out
-
-
-# ---- reading model configs -------------------------------------------------
-
-def rope_parameters_of(hf_config) -> dict:
-    """The RoPE parameters of an HF config object or dict, whichever spelling it uses."""
-    get = hf_config.get if isinstance(hf_config, Mapping) else (
-        lambda k, d=None: getattr(hf_config, k, d))
-    params = dict(get("rope_parameters", None) or get("rope_scaling", None) or {})
-    if "rope_theta" not in params and get("rope_theta", None) is not None:
-        params["rope_theta"] = get("rope_theta")
-    if "partial_rotary_factor" not in params and get("partial_rotary_factor", None) is not None:
-        params["partial_rotary_factor"] = get("partial_rotary_factor")
-    return params
-
-
-def rope_theta_of(hf_config) -> float:
-    theta = rope_parameters_of(hf_config).get("rope_theta")
-    if theta is None:
-        raise UserError("rope_theta", "is missing: the model does not use RoPE",
-                              "YaRN only applies to RoPE models (Llama, Qwen, Mistral, ...)")
-    return float(theta)
-
-
-def _rope_type(params: dict):
-    for key in _ROPE_TYPE_KEYS:
-        if params.get(key) is not None:
-            return params[key]
-    return None
-
-
-def _get(hf_config, key):
-    if isinstance(hf_config, Mapping):
-        return hf_config.get(key)
-    return getattr(hf_config, key, None)
-
-
-def head_and_rotary_dim(hf_config) -> tuple[int, int]:
-    """(head_size, rotary_dim) of a model config; raises if the model has no RoPE."""
-    rope_theta_of(hf_config)
-    head_size = _get(hf_config, "head_dim")
-    if head_size is None:
-        hidden, heads = _get(hf_config, "hidden_size"), _get(hf_config, "num_attention_heads")
-        if not hidden or not heads:
-            raise UserError("head_dim", "cannot be derived from the model config",
-                                  "the config needs head_dim or hidden_size and num_attention_heads")
-        head_size = hidden // heads
-    partial = rope_parameters_of(hf_config).get("partial_rotary_factor", 1.0)
-    return int(head_size), int(head_size * partial)
-
-
-def check_rotary_dims(hf_config) -> None:
-    head_size, rotary_dim = head_and_rotary_dim(hf_config)
-    validate_rotary_dim(rotary_dim, head_size)
-
-
-def validate_rotary_dim(rotary_dim: int, head_size: int) -> None:
-    if rotary_dim % 2:
-        raise UserError("rotary_dim", f"is {rotary_dim}, which is odd",
-                              "RoPE rotates channel pairs; use an even rotary_dim "
-                              "(partial_rotary_factor x head_dim)")
-    if rotary_dim > head_size or rotary_dim <= 0:
-        raise UserError("rotary_dim", f"is {rotary_dim} for head_size {head_size}",
-                              "use 0 < rotary_dim <= head_size (partial_rotary_factor <= 1)")

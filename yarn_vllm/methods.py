@@ -30,7 +30,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from yarn_vllm.config import YarnConfig, head_and_rotary_dim, rope_theta_of
+from yarn_vllm.config import YarnConfig
+from yarn_vllm.model_config import head_and_rotary_dim, rope_theta_of
 
 
 @dataclass(frozen=True)

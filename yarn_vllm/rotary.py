@@ -22,7 +22,8 @@ from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 from vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope import (
     YaRNScalingRotaryEmbedding)
 
-from yarn_vllm.config import YarnConfig, validate_rotary_dim
+from yarn_vllm.config import YarnConfig
+from yarn_vllm.model_config import validate_rotary_dim
 from yarn_vllm.errors import UserError
 from yarn_vllm.ops import rotary_embedding_
 from yarn_vllm.scale_policy import ScalePolicy

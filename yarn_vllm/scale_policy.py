@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from yarn_vllm import yarn_math
-from yarn_vllm.config import YarnConfig, head_and_rotary_dim, rope_theta_of
+from yarn_vllm.config import YarnConfig
+from yarn_vllm.model_config import head_and_rotary_dim, rope_theta_of
 from yarn_vllm.errors import UserError
 
 # The per-request override: SamplingParams.extra_args / the server's vllm_xargs key.
