@@ -20,9 +20,10 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import environment, measure, write_json  # noqa: E402
+from timing import environment, measure_interleaved, write_json  # noqa: E402
 
 import yarn_vllm.ops  # noqa: E402,F401  (loads the extension)
+from yarn_vllm.attention.angles import AngleTables  # noqa: E402
 from yarn_vllm.attention.backend import (YarnDynamicAttentionImpl,  # noqa: E402
                                          YarnDynamicMetadataBuilder)
 from yarn_vllm.config import YarnConfig  # noqa: E402
@@ -46,11 +47,12 @@ def one_case(ctx, q_len, args, dtype):
     qsl = torch.tensor([0, q_len], dtype=torch.int32)
     query = torch.randn(q_len, hq, head).to(dtype)
     out = torch.empty_like(query)
-    # the builder's policy, as it reads it from an engine's vllm_config in dynamic mode
+    # the builder's state, as its __init__ reads it from an engine's vllm_config in dynamic
+    # mode: the policy, the layers' softmax scale, and its angle tables kept across steps
     builder = SimpleNamespace(policy=ScalePolicy(
         YarnConfig(factor=max(1.0, ctx / args.original_max_position), mode="dynamic",
                    original_max_position=args.original_max_position), head, args.rope_theta),
-        prompt_lens=None)
+        prompt_lens=None, softmax_scale=head ** -0.5, angle_tables=AngleTables())
 
     # vLLM's kernel wants its own packed cache: fill it through its own writer.
     vcache, vkc, vvc = _paged_cache(nblocks, hkv, bs, head, dtype)
@@ -82,8 +84,9 @@ def one_case(ctx, q_len, args, dtype):
                          flat_out)
 
     reps = args.reps if q_len == 1 else max(2, args.reps // 5)
-    vllm = measure(vllm_step, reps=reps, warmup=1)
-    ours = measure(ours_step, reps=reps, warmup=1)
+    # taking turns, so that load from other processes falls on both alike
+    times = measure_interleaved({"vllm": vllm_step, "ours": ours_step}, reps=reps, warmup=1)
+    vllm, ours = times["vllm"], times["ours"]
     row = {"context": ctx, "q_len": q_len, "dtype": str(dtype).split(".")[-1],
            "vllm_ms": vllm["median"], "ours_ms": ours["median"],
            "ratio_ours_over_vllm": ours["median"] / vllm["median"], "vllm": vllm, "ours": ours}

@@ -119,12 +119,13 @@ void run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
 
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     SoftmaxState local;
+    Scratch scratch;
     for (int64_t n = begin; n < end; ++n) {
       const WorkItem& it = items[n];
       SoftmaxState& st = it.slot >= 0 ? partials[it.slot] : local;
       st.reset((it.i1 - it.i0) * group, D);
       paged_attend<Elem>(sh, seqs[it.seq], q, kc, vc, it.kv_head, it.i0, it.i1, it.k0, it.k1,
-                         st);
+                         st, scratch);
       if (it.slot < 0) write_rows(it, st);
     }
   });

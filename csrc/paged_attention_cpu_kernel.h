@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -26,7 +27,6 @@
 namespace yarn {
 
 constexpr int kKeyTile = 32;  // keys rotated and scored together; one L1-resident tile
-constexpr int kFastRows = 64;  // the register path hsums per (row, key): cheap for few rows
 
 struct PagedShape {
   int num_q_heads, num_kv_heads, head_size, rotary_dim, block_size;
@@ -51,6 +51,25 @@ struct PagedSequence {
   float logit_scale;
   const float* cos_sin;
   const float* inv_freq;
+};
+
+// A float buffer starting on a 64-byte boundary, so that full-width vector loads and
+// stores never straddle two cache lines. Its contents are scratch: get() may move them.
+class Aligned {
+ public:
+  float* get(size_t n) {
+    storage_.resize(n + 16);
+    const auto p = reinterpret_cast<uintptr_t>(storage_.data());
+    return reinterpret_cast<float*>((p + 63) & ~uintptr_t{63});
+  }
+
+ private:
+  std::vector<float> storage_;
+};
+
+// Buffers of the tile loops, one set per thread, reused across its work items.
+struct Scratch {
+  Aligned q, scores, rotated, turned, cs, corr, key, key_t, vals;
 };
 
 // Online-softmax state of `rows` query rows: m[rows], l[rows], acc[rows * head_size].
@@ -85,36 +104,12 @@ inline void merge_states(SoftmaxState& into, const SoftmaxState& from, int head_
 
 namespace detail {
 
-// exp of 8 lanes (Cephes-style: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2]),
-// with -inf (masked keys) mapped to exactly 0 and NaN kept NaN.
-#if YARN_PAGED_AVX2
-inline __m256 exp8(__m256 x) {
-  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  const __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                       _mm256_set1_epi32(127)), 23);
-  return _mm256_or_ps(nan, _mm256_andnot_ps(masked, _mm256_mul_ps(p, _mm256_castsi256_ps(e))));
-}
-#endif
-
-// x[j] = exp(x[j] - shift) for j < kKeyTile.
+// x[j] = exp(x[j] - shift) for j < kKeyTile (the generic path's softmax).
 inline void exp_shifted(float* x, float shift) {
 #if YARN_PAGED_AVX2
   const __m256 s = _mm256_set1_ps(shift);
   for (int j = 0; j < kKeyTile; j += 8)
-    _mm256_storeu_ps(x + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), s)));
+    _mm256_storeu_ps(x + j, avx2::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), s)));
 #else
   for (int j = 0; j < kKeyTile; ++j) x[j] = std::exp(x[j] - shift);
 #endif
@@ -164,84 +159,30 @@ inline void rotate(float* x, const float* cs, int rotary_dim, bool is_neox) {
   }
 }
 
+// Row pointers of cache rows [kt, kt + n) of one kv head, walking the block table
+// (a tile may cross blocks when block_size is not a multiple of kKeyTile).
+template <typename T>
+void tile_rows(const PagedShape& sh, const PagedSequence& seq, const T* cache, int64_t block_stride,
+               int64_t head_stride, int64_t row_stride, int kv_head, int kt, int n,
+               const T** rows) {
+  int block = kt / sh.block_size, row = kt % sh.block_size;
+  const T* base = cache + kv_head * head_stride;
+  for (int j = 0; j < n; ++j) {
+    rows[j] = base + seq.blocks[block] * block_stride + row * row_stride;
+    if (++row == sh.block_size) row = 0, ++block;
+  }
+}
+
+}  // namespace detail
+
+}  // namespace yarn
 
 #if YARN_PAGED_AVX2
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// The decode-shaped hot path (few query rows, NeoX pairs, 8-aligned halves):
-// each key is rotated in registers as it is loaded and scored against every
-// row, so nothing is transposed and values are read straight from the cache.
-template <typename T>
-void tile_scores_avx2(const PagedShape& sh, const PagedSequence& seq, const float* q, int rows,
-                      const T* key_cache, int kv_head, int kt, int n, float* scores,
-                      float* cs_buf) {
-  const int D = sh.head_size, half = sh.rotary_dim / 2;
-  alignas(32) float rotated[1024];
-  // The tile lies in one block (kt and block_size are multiples of kKeyTile).
-  const T* tile_keys = key_cache + seq.blocks[kt / sh.block_size] * sh.k_block_stride +
-                       kv_head * sh.k_head_stride + (kt % sh.block_size) * sh.k_row_stride;
-  for (int j = 0; j < n; ++j) {
-    const int t = kt + j;
-    const T* kp = tile_keys + j * sh.k_row_stride;
-    const float* fine = nullptr;
-    const float* coarse = nullptr;
-    if (seq.cos_sin != nullptr) {
-      fine = fine_row(seq, t, half);
-      coarse = coarse_row(seq, t, half);
-    } else {
-      angles_row(seq, t, half, cs_buf);
-    }
-    for (int c = 0; c < half; c += 8) {
-      const __m256 k1 = avx2::load8(kp + c), k2 = avx2::load8(kp + half + c);
-      __m256 co, si;
-      if (fine != nullptr) {
-        const __m256 cc = _mm256_loadu_ps(coarse + c), cs_ = _mm256_loadu_ps(coarse + half + c);
-        const __m256 fc = _mm256_loadu_ps(fine + c), fs = _mm256_loadu_ps(fine + half + c);
-        co = _mm256_fmsub_ps(cc, fc, _mm256_mul_ps(cs_, fs));
-        si = _mm256_fmadd_ps(cs_, fc, _mm256_mul_ps(cc, fs));
-      } else {
-        co = _mm256_loadu_ps(cs_buf + c);
-        si = _mm256_loadu_ps(cs_buf + half + c);
-      }
-      _mm256_store_ps(rotated + c, _mm256_fmsub_ps(k1, co, _mm256_mul_ps(k2, si)));
-      _mm256_store_ps(rotated + half + c, _mm256_fmadd_ps(k2, co, _mm256_mul_ps(k1, si)));
-    }
-    for (int c = 2 * half; c < D; c += 8) _mm256_store_ps(rotated + c, avx2::load8(kp + c));
-    for (int r = 0; r < rows; ++r) {
-      const float* qr = q + static_cast<size_t>(r) * D;
-      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qr), _mm256_load_ps(rotated));
-      for (int c = 8; c < D; c += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + c), _mm256_load_ps(rotated + c), acc);
-      scores[static_cast<size_t>(r) * kKeyTile + j] = hsum8(acc);
-    }
-  }
-}
-
-// acc[r] += sum_j p[r][j] * v_j over the n keys of the tile.
-template <typename T>
-void tile_values_avx2(const PagedShape& sh, const PagedSequence& seq, const float* p, int rows,
-                      const T* value_cache, int kv_head, int kt, int n, float* acc) {
-  const int D = sh.head_size;
-  const T* tile_values = value_cache + seq.blocks[kt / sh.block_size] * sh.v_block_stride +
-                         kv_head * sh.v_head_stride + (kt % sh.block_size) * sh.v_row_stride;
-  for (int j = 0; j < n; ++j) {
-    const T* vp = tile_values + j * sh.v_row_stride;
-    for (int c = 0; c < D; c += 8) {
-      const __m256 v = avx2::load8(vp + c);
-      for (int r = 0; r < rows; ++r) {
-        float* a = acc + static_cast<size_t>(r) * D + c;
-        _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(p[static_cast<size_t>(r) * kKeyTile + j]),
-                                            v, _mm256_loadu_ps(a)));
-      }
-    }
-  }
-}
+#include "paged_attention_cpu_simd.h"
 #endif
+
+namespace yarn {
+namespace detail {
 
 // Portable tile: keys rotated into a [D][tile] transpose so that scores vectorise
 // over keys; values staged in `vals` for tile_values_generic.
@@ -298,7 +239,7 @@ inline void tile_values_generic(int D, const float* p, int rows, const float* va
 template <typename T>
 void paged_attend(const PagedShape& sh, const PagedSequence& seq, const T* query,
                   const T* key_cache, const T* value_cache, int kv_head, int i0, int i1,
-                  int k0, int k1, SoftmaxState& state) {
+                  int k0, int k1, SoftmaxState& state, Scratch& scratch) {
   const int D = sh.head_size, R = sh.rotary_dim, half = R / 2;
   const int group = sh.num_q_heads / sh.num_kv_heads;
   const int rows = (i1 - i0) * group;
@@ -307,50 +248,46 @@ void paged_attend(const PagedShape& sh, const PagedSequence& seq, const T* query
   k1 = std::min(k1, first_pos + i1);
   if (k1 <= k0) return;
 
-  std::vector<float> q(static_cast<size_t>(rows) * D), cs(2 * half);
+  float* q = scratch.q.get(static_cast<size_t>(rows) * D);
+  float* cs = scratch.cs.get(2 * half);
   for (int i = i0; i < i1; ++i) {
-    detail::angles_row(seq, first_pos + i, half, cs.data());
+    detail::angles_row(seq, first_pos + i, half, cs);
     for (int g = 0; g < group; ++g) {
       const T* src = query + (seq.q_start + i) * sh.q_token_stride +
                      static_cast<int64_t>(kv_head * group + g) * sh.q_head_stride;
-      float* dst = q.data() + static_cast<size_t>((i - i0) * group + g) * D;
+      float* dst = q + static_cast<size_t>((i - i0) * group + g) * D;
       for (int d = 0; d < D; ++d) dst[d] = load(src[d]);
-      detail::rotate(dst, cs.data(), R, sh.is_neox);
+      detail::rotate(dst, cs, R, sh.is_neox);
       // The logit scale folds into q once instead of into every score.
       for (int d = 0; d < D; ++d) dst[d] *= seq.logit_scale;
     }
   }
 
-#if YARN_PAGED_AVX2
-  const bool fast = sh.is_neox && half % 8 == 0 && D % 8 == 0 && D <= 1024 &&
-                    rows <= kFastRows && sh.block_size % kKeyTile == 0 && k0 % kKeyTile == 0;
-#else
-  const bool fast = false;
+#if YARN_CPU_AVX512
+  if (simd_tile::fits(sh, k0, 16))
+    return simd_tile::attend<simd::F32x16>(sh, seq, q, rows, group, first_pos + i0, key_cache,
+                                           value_cache, kv_head, k0, k1, state, scratch);
 #endif
-  std::vector<float> scores(static_cast<size_t>(rows) * kKeyTile);
-  std::vector<float> key, key_t, vals;
-  if (!fast) {
-    key.resize(D);
-    key_t.resize(static_cast<size_t>(D) * kKeyTile);
-    vals.resize(static_cast<size_t>(kKeyTile) * D);
-  }
-  const float neg_inf = -std::numeric_limits<float>::infinity();
+#if YARN_PAGED_AVX2
+  if (simd_tile::fits(sh, k0, 8))
+    return simd_tile::attend<simd::F32x8>(sh, seq, q, rows, group, first_pos + i0, key_cache,
+                                          value_cache, kv_head, k0, k1, state, scratch);
+#endif
 
+  // The portable loop: GPT-J pairs, head sizes off the vector width, no AVX2.
+  float* scores = scratch.scores.get(static_cast<size_t>(rows) * kKeyTile);
+  float* key = scratch.key.get(D);
+  float* key_t = scratch.key_t.get(static_cast<size_t>(D) * kKeyTile);
+  float* vals = scratch.vals.get(static_cast<size_t>(kKeyTile) * D);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int kt = k0; kt < k1; kt += kKeyTile) {
     const int n = std::min(kKeyTile, k1 - kt);
-#if YARN_PAGED_AVX2
-    if (fast)
-      detail::tile_scores_avx2(sh, seq, q.data(), rows, key_cache, kv_head, kt, n, scores.data(),
-                               cs.data());
-#endif
-    if (!fast)
-      detail::tile_scores_generic(sh, seq, q.data(), rows, key_cache, value_cache, kv_head, kt, n,
-                                  scores.data(), cs.data(), key.data(), key_t.data(),
-                                  vals.data());
+    detail::tile_scores_generic(sh, seq, q, rows, key_cache, value_cache, kv_head, kt, n, scores,
+                                cs, key, key_t, vals);
     // Online softmax: fold this tile into each row's running max and denominator,
     // leaving exp(score - max) in `scores` for the value pass.
     for (int r = 0; r < rows; ++r) {
-      float* s = scores.data() + static_cast<size_t>(r) * kKeyTile;
+      float* s = scores + static_cast<size_t>(r) * kKeyTile;
       const int limit = first_pos + i0 + r / group - kt;  // last visible key, tile-relative
       for (int j = std::max(0, std::min(n, limit + 1)); j < kKeyTile; ++j) s[j] = neg_inf;
       float tile_max = neg_inf;
@@ -369,13 +306,7 @@ void paged_attend(const PagedShape& sh, const PagedSequence& seq, const T* query
       float* acc = state.acc.data() + static_cast<size_t>(r) * D;
       for (int d = 0; d < D; ++d) acc[d] *= correction;
     }
-#if YARN_PAGED_AVX2
-    if (fast)
-      detail::tile_values_avx2(sh, seq, scores.data(), rows, value_cache, kv_head, kt, n,
-                               state.acc.data());
-#endif
-    if (!fast) detail::tile_values_generic(D, scores.data(), rows, vals.data(), n,
-                                           state.acc.data());
+    detail::tile_values_generic(D, scores, rows, vals, n, state.acc.data());
   }
 }
 

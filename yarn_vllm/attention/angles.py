@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 ANGLE_STRIDE = 32  # csrc/paged_attention_checks.h: kAngleStride
+
+
+def table_rows(seq_len: int) -> int:
+    """Rows of one frequency row's table for positions 0 .. seq_len - 1: fine, then coarse."""
+    return ANGLE_STRIDE + (seq_len + ANGLE_STRIDE - 1) // ANGLE_STRIDE
 
 
 def angle_table(seq_lens: list[int], inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,3 +44,43 @@ def angle_table(seq_lens: list[int], inv_freq: torch.Tensor) -> tuple[torch.Tens
         offset += blocks[-1].shape[0]
     table = torch.cat(blocks) if blocks else torch.empty(0, rotary_dim)
     return table.contiguous(), torch.tensor([first_row[k] for k in keys], dtype=torch.int64)
+
+
+class AngleTables:
+    """`angle_table` for one step after another, keeping each scale's rows between steps.
+
+    A frequency row's table rows are a pure function of that row and the positions, so
+    a decode step at an unchanged scale (every step while l <= L) reuses the last step's
+    rows, rebuilt with room to double when a sequence outgrows them. Rows of scales the
+    latest step did not use are dropped: under dynamic scaling past L every step brings
+    new scales, and those are built exactly as angle_table builds them.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[bytes, torch.Tensor] = {}  # frequency row -> its table rows
+
+    def __call__(self, seq_lens: list[int], inv_freq: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As angle_table(seq_lens, inv_freq); the table may hold rows past the longest."""
+        if not seq_lens:
+            return angle_table(seq_lens, inv_freq)
+        keys = [inv_freq[b].numpy().tobytes() for b in range(len(seq_lens))]
+        first: dict[bytes, int] = {}
+        longest: dict[bytes, int] = {}
+        for b, (k, n) in enumerate(zip(keys, seq_lens)):
+            first.setdefault(k, b)
+            longest[k] = max(longest.get(k, 0), int(n))
+        kept: dict[bytes, torch.Tensor] = {}
+        for k, n in longest.items():
+            rows = self._rows.get(k)
+            if rows is None or rows.shape[0] < table_rows(n):
+                length = n if rows is None else 2 * n
+                rows = angle_table([length], inv_freq[first[k]:first[k] + 1])[0]
+            kept[k] = rows
+        self._rows = kept
+        if len(kept) == 1:
+            return rows, torch.zeros(len(keys), dtype=torch.int64)
+        starts = dict(zip(kept, itertools.accumulate((r.shape[0] for r in kept.values()),
+                                                     initial=0)))
+        return (torch.cat(list(kept.values())),
+                torch.tensor([starts[k] for k in keys], dtype=torch.int64))

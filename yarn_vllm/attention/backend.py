@@ -34,8 +34,8 @@ from vllm.v1.attention.backend import (AttentionCGSupport, AttentionImpl,
                                        CommonAttentionMetadata)
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-from yarn_vllm.attention.angles import angle_table
-from yarn_vllm.attention.paged import paged_attention
+from yarn_vllm.attention.angles import AngleTables, angle_table
+from yarn_vllm.attention.paged import cpu_op, paged_attention
 from yarn_vllm.errors import UserError
 from yarn_vllm.ops import rotary_embedding_
 from yarn_vllm.scale_policy import ScalePolicy
@@ -48,8 +48,8 @@ IS_NEOX = True  # dynamic mode's rotary layer refuses GPT-J-style RoPE
 def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[num_blocks, H_kv, block_size, 2 * D] -> key and value views [num_blocks, H_kv, block_size, D]."""
     num_blocks, heads, block_size, two_d = kv_cache.shape
-    kv = kv_cache.view(num_blocks, heads, 2, block_size, two_d // 2)
-    return kv[:, :, 0], kv[:, :, 1]
+    # unbind: both views in one op (it runs every layer; indexing costs twice as much)
+    return kv_cache.view(num_blocks, heads, 2, block_size, two_d // 2).unbind(2)
 
 
 def gather_tokens(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -98,6 +98,9 @@ class YarnDynamicMetadata:
     angle_start, the CPU kernel's angle table (attention.angles.angle_table; None on a
     GPU). block_table [B, max_blocks] int32 and device_args (seq_lens,
     query_start_loc, inv_freq, attention_scale) are on the KV cache's device.
+    logit_scale [B] fp32 is attention_scale x softmax_scale, where the builder knows the
+    layers' softmax scale (else None). cpu_op is the compiled CPU op when every query
+    of a CPU batch goes to it (all of a decode step's do), else None.
     """
 
     num_actual_tokens: int
@@ -114,6 +117,9 @@ class YarnDynamicMetadata:
     long_queries: list[int]  # sequences served by gather + SDPA (CPU)
     short_queries: list[int]  # sequences with queries served by the kernel (CPU)
     device_args: tuple
+    softmax_scale: float | None = None
+    logit_scale: torch.Tensor | None = None
+    cpu_op: object = None
 
 
 class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
@@ -134,6 +140,8 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
         # Each request's prompt length in the coming step's batch order, set by the model
         # runner before every build (yarn_vllm.runner_hooks): a prefill chunk runs at s(P).
         self.prompt_lens = None
+        self.angle_tables = AngleTables()
+        self.softmax_scale = _shared_softmax_scale(vllm_config, layer_names)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> YarnDynamicMetadata:
@@ -142,25 +150,44 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
         qsl = m.query_start_loc_cpu[: num_reqs + 1].to(torch.int32)
         seq_lens = m.seq_lens[:num_reqs].cpu().to(torch.int32)
         seq_list = seq_lens.tolist()
-        query_lens = (qsl[1:] - qsl[:-1]).tolist()
+        starts = qsl.tolist()
+        query_lens = [end - start for start, end in zip(starts, starts[1:])]
         prompt_lens, self.prompt_lens = self.prompt_lens, None  # this step's, used once
         if prompt_lens is not None and len(prompt_lens) != num_reqs:
             prompt_lens = None  # a dummy run's batch, not the runner's
         inv_freq, attention_scale = self.policy.per_sequence(seq_list, prompt_lens)
         device = m.block_table_tensor.device
-        # the GPU kernels form angles themselves; the CPU kernel reads a table built once here
-        angles, start = (angle_table(seq_list, inv_freq) if device.type == "cpu"
-                         else (None, None))
-        device_args = tuple(t.to(device, non_blocking=True)
-                            for t in (seq_lens, qsl, inv_freq, attention_scale))
+        on_cpu = device.type == "cpu"
+        # the GPU kernels form angles themselves; the CPU kernel reads a table built once
+        # here (a builder made without __init__, as in tests, builds it afresh)
+        tables = getattr(self, "angle_tables", angle_table)
+        angles, start = tables(seq_list, inv_freq) if on_cpu else (None, None)
+        device_args = (seq_lens, qsl, inv_freq, attention_scale)
+        if not on_cpu:
+            device_args = tuple(t.to(device, non_blocking=True) for t in device_args)
+        long_queries = [b for b, n in enumerate(query_lens) if n > SDPA_MIN_QUERY]
+        softmax_scale = getattr(self, "softmax_scale", None)
         return YarnDynamicMetadata(
             num_actual_tokens=m.num_actual_tokens, query_start_loc=qsl, seq_lens=seq_lens,
             block_table=m.block_table_tensor[:num_reqs].to(torch.int32),
             slot_mapping=m.slot_mapping, query_lens=query_lens, seq_lens_list=seq_list,
             inv_freq=inv_freq, attention_scale=attention_scale, angles=angles, angle_start=start,
-            long_queries=[b for b, n in enumerate(query_lens) if n > SDPA_MIN_QUERY],
+            long_queries=long_queries,
             short_queries=[b for b, n in enumerate(query_lens) if 0 < n <= SDPA_MIN_QUERY],
-            device_args=device_args)
+            device_args=device_args, softmax_scale=softmax_scale,
+            logit_scale=None if softmax_scale is None else attention_scale * softmax_scale,
+            cpu_op=cpu_op() if on_cpu and not long_queries else None)
+
+
+def _shared_softmax_scale(vllm_config, layer_names) -> float | None:
+    """The softmax scale of the builder's attention layers if they share one, else None
+    (the per-layer parameter vLLM's own builders read for their plans)."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, layer_names)
+    scales = {getattr(getattr(layer, "impl", None), "scale", None) for layer in layers.values()}
+    return float(scales.pop()) if len(scales) == 1 and None not in scales else None
 
 
 def _refuse(field: str, value) -> None:
@@ -213,20 +240,34 @@ class YarnDynamicAttentionImpl(AttentionImpl):
         if attn_metadata is None:  # profiling run
             return output
         meta = attn_metadata
+        key_cache, value_cache = split_kv_cache(kv_cache)
+        if meta.cpu_op is not None:  # a CPU batch of short queries only (every decode step)
+            # padded rows past the batch's tokens are neither read nor written
+            q = query if query.dim() == 3 else query.view(-1, self.num_heads, self.head_size)
+            out = output if output.dim() == 3 else output.view(-1, self.num_heads, self.head_size)
+            meta.cpu_op(out, q, key_cache, value_cache, meta.block_table, meta.seq_lens,
+                        meta.query_start_loc, meta.inv_freq, self._logit_scale(meta),
+                        meta.angles, meta.angle_start, IS_NEOX)
+            return output
         n = meta.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        key_cache, value_cache = split_kv_cache(kv_cache)
         if key_cache.device.type != "cpu":
             self._gpu(meta, q, out, key_cache, value_cache, IS_NEOX)
             return output
-        logit_scale = meta.attention_scale * self.scale
+        logit_scale = self._logit_scale(meta)
         if meta.short_queries:  # split once per step by the builder, not once per layer
             self._kernel(meta.short_queries, meta, q, out, key_cache, value_cache, logit_scale,
                          IS_NEOX)
         for b in meta.long_queries:
             self._sdpa(b, meta, q, out, key_cache, value_cache, float(logit_scale[b]))
         return output
+
+    def _logit_scale(self, meta: YarnDynamicMetadata) -> torch.Tensor:
+        """[B] fp32 on the host: the step's, when the builder formed it for this scale."""
+        if meta.softmax_scale == self.scale:
+            return meta.logit_scale
+        return meta.attention_scale * self.scale
 
     def _gpu(self, meta: YarnDynamicMetadata, q, out, key_cache, value_cache,
              is_neox: bool, kernel: str = "auto") -> None:

@@ -22,6 +22,9 @@ import torch
 from yarn_vllm import ops
 
 KERNELS = ("auto", "cpu", "cuda", "triton")
+# Which compiled kernels the extension registers, asked once: the dispatcher query
+# costs microseconds, and paged_attention runs once per layer per step.
+_COMPILED = {key: ops.has_kernel("paged_attention", key) for key in ("CPU", "CUDA")}
 
 
 def choose_kernel(query: torch.Tensor, num_seqs: int, query_start_loc: torch.Tensor,
@@ -39,18 +42,33 @@ def choose_kernel(query: torch.Tensor, num_seqs: int, query_start_loc: torch.Ten
         elif device == "cuda":
             decode = query.shape[0] == num_seqs and _max_query_len(
                 query_start_loc, max_query_len) == 1
-            kernel = "cuda" if decode and ops.has_kernel("paged_attention", "CUDA") else "triton"
+            kernel = "cuda" if decode and _COMPILED["CUDA"] else "triton"
         else:
             raise RuntimeError(f"paged_attention: no implementation for {device} tensors. "
                                "Fix: run on CPU or CUDA.")
-    if kernel in ("cpu", "cuda") and not ops.has_kernel("paged_attention", kernel.upper()):
-        raise RuntimeError(f"paged_attention: yarn_vllm._C has no {kernel.upper()} kernel. "
-                           "Fix: build the extension on a machine with "
-                           f"{'CUDA torch and nvcc' if kernel == 'cuda' else 'a C++ compiler'}.")
+    if kernel in ("cpu", "cuda") and not _COMPILED[kernel.upper()]:
+        raise _not_built(kernel)
     if kernel == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("paged_attention: Triton runs CPU tensors only in its interpreter. "
                            "Fix: set TRITON_INTERPRET=1 before triton is imported.")
     return kernel
+
+
+def cpu_op():
+    """The compiled CPU op, resolved once by a caller that runs it every layer (its
+    arguments as `paged_attention`'s, plus angles, angle_start and is_neox in schema order).
+
+    Raises RuntimeError, with the fix, if the extension has no CPU kernel.
+    """
+    if not _COMPILED["CPU"]:
+        raise _not_built("cpu")
+    return torch.ops.yarn_vllm.paged_attention.default
+
+
+def _not_built(kernel: str) -> RuntimeError:
+    return RuntimeError(f"paged_attention: yarn_vllm._C has no {kernel.upper()} kernel. "
+                        "Fix: build the extension on a machine with "
+                        f"{'CUDA torch and nvcc' if kernel == 'cuda' else 'a C++ compiler'}.")
 
 
 def _max_query_len(query_start_loc: torch.Tensor, max_query_len: int | None) -> int:

@@ -1,0 +1,272 @@
+// The vectorised tile loop of the CPU paged attention kernel, written once over a
+// vector width: simd::F32x8 (AVX2) and simd::F32x16 (AVX-512). A part of
+// paged_attention_cpu_kernel.h, which includes it after the definitions it uses.
+//
+// Per tile of kKeyTile keys of one kv head, for every query row of the item:
+//   1. keys are loaded and rotated into `rotated` [kKeyTile, D] fp32, each angle
+//      composed from the table: the tile's one coarse row (tiles start at multiples
+//      of kAngleStride == kKeyTile) times the fine row of the key's offset in the tile;
+//   2. each row scores W keys at once in W accumulators, finished together by
+//      sum_lanes (one transpose-add in place of W horizontal sums);
+//   3. the online softmax of each row, vectorised over the tile;
+//   4. values: rows' accumulators stay in registers over the tile's keys (NV = D / W
+//      vectors a row, fixed at compile time), not loaded and stored once per key.
+// Reduction orders differ between the widths (and from the generic path), so their
+// results agree to rounding, not bit for bit; exp is the same lane for lane.
+#pragma once
+
+namespace yarn {
+namespace simd_tile {
+
+constexpr int kSpan = 128;  // keys per online-softmax step: its fixed cost is per step
+
+// Touches the next span's cache rows ahead of use, one row per 4 KiB page (into L2): a
+// context of a few thousand keys streams from L3 or memory, and the hardware prefetchers
+// stop at each page, whose first touch also costs a TLB walk. One row a page gave most
+// of the gain of every row (11-17% on a cold cache) at no cost on a warm one.
+template <typename T>
+inline void prefetch_rows(const T* const* rows, int n, int D) {
+  const int row_bytes = D * static_cast<int>(sizeof(T));
+  const int every = std::max(1, 4096 / row_bytes);
+  for (int j = 0; j < n; j += every)
+    for (int b = 0; b < row_bytes; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(rows[j]) + b, _MM_HINT_T1);
+}
+
+// rotated[j] = the key at rows[j] turned by angle (kt + j) - (its coarse part), j < n:
+// the fine row j of the table, or with no table the whole exact angle (fp32, as the
+// reference forms it) while the queries are not turned back at all.
+template <class S, typename T>
+void rotate_keys(const PagedShape& sh, const PagedSequence& seq, const T* const* rows, int kt,
+                 int n, float* rotated, float* cs) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const int D = sh.head_size, half = sh.rotary_dim / 2;
+  for (int j = 0; j < n; ++j) {
+    const T* kp = rows[j];
+    float* out = rotated + static_cast<size_t>(j) * D;
+    const float* angle = cs;
+    if (seq.cos_sin != nullptr)
+      angle = seq.cos_sin + static_cast<int64_t>(j) * 2 * half;  // fine row of kt + j
+    else
+      detail::angles_row(seq, kt + j, half, cs);
+    for (int c = 0; c < half; c += W) {
+      const V co = S::load(angle + c), si = S::load(angle + half + c);
+      const V x1 = S::load(kp + c), x2 = S::load(kp + half + c);
+      S::store(out + c, S::fmsub(x1, co, S::mul(x2, si)));
+      S::store(out + half + c, S::fmadd(x2, co, S::mul(x1, si)));
+    }
+    for (int c = 2 * half; c < D; c += W) S::store(out + c, S::load(kp + c));
+  }
+}
+
+// turned[r] = q_r turned back by the coarse angle of position kt (a multiple of
+// kAngleStride), for `rows` rows: then turned[r] . (k_t turned by the fine angle of t)
+// is q_r . (k_t turned by the whole angle of t), as 2-D rotations compose, and keys
+// need no per-key angle composition.
+template <class S>
+void turn_back(const PagedShape& sh, const PagedSequence& seq, const float* q, int rows, int kt,
+               float* turned) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const int D = sh.head_size, half = sh.rotary_dim / 2;
+  const float* coarse = detail::coarse_row(seq, kt, half);
+  for (int r = 0; r < rows; ++r) {
+    const float* x = q + static_cast<size_t>(r) * D;
+    float* out = turned + static_cast<size_t>(r) * D;
+    for (int c = 0; c < half; c += W) {
+      const V co = S::load(coarse + c), si = S::load(coarse + half + c);
+      const V x1 = S::load(x + c), x2 = S::load(x + half + c);
+      S::store(out + c, S::fmadd(x1, co, S::mul(x2, si)));
+      S::store(out + half + c, S::fmsub(x2, co, S::mul(x1, si)));
+    }
+    for (int c = 2 * half; c < D; c += W) S::store(out + c, S::load(x + c));
+  }
+}
+
+// scores[r * kSpan + k] = q_r . rotated_k for the W keys at `rotated`, every row.
+template <class S>
+void score_keys(const float* q, int rows, int D, const float* rotated, float* scores) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  for (int r = 0; r < rows; ++r) {
+    const float* qr = q + static_cast<size_t>(r) * D;
+    V acc[W];
+    for (int k = 0; k < W; ++k) acc[k] = S::zero();
+    for (int c = 0; c < D; c += W) {
+      const V x = S::load(qr + c);
+      for (int k = 0; k < W; ++k) acc[k] = S::fmadd(x, S::load(rotated + k * D + c), acc[k]);
+    }
+    S::store(scores + static_cast<size_t>(r) * kSpan, S::sum_lanes(acc));
+  }
+}
+
+// Folds one row's span of scores s[0, width) (keys from `valid` on are masked; width a
+// multiple of W) into its running max m and sum l; leaves exp(s - m) in s and returns
+// the factor by which the row's accumulator must be scaled. A NaN score makes the row
+// NaN, as in the reference.
+template <class S>
+float softmax_span(float* s, int valid, int width, float& m, float& l) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int j = std::max(valid, 0); j < width; ++j) s[j] = neg_inf;
+  V top = S::load(s);
+  bool nan = S::any_nan(top);
+  for (int j = W; j < width; j += W) {
+    const V x = S::load(s + j);
+    nan |= S::any_nan(x);
+    top = S::max(top, x);
+  }
+  const float span_max = nan ? std::numeric_limits<float>::quiet_NaN() : S::hmax(top);
+  if (span_max == neg_inf) {  // every key of this span is in this row's future
+    std::fill(s, s + width, 0.f);
+    return 1.f;
+  }
+  const float m_new = nan_max(m, span_max);
+  const float correction = std::exp(m - m_new);  // 0 on the first span
+  const V shift = S::set1(m_new);
+  V sum = S::zero();
+  for (int j = 0; j < width; j += W) {
+    const V p = S::exp(S::sub(S::load(s + j), shift));
+    S::store(s + j, p);
+    sum = S::add(sum, p);
+  }
+  l = l * correction + S::hsum(sum);
+  m = m_new;
+  return correction;
+}
+
+// acc[r] = acc[r] * corr[r] + sum_j p[r][j] v_j for exactly R rows, NV = D / W vectors a
+// row: the rows' accumulators stay in registers while the n values at vrows stream by.
+template <class S, int NV, int R, typename T>
+void add_values_rows(const float* p, const float* corr, const T* const* vrows, int n,
+                     float* acc) {
+  using V = typename S::V;
+  constexpr int W = S::W, D = NV * W;
+  V a[R][NV];
+  for (int i = 0; i < R; ++i) {
+    const V c = S::set1(corr[i]);
+    for (int v = 0; v < NV; ++v) a[i][v] = S::mul(S::load(acc + i * D + v * W), c);
+  }
+  for (int j = 0; j < n; ++j) {
+    V pj[R];
+    for (int i = 0; i < R; ++i) pj[i] = S::set1(p[static_cast<size_t>(i) * kSpan + j]);
+    for (int v = 0; v < NV; ++v) {
+      const V x = S::load(vrows[j] + v * W);
+      for (int i = 0; i < R; ++i) a[i][v] = S::fmadd(pj[i], x, a[i][v]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) S::store(acc + i * D + v * W, a[i][v]);
+}
+
+// add_values_rows for any `rows` < R + 1, picked at run time.
+template <class S, int NV, int R, typename T>
+void add_values_few(int rows, const float* p, const float* corr, const T* const* vrows, int n,
+                    float* acc) {
+  if constexpr (R > 0) {
+    if (rows == R) return add_values_rows<S, NV, R>(p, corr, vrows, n, acc);
+    add_values_few<S, NV, R - 1>(rows, p, corr, vrows, n, acc);
+  }
+}
+
+// add_values_rows over all rows, RC at a time (as many as half the registers hold).
+template <class S, int NV, typename T>
+void add_values(const float* p, const float* corr, int rows, const T* const* vrows, int n,
+                float* acc) {
+  constexpr int RC = std::max(1, S::kRegisters / 2 / NV), D = NV * S::W;
+  int r = 0;
+  for (; r + RC <= rows; r += RC)
+    add_values_rows<S, NV, RC>(p + static_cast<size_t>(r) * kSpan, corr + r, vrows, n,
+                               acc + static_cast<size_t>(r) * D);
+  add_values_few<S, NV, RC - 1>(rows - r, p + static_cast<size_t>(r) * kSpan, corr + r, vrows,
+                                n, acc + static_cast<size_t>(r) * D);
+}
+
+// add_values for a head size with no compiled NV: accumulators in memory.
+template <class S, typename T>
+void add_values_any(int D, const float* p, const float* corr, int rows, const T* const* vrows,
+                    int n, float* acc) {
+  constexpr int W = S::W;
+  for (int r = 0; r < rows; ++r) {
+    float* a = acc + static_cast<size_t>(r) * D;
+    for (int c = 0; c < D; c += W) S::store(a + c, S::mul(S::load(a + c), S::set1(corr[r])));
+  }
+  for (int j = 0; j < n; ++j)
+    for (int r = 0; r < rows; ++r) {
+      float* a = acc + static_cast<size_t>(r) * D;
+      const auto pj = S::set1(p[static_cast<size_t>(r) * kSpan + j]);
+      for (int c = 0; c < D; c += W)
+        S::store(a + c, S::fmadd(pj, S::load(vrows[j] + c), S::load(a + c)));
+    }
+}
+
+// True if the vectorised loop of width W serves this shape from key k0 on.
+inline bool fits(const PagedShape& sh, int k0, int W) {
+  const int half = sh.rotary_dim / 2;
+  return sh.is_neox && half % W == 0 && sh.head_size % W == 0 && k0 % kAngleStride == 0;
+}
+
+// Attends `rows` prepared query rows q [rows, D] (row r at position row0_pos + r / group)
+// to keys [k0, k1) of one kv head, folding the result into `state`.
+template <class S, typename T>
+void attend(const PagedShape& sh, const PagedSequence& seq, const float* q, int rows, int group,
+            int row0_pos, const T* key_cache, const T* value_cache, int kv_head, int k0, int k1,
+            SoftmaxState& state, Scratch& scratch) {
+  constexpr int W = S::W;
+  const int D = sh.head_size;
+  float* rotated = scratch.rotated.get(static_cast<size_t>(kAngleStride) * D);
+  float* turned = scratch.turned.get(static_cast<size_t>(rows) * D);
+  float* scores = scratch.scores.get(static_cast<size_t>(rows) * kSpan);
+  float* corr = scratch.corr.get(rows);
+  float* cs = scratch.cs.get(sh.rotary_dim);
+  const T* rows_a[4][kSpan];  // key and value rows of this span and of the next
+  const T** krows = rows_a[0];
+  const T** vrows = rows_a[1];
+  const T** knext = rows_a[2];
+  const T** vnext = rows_a[3];
+  auto span_rows = [&](int kt, int n, const T** k, const T** v) {
+    detail::tile_rows(sh, seq, key_cache, sh.k_block_stride, sh.k_head_stride, sh.k_row_stride,
+                      kv_head, kt, n, k);
+    detail::tile_rows(sh, seq, value_cache, sh.v_block_stride, sh.v_head_stride,
+                      sh.v_row_stride, kv_head, kt, n, v);
+  };
+  span_rows(k0, std::min(kSpan, k1 - k0), krows, vrows);
+  for (int kt = k0; kt < k1; kt += kSpan) {
+    const int n = std::min(kSpan, k1 - kt);
+    const int n_next = std::max(0, std::min(kSpan, k1 - kt - kSpan));
+    span_rows(kt + kSpan, n_next, knext, vnext);
+    for (int a = 0; a < n; a += kAngleStride) {  // one coarse angle row at a time
+      const int m = std::min(kAngleStride, n - a);
+      const float* qa = q;
+      if (seq.cos_sin != nullptr) {
+        turn_back<S>(sh, seq, q, rows, kt + a, turned);
+        qa = turned;
+      }
+      prefetch_rows(knext + a, std::max(0, std::min(m, n_next - a)), D);
+      rotate_keys<S>(sh, seq, krows + a, kt + a, m, rotated, cs);
+      for (int g = 0; g < m; g += W)
+        score_keys<S>(qa, rows, D, rotated + static_cast<size_t>(g) * D, scores + a + g);
+    }
+    const int width = (n + W - 1) / W * W;
+    for (int r = 0; r < rows; ++r)
+      corr[r] = softmax_span<S>(scores + static_cast<size_t>(r) * kSpan,
+                                        std::min(n, row0_pos + r / group - kt + 1), width,
+                                        state.m[r], state.l[r]);
+    prefetch_rows(vnext, n_next, D);
+    float* acc = state.acc.data();
+    switch (D / W) {
+      case 2: add_values<S, 2>(scores, corr, rows, vrows, n, acc); break;
+      case 4: add_values<S, 4>(scores, corr, rows, vrows, n, acc); break;
+      case 8: add_values<S, 8>(scores, corr, rows, vrows, n, acc); break;
+      case 16: add_values<S, 16>(scores, corr, rows, vrows, n, acc); break;
+      default: add_values_any<S>(D, scores, corr, rows, vrows, n, acc);
+    }
+    std::swap(krows, knext);
+    std::swap(vrows, vnext);
+  }
+}
+
+}  // namespace simd_tile
+}  // namespace yarn
