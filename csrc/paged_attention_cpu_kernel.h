@@ -167,9 +167,11 @@ void tile_rows(const PagedShape& sh, const PagedSequence& seq, const T* cache, i
                const T** rows) {
   int block = kt / sh.block_size, row = kt % sh.block_size;
   const T* base = cache + kv_head * head_stride;
-  for (int j = 0; j < n; ++j) {
-    rows[j] = base + seq.blocks[block] * block_stride + row * row_stride;
-    if (++row == sh.block_size) row = 0, ++block;
+  // one block's rows at a time: a step of row_stride each, not an index product per row
+  for (int j = 0; j < n; row = 0, ++block) {
+    const T* p = base + seq.blocks[block] * block_stride + row * row_stride;
+    for (const int end = std::min(n, j + sh.block_size - row); j < end; ++j, p += row_stride)
+      rows[j] = p;
   }
 }
 

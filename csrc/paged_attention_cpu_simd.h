@@ -15,6 +15,8 @@
 // results agree to rounding, not bit for bit; exp is the same lane for lane.
 #pragma once
 
+#include <type_traits>
+
 namespace yarn {
 namespace simd_tile {
 
@@ -84,11 +86,14 @@ void turn_back(const PagedShape& sh, const PagedSequence& seq, const float* q, i
   }
 }
 
-// scores[r * kSpan + k] = q_r . rotated_k for the W keys at `rotated`, every row.
-template <class S>
-void score_keys(const float* q, int rows, int D, const float* rotated, float* scores) {
+// scores[r * kSpan + k] = q_r . rotated_k for the W keys at `rotated`, every row. NV = D / W
+// when compiled for it (0: D at run time): with D known, the W key rows are fixed offsets
+// from one pointer, not W pointers that spill the integer registers.
+template <class S, int NV>
+void score_keys(const float* q, int rows, int head_size, const float* rotated, float* scores) {
   using V = typename S::V;
   constexpr int W = S::W;
+  const int D = NV > 0 ? NV * W : head_size;
   for (int r = 0; r < rows; ++r) {
     const float* qr = q + static_cast<size_t>(r) * D;
     V acc[W];
@@ -208,14 +213,13 @@ inline bool fits(const PagedShape& sh, int k0, int W) {
   return sh.is_neox && half % W == 0 && sh.head_size % W == 0 && k0 % kAngleStride == 0;
 }
 
-// Attends `rows` prepared query rows q [rows, D] (row r at position row0_pos + r / group)
-// to keys [k0, k1) of one kv head, folding the result into `state`.
-template <class S, typename T>
-void attend(const PagedShape& sh, const PagedSequence& seq, const float* q, int rows, int group,
-            int row0_pos, const T* key_cache, const T* value_cache, int kv_head, int k0, int k1,
-            SoftmaxState& state, Scratch& scratch) {
+// attend for NV = D / W vectors a row, fixed at compile time (0: any D, at run time).
+template <class S, int NV, typename T>
+void attend_nv(const PagedShape& sh, const PagedSequence& seq, const float* q, int rows,
+               int group, int row0_pos, const T* key_cache, const T* value_cache, int kv_head,
+               int k0, int k1, SoftmaxState& state, Scratch& scratch) {
   constexpr int W = S::W;
-  const int D = sh.head_size;
+  const int D = NV > 0 ? NV * W : sh.head_size;
   float* rotated = scratch.rotated.get(static_cast<size_t>(kAngleStride) * D);
   float* turned = scratch.turned.get(static_cast<size_t>(rows) * D);
   float* scores = scratch.scores.get(static_cast<size_t>(rows) * kSpan);
@@ -247,7 +251,7 @@ void attend(const PagedShape& sh, const PagedSequence& seq, const float* q, int 
       prefetch_rows(knext + a, std::max(0, std::min(m, n_next - a)), D);
       rotate_keys<S>(sh, seq, krows + a, kt + a, m, rotated, cs);
       for (int g = 0; g < m; g += W)
-        score_keys<S>(qa, rows, D, rotated + static_cast<size_t>(g) * D, scores + a + g);
+        score_keys<S, NV>(qa, rows, D, rotated + static_cast<size_t>(g) * D, scores + a + g);
     }
     const int width = (n + W - 1) / W * W;
     for (int r = 0; r < rows; ++r)
@@ -255,16 +259,31 @@ void attend(const PagedShape& sh, const PagedSequence& seq, const float* q, int 
                                         std::min(n, row0_pos + r / group - kt + 1), width,
                                         state.m[r], state.l[r]);
     prefetch_rows(vnext, n_next, D);
-    float* acc = state.acc.data();
-    switch (D / W) {
-      case 2: add_values<S, 2>(scores, corr, rows, vrows, n, acc); break;
-      case 4: add_values<S, 4>(scores, corr, rows, vrows, n, acc); break;
-      case 8: add_values<S, 8>(scores, corr, rows, vrows, n, acc); break;
-      case 16: add_values<S, 16>(scores, corr, rows, vrows, n, acc); break;
-      default: add_values_any<S>(D, scores, corr, rows, vrows, n, acc);
-    }
+    if constexpr (NV > 0)
+      add_values<S, NV>(scores, corr, rows, vrows, n, state.acc.data());
+    else
+      add_values_any<S>(D, scores, corr, rows, vrows, n, state.acc.data());
     std::swap(krows, knext);
     std::swap(vrows, vnext);
+  }
+}
+
+// Attends `rows` prepared query rows q [rows, D] (row r at position row0_pos + r / group)
+// to keys [k0, k1) of one kv head, folding the result into `state`.
+template <class S, typename T>
+void attend(const PagedShape& sh, const PagedSequence& seq, const float* q, int rows, int group,
+            int row0_pos, const T* key_cache, const T* value_cache, int kv_head, int k0, int k1,
+            SoftmaxState& state, Scratch& scratch) {
+  const auto run = [&](auto nv) {
+    attend_nv<S, decltype(nv)::value>(sh, seq, q, rows, group, row0_pos, key_cache, value_cache,
+                                      kv_head, k0, k1, state, scratch);
+  };
+  switch (sh.head_size / S::W) {
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    case 8: return run(std::integral_constant<int, 8>{});
+    case 16: return run(std::integral_constant<int, 16>{});
+    default: return run(std::integral_constant<int, 0>{});
   }
 }
 
