@@ -22,6 +22,8 @@ import json
 import os
 import sys
 
+from yarn_vllm.engine_worker import ENGINE_IN_PROCESS
+
 MODULE = "stepped_engine_worker"
 
 
@@ -30,7 +32,7 @@ def stepped_env() -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.environ.get("PYTHONPATH")
     return {"PYTHONPATH": here + (os.pathsep + path if path else ""),
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+            **ENGINE_IN_PROCESS}
 
 
 def _watch(scheduler, steps: list) -> None:

@@ -45,7 +45,8 @@ def _case(tiny_llama, **llm_kwargs):
 @pytest.fixture(scope="session")
 def dynamic_run(tiny_llama):
     case = _case(tiny_llama)
-    return case, run_engine({k: v for k, v in case.items() if k != "hf"}, timeout=900)
+    return case, run_engine({k: v for k, v in case.items() if k != "hf"}, timeout=900,
+                            in_process=True)
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,8 @@ def _names(batches):
 @pytest.fixture(scope="session")
 def one_step(case):
     out = run_engine(_spec(case, ONE_STEP, enable_chunked_prefill=False,
-                           max_num_batched_tokens=3200, enable_prefix_caching=True), timeout=900)
+                           max_num_batched_tokens=3200, enable_prefix_caching=True), timeout=900,
+                     in_process=True)
     return dict(zip(_names(ONE_STEP), out["outputs"])), out
 
 
@@ -76,14 +77,15 @@ def one_step(case):
 def chunked(case):
     batches = [[("long", LOGPROBS)], [("long_shared", LOGPROBS)]]
     out = run_engine(_spec(case, batches, enable_chunked_prefill=True,
-                           max_num_batched_tokens=256, enable_prefix_caching=False), timeout=900)
+                           max_num_batched_tokens=256, enable_prefix_caching=False), timeout=900,
+                     in_process=True)
     return dict(zip(_names(batches), out["outputs"])), out
 
 
 @pytest.fixture(scope="session")
 def stepped(case):
     out = run_engine(_spec(case, QUESTION_BATCHES, step=0.25, enable_prefix_caching=True),
-                     timeout=900)
+                     timeout=900, in_process=True)
     return dict(zip(_names(QUESTION_BATCHES), out["outputs"]))
 
 

@@ -73,6 +73,8 @@ def _request(case, name, **sampling):
 
 @pytest.fixture(scope="session")
 def one_step(case):
+    # vLLM's own engine-core process, unlike the other engines here: admission writes the
+    # scale in the frontend, and it must reach the core's runner through vLLM's IPC
     first = [_request(case, n, prompt_logprobs=1) for n in BATCH_1]
     spec = {"model": case["model"], "prompts": first,
             "batches": [[_request(case, n) for n in BATCH_2],
@@ -93,7 +95,7 @@ def chunked(case):
             "llm_kwargs": dict(case["llm_kwargs"], enable_prefix_caching=False,
                                enable_chunked_prefill=True, max_num_batched_tokens=256,
                                num_gpu_blocks_override=26, disable_log_stats=False)}
-    out = run_engine(spec, timeout=900)
+    out = run_engine(spec, timeout=900, in_process=True)
     return dict(zip(BATCH_1 + GROW, out["outputs"])), out
 
 
@@ -106,7 +108,7 @@ def vllm_s4(case):
                          "detokenize": False},
             "llm_kwargs": dict(case["llm_kwargs"],
                                hf_overrides=YarnConfig(factor=4.0).hf_overrides(hf))}
-    out = run_engine(spec, plugins=False, timeout=900)
+    out = run_engine(spec, plugins=False, timeout=900, in_process=True)
     assert out["rotary_classes"] == [
         "vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope.YaRNScalingRotaryEmbedding"]
     return dict(zip(names, out["outputs"]))

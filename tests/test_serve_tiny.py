@@ -37,7 +37,6 @@ ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 # The references run engine core and model in their worker's own process: every process
 # imports vLLM (~50 s of CPU on a loaded 2-core machine), and these are 2 of the module's
 # 8. (A server's model runs in a process of its own: vLLM's CPU platform requires it.)
-IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 API_KEY = "sk-yarn-test-" + os.urandom(8).hex()  # the static server's
 # The servers' token budget is below the long prompt and the longer streams (the offline
 # engine's is 4,096): the servers prefill them in chunks, offline in one step, and in
@@ -75,8 +74,8 @@ def offline(model: str, mode: str) -> list[dict]:
                            "dtype": "float32", "skip_tokenizer_init": True,
                            "distributed_executor_backend": "uni"},
             "sampling": {"detokenize": False}}
-    env = {**ENV, **IN_PROCESS}
-    return [o["token_ids"] for o in run_engine(spec, env=env, timeout=1200)["outputs"]]
+    return [o["token_ids"] for o in
+            run_engine(spec, env=ENV, timeout=1200, in_process=True)["outputs"]]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import time
 from types import SimpleNamespace
 
 from yarn_vllm.cpu import core_groups, omp_bind, shards
+from yarn_vllm.engine_worker import ENGINE_IN_PROCESS
 
 
 class EngineReplica:
@@ -57,7 +58,7 @@ def generate_replicated(model: str, llm_kwargs: dict, prompts: list, sampling: d
     cluster_cpus = ray.cluster_resources().get("CPU", 1)
     per = num_cpus if num_cpus is not None else cluster_cpus / len(parts)
     base_env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
-    base_env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
+    base_env.update(ENGINE_IN_PROCESS, TOKENIZERS_PARALLELISM="false")
     if "VLLM_CPU_KVCACHE_SPACE" in base_env:  # the node's KV budget, shared by the replicas
         base_env["VLLM_CPU_KVCACHE_SPACE"] = str(
             max(1, int(float(base_env["VLLM_CPU_KVCACHE_SPACE"])) // len(parts)))

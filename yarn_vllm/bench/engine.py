@@ -19,7 +19,8 @@ import sys
 import time
 
 from yarn_vllm.bench.measure import Step, summarise
-from yarn_vllm.engine_worker import PROGRESS, engine_dtype, exit_with_parent, run_worker
+from yarn_vllm.engine_worker import (ENGINE_IN_PROCESS, PROGRESS, engine_dtype, exit_with_parent,
+                                     run_worker)
 
 _REQUESTS = 0  # request ids, unique within the worker
 
@@ -31,7 +32,7 @@ def run_bench_engine(spec: dict, *, plugins: bool, timeout: float | None = None,
     The process dies with its parent and is killed, whole process group, after `timeout` s.
     """
     return run_worker("yarn_vllm.bench.engine", spec, plugins=plugins, timeout=timeout,
-                      env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, on_progress=on_progress)
+                      env=ENGINE_IN_PROCESS, on_progress=on_progress)
 
 
 def _prompts(rng: random.Random, vocab_size: int, context: int, batch: int) -> list[list[int]]:

@@ -19,6 +19,7 @@ from yarn_vllm.cli.args import add_model_flag, add_yarn_flags, check_numbers, de
 from yarn_vllm.cli.overrides import yarn_hf_overrides
 from yarn_vllm.config import YarnConfig
 from yarn_vllm.cpu import apply_cpu_defaults
+from yarn_vllm.engine_worker import ENGINE_IN_PROCESS
 from yarn_vllm.errors import UserError
 from yarn_vllm.tasks.main_job import LONG_MAX_TOKENS, job_lengths, make_job, served_scale
 
@@ -113,7 +114,8 @@ def run(args, unknown) -> int:
         # The engine core in this process: its scheduler's counts feed the progress line,
         # and start-up spawns no engine-core and worker processes that import vLLM again
         # (SmolLM2's engine started in 52-68 s so, 127 s with them, at load average 10-18).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        for key, value in ENGINE_IN_PROCESS.items():
+            os.environ.setdefault(key, value)
     reference, ref_dtype = {}, None
     if main_job and args.temperature == 0:  # the as-trained check compares greedy tokens
         reference, ref_dtype = job_reference(model, kwargs, prompts)
