@@ -21,7 +21,7 @@ s = 1 is RoPE exactly as trained (plain frequencies, mscale 1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,9 @@ class ScalePolicy:
     config: YarnConfig
     rotary_dim: int
     rope_theta: float
+    # per_sequence's inv_freq rows of the latest call's scales: every decode step at an
+    # unchanged scale (all of them while l <= L) reuses them instead of recomputing them
+    _rows: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_hf_config(cls, hf_config) -> "ScalePolicy | None":
@@ -162,14 +165,14 @@ class ScalePolicy:
         length P, or None (every step a whole prefill or a decode). A sequence still
         within its prompt (l <= P: a prefill chunk) runs at s(P), later steps at s(l).
         """
-        rows: dict[float, torch.Tensor] = {}
         lengths = [int(n) for n in seq_lens]
         if prompt_lens is not None:
             lengths = [max(n, int(p)) for n, p in zip(lengths, prompt_lens)]
         scales = [self.dynamic_factor(n) for n in lengths]
-        for s in scales:
-            if s not in rows:
-                rows[s] = self.inv_freq(s)
+        kept = self._rows
+        rows = {s: kept[s] if s in kept else self.inv_freq(s) for s in dict.fromkeys(scales)}
+        kept.clear()
+        kept.update(rows)
         inv = (torch.stack([rows[s] for s in scales]) if scales
                else torch.empty(0, self.rotary_dim // 2))
         return inv, torch.tensor([self.attention_scale(s) for s in scales], dtype=torch.float32)
