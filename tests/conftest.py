@@ -17,6 +17,18 @@ TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-5},
        torch.bfloat16: {"rtol": 2.0 ** -8, "atol": 1e-5}}
 
 
+def run_engines(jobs: dict[str, dict], **common) -> dict[str, dict]:
+    """{name: run_engine(**common, **kwargs)} for each named job, two at a time: most of an
+    engine's start is single-threaded imports, so two starts overlap well on two cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from yarn_vllm.engine_worker import run_engine
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(run_engine, **common, **kwargs) for name, kwargs in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """A random 2-layer Llama trained-length 1024 (see yarn_vllm.testing.tiny_model)."""

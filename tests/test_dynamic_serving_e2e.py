@@ -18,8 +18,8 @@ import os
 import pytest
 import torch
 
+from conftest import run_engines
 from yarn_vllm.config import YarnConfig
-from yarn_vllm.engine_worker import run_engine
 
 L, NEW = 1024, 8
 LOGPROB_TOL = 1e-4  # fp32 engine against fp32 references
@@ -59,6 +59,7 @@ LOGPROBS = {"prompt_logprobs": 1}
 QUESTION_BATCHES = [[(f"question{q}", {})] for q in range(QUESTIONS)]
 ONE_STEP = [[("long", LOGPROBS), ("short", {})],
             [("short_shared", {}), ("long_shared", LOGPROBS)]] + QUESTION_BATCHES
+CHUNKED = [[("long", LOGPROBS)], [("long_shared", LOGPROBS)]]
 
 
 def _names(batches):
@@ -66,27 +67,31 @@ def _names(batches):
 
 
 @pytest.fixture(scope="session")
-def one_step(case):
-    out = run_engine(_spec(case, ONE_STEP, enable_chunked_prefill=False,
-                           max_num_batched_tokens=3200, enable_prefix_caching=True), timeout=900,
-                     in_process=True)
-    return dict(zip(_names(ONE_STEP), out["outputs"])), out
+def engines(case):
+    """The three engines above, started side by side."""
+    return run_engines({
+        "one_step": dict(spec=_spec(case, ONE_STEP, enable_chunked_prefill=False,
+                                    max_num_batched_tokens=3200, enable_prefix_caching=True)),
+        "chunked": dict(spec=_spec(case, CHUNKED, enable_chunked_prefill=True,
+                                   max_num_batched_tokens=256, enable_prefix_caching=False)),
+        "stepped": dict(spec=_spec(case, QUESTION_BATCHES, step=0.25,
+                                   enable_prefix_caching=True))},
+        timeout=900, in_process=True)
 
 
 @pytest.fixture(scope="session")
-def chunked(case):
-    batches = [[("long", LOGPROBS)], [("long_shared", LOGPROBS)]]
-    out = run_engine(_spec(case, batches, enable_chunked_prefill=True,
-                           max_num_batched_tokens=256, enable_prefix_caching=False), timeout=900,
-                     in_process=True)
-    return dict(zip(_names(batches), out["outputs"])), out
+def one_step(engines):
+    return dict(zip(_names(ONE_STEP), engines["one_step"]["outputs"])), engines["one_step"]
 
 
 @pytest.fixture(scope="session")
-def stepped(case):
-    out = run_engine(_spec(case, QUESTION_BATCHES, step=0.25, enable_prefix_caching=True),
-                     timeout=900, in_process=True)
-    return dict(zip(_names(QUESTION_BATCHES), out["outputs"]))
+def chunked(engines):
+    return dict(zip(_names(CHUNKED), engines["chunked"]["outputs"])), engines["chunked"]
+
+
+@pytest.fixture(scope="session")
+def stepped(engines):
+    return dict(zip(_names(QUESTION_BATCHES), engines["stepped"]["outputs"]))
 
 
 def _gaps(a, b, key):

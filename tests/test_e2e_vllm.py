@@ -14,9 +14,9 @@ import os
 import pytest
 import torch
 
+from conftest import run_engines
 from dynamic_reference import CONTRAST, LOGPROB_TOL, TIE
 from yarn_vllm.config import YarnConfig
-from yarn_vllm.engine_worker import run_engine
 
 PROMPT_LEN, NEW_TOKENS = 3000, 64
 
@@ -37,8 +37,9 @@ def yarn_case(tiny_llama):
 
 @pytest.fixture(scope="session")
 def engine_outputs(yarn_case):
-    return {"on": run_engine(yarn_case, plugins=True, timeout=600),
-            "off": run_engine(yarn_case, plugins=False, timeout=600)}
+    # vLLM's own engine-core process, which loads the plugin again (as every process does)
+    return run_engines({"on": dict(plugins=True), "off": dict(plugins=False)}, spec=yarn_case,
+                       timeout=600)
 
 
 @pytest.fixture(scope="session")

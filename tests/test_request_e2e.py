@@ -22,8 +22,8 @@ import os
 import pytest
 import torch
 
+from conftest import run_engines
 from yarn_vllm.config import YarnConfig
-from yarn_vllm.engine_worker import run_engine
 
 L, NEW = 1024, 8
 LOGPROB_TOL = 1e-4  # fp32 engine against fp32 references; a wrong scale is off by > 1e-2
@@ -72,54 +72,71 @@ def _request(case, name, **sampling):
 
 
 @pytest.fixture(scope="session")
-def one_step(case):
-    # vLLM's own engine-core process, unlike the other engines here: admission writes the
-    # scale in the frontend, and it must reach the core's runner through vLLM's IPC
-    first = [_request(case, n, prompt_logprobs=1) for n in BATCH_1]
-    spec = {"model": case["model"], "prompts": first,
-            "batches": [[_request(case, n) for n in BATCH_2],
-                        [_request(case, "mid_other_scale_again")]],
-            "sampling": {"max_tokens": NEW, "logprobs": 1, "detokenize": False},
-            "llm_kwargs": dict(case["llm_kwargs"], enable_prefix_caching=True,
-                               max_num_batched_tokens=8192)}
-    out = run_engine(spec, timeout=900)
+def engines(case):
+    """The three engines below, started side by side."""
+    hf = case["hf"]
+    one_step = {"model": case["model"],
+                "prompts": [_request(case, n, prompt_logprobs=1) for n in BATCH_1],
+                "batches": [[_request(case, n) for n in BATCH_2],
+                            [_request(case, "mid_other_scale_again")]],
+                "sampling": {"max_tokens": NEW, "logprobs": 1, "detokenize": False},
+                "llm_kwargs": dict(case["llm_kwargs"], enable_prefix_caching=True,
+                                   max_num_batched_tokens=8192)}
+    chunked = {"model": case["model"],
+               "prompts": [_request(case, n, prompt_logprobs=1) for n in BATCH_1],
+               "batches": [[_request(case, n, max_tokens=GROW_TOKENS) for n in GROW]],
+               "sampling": {"max_tokens": NEW, "logprobs": 1, "detokenize": False},
+               "llm_kwargs": dict(case["llm_kwargs"], enable_prefix_caching=False,
+                                  enable_chunked_prefill=True, max_num_batched_tokens=256,
+                                  num_gpu_blocks_override=26, disable_log_stats=False)}
+    vllm_s4 = {"model": case["model"],
+               "prompts": [case["prompts"][n][0] for n in VLLM_S4],
+               "sampling": {"max_tokens": NEW, "logprobs": 1, "prompt_logprobs": 1,
+                            "detokenize": False},
+               "llm_kwargs": dict(case["llm_kwargs"],
+                                  hf_overrides=YarnConfig(factor=4.0).hf_overrides(hf))}
+    return run_engines({
+        # vLLM's own engine-core process, unlike the other two: admission writes the
+        # scale in the frontend, and it must reach the core's runner through vLLM's IPC
+        "one_step": dict(spec=one_step, timeout=900),
+        "chunked": dict(spec=chunked, timeout=900, in_process=True),
+        "vllm_s4": dict(spec=vllm_s4, plugins=False, timeout=900, in_process=True)})
+
+
+@pytest.fixture(scope="session")
+def one_step(engines):
+    out = engines["one_step"]
     return dict(zip(BATCH_1 + BATCH_2 + ("mid_other_scale_again",), out["outputs"])), out
 
 
 @pytest.fixture(scope="session")
-def chunked(case):
-    spec = {"model": case["model"],
-            "prompts": [_request(case, n, prompt_logprobs=1) for n in BATCH_1],
-            "batches": [[_request(case, n, max_tokens=GROW_TOKENS) for n in GROW]],
-            "sampling": {"max_tokens": NEW, "logprobs": 1, "detokenize": False},
-            "llm_kwargs": dict(case["llm_kwargs"], enable_prefix_caching=False,
-                               enable_chunked_prefill=True, max_num_batched_tokens=256,
-                               num_gpu_blocks_override=26, disable_log_stats=False)}
-    out = run_engine(spec, timeout=900, in_process=True)
+def chunked(engines):
+    out = engines["chunked"]
     return dict(zip(BATCH_1 + GROW, out["outputs"])), out
 
 
+VLLM_S4 = ("long", "mid_other_scale")
+
+
 @pytest.fixture(scope="session")
-def vllm_s4(case):
-    hf = case["hf"]
-    names = ("long", "mid_other_scale")
-    spec = {"model": case["model"], "prompts": [case["prompts"][n][0] for n in names],
-            "sampling": {"max_tokens": NEW, "logprobs": 1, "prompt_logprobs": 1,
-                         "detokenize": False},
-            "llm_kwargs": dict(case["llm_kwargs"],
-                               hf_overrides=YarnConfig(factor=4.0).hf_overrides(hf))}
-    out = run_engine(spec, plugins=False, timeout=900, in_process=True)
+def vllm_s4(engines):
+    out = engines["vllm_s4"]
     assert out["rotary_classes"] == [
         "vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope.YaRNScalingRotaryEmbedding"]
-    return dict(zip(names, out["outputs"]))
+    return dict(zip(VLLM_S4, out["outputs"]))
 
 
 _HF_MODELS: dict[float, object] = {}
 
 
-def hf_reference(case, name: str, s: float, new_tokens: int):
-    """HF transformers at scale s (plain RoPE at s = 1): the prompt's per-token logprobs
-    [P - 1], the greedy continuation and each step's log-softmax [new_tokens, vocab]."""
+def hf_reference(case, name: str, s: float, continuation: list[int]):
+    """HF transformers at scale s (plain RoPE at s = 1), one forward over the prompt and
+    `continuation` (the engine's tokens): the prompt's per-token logprobs [P - 1], the
+    greedy token after each prefix, and each step's log-softmax [len(continuation), vocab].
+
+    Teacher forcing gives HF's greedy continuation wherever the engine's tokens agree with
+    it, which is all assert_steps_match compares (it stops where they part), in one pass.
+    """
     from transformers import AutoConfig, LlamaForCausalLM
 
     if s not in _HF_MODELS:
@@ -130,16 +147,14 @@ def hf_reference(case, name: str, s: float, new_tokens: int):
                                       "original_max_position_embeddings": L}
         _HF_MODELS[s] = LlamaForCausalLM.from_pretrained(
             case["model"], config=config, dtype=torch.float32).eval()
-    model = _HF_MODELS[s]
-    prompt = torch.tensor([case["prompts"][name][0]])
+    prompt = case["prompts"][name][0]
+    ids = torch.tensor([prompt + list(continuation)])
     with torch.no_grad():
-        logits = model(prompt).logits[0].float()
-        prompt_lp = torch.log_softmax(logits[:-1], -1).gather(1, prompt[0, 1:, None])[:, 0]
-        gen = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, output_scores=True, return_dict_in_generate=True,
-                             eos_token_id=None, pad_token_id=0)
-    steps = torch.stack([torch.log_softmax(x[0].float(), -1) for x in gen.scores])
-    return prompt_lp, gen.sequences[0, prompt.shape[1]:].tolist(), steps
+        lp = torch.log_softmax(_HF_MODELS[s](ids).logits[0].float(), -1)
+    p = len(prompt)
+    prompt_lp = lp[:p - 1].gather(1, ids[0, 1:p, None])[:, 0]
+    steps = lp[p - 1:p - 1 + len(continuation)]
+    return prompt_lp, steps.argmax(-1).tolist(), steps
 
 
 def prompt_logprob_gap(ours: dict, prompt: list[int], reference: torch.Tensor) -> float:
@@ -167,13 +182,14 @@ def test_each_request_equals_hf_at_its_admitted_scale(case, one_step, name):
     """In one mixed batch: s = 1 (as trained), s = 2 (listed) and s = 3 (its own yarn_factor)."""
     outputs, _ = one_step
     prompt, _, s = case["prompts"][name]
-    ref_prompt, ref_tokens, ref_steps = hf_reference(case, name, s, NEW)
+    ref_prompt, ref_tokens, ref_steps = hf_reference(case, name, s,
+                                                       outputs[name]["token_ids"])
     gap = prompt_logprob_gap(outputs[name], prompt, ref_prompt)
     assert gap < LOGPROB_TOL
     assert_steps_match(outputs[name], ref_tokens, ref_steps)
     # the contrast: the neighbouring scale is far outside the tolerance
     wrong = 2.0 if s == 1.0 else 1.0
-    wrong_prompt, _, _ = hf_reference(case, name, wrong, 1)
+    wrong_prompt, _, _ = hf_reference(case, name, wrong, [])
     assert prompt_logprob_gap(outputs[name], prompt, wrong_prompt) > 100 * LOGPROB_TOL
 
 
@@ -205,7 +221,8 @@ def test_prefix_cache_hits_within_a_scale_and_never_across(one_step):
 def test_cache_hits_change_nothing(case, one_step):
     outputs, _ = one_step
     for name in ("mid_again", "short_again"):
-        _, tokens, steps = hf_reference(case, name, case["prompts"][name][2], NEW)
+        _, tokens, steps = hf_reference(case, name, case["prompts"][name][2],
+                                        outputs[name]["token_ids"])
         assert_steps_match(outputs[name], tokens, steps)
     assert outputs["mid_other_scale_again"]["token_ids"] == outputs["mid_other_scale"]["token_ids"]
 
@@ -226,7 +243,8 @@ def test_preempted_requests_keep_their_scale(case, chunked, name):
     Every one must still equal its reference at the scale it was admitted at."""
     outputs, result = chunked
     assert result["num_preemptions"] and result["num_preemptions"] > 0
-    _, tokens, steps = hf_reference(case, name, case["prompts"][name][2], GROW_TOKENS)
+    _, tokens, steps = hf_reference(case, name, case["prompts"][name][2],
+                                    outputs[name]["token_ids"])
     assert_steps_match(outputs[name], tokens, steps)
 
 
