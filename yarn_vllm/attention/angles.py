@@ -58,12 +58,19 @@ class AngleTables:
 
     def __init__(self) -> None:
         self._rows: dict[bytes, torch.Tensor] = {}  # frequency row -> its table rows
+        # the latest call's inv_freq, positions every kept row covers, and result: a decode
+        # step at unchanged scales passes the very same inv_freq (ScalePolicy.per_sequence
+        # shares it), and then needs no key of its rows
+        self._latest: tuple = (None, 0, None)
 
     def __call__(self, seq_lens: list[int], inv_freq: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """As angle_table(seq_lens, inv_freq); the table may hold rows past the longest."""
         if not seq_lens:
             return angle_table(seq_lens, inv_freq)
+        last_freq, covered, result = self._latest
+        if inv_freq is last_freq and max(seq_lens) <= covered:
+            return result
         keys = [inv_freq[b].numpy().tobytes() for b in range(len(seq_lens))]
         first: dict[bytes, int] = {}
         longest: dict[bytes, int] = {}
@@ -79,8 +86,12 @@ class AngleTables:
             kept[k] = rows
         self._rows = kept
         if len(kept) == 1:
-            return rows, torch.zeros(len(keys), dtype=torch.int64)
-        starts = dict(zip(kept, itertools.accumulate((r.shape[0] for r in kept.values()),
-                                                     initial=0)))
-        return (torch.cat(list(kept.values())),
-                torch.tensor([starts[k] for k in keys], dtype=torch.int64))
+            result = rows, torch.zeros(len(keys), dtype=torch.int64)
+        else:
+            starts = dict(zip(kept, itertools.accumulate((r.shape[0] for r in kept.values()),
+                                                         initial=0)))
+            result = (torch.cat(list(kept.values())),
+                      torch.tensor([starts[k] for k in keys], dtype=torch.int64))
+        covered = min(r.shape[0] for r in kept.values()) - ANGLE_STRIDE
+        self._latest = (inv_freq, covered * ANGLE_STRIDE, result)
+        return result
