@@ -48,10 +48,12 @@ def run_method(model: str, name: str, hf_config: dict, factor: float, prompts, s
     overrides["max_position_embeddings"] += 16
     kwargs = {"hf_overrides": overrides, "max_model_len": overrides["max_position_embeddings"],
               "enable_prefix_caching": False, **(llm_kwargs or {})}
-    # introspect: False, no layer classes wanted, so the engine needs no insecure serialization
+    # introspect: False, no layer classes wanted, so the engine needs no insecure serialization;
+    # in-process: the worker exists for this one engine, and a second process that imports
+    # vLLM again would only add to its start
     return run_engine({"model": model, "llm_kwargs": kwargs, "prompts": prompts,
                        "sampling": sampling, "progress": True, "introspect": False},
-                      plugins=method(name).plugins)
+                      plugins=method(name).plugins, in_process=True)
 
 
 def eval_perplexity(model: str, methods: list[str], windows: list[int], *, stride: int | None = None,
