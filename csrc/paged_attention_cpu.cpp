@@ -118,8 +118,9 @@ void run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
   };
 
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    SoftmaxState local;
-    Scratch scratch;
+    // kept by each thread across calls: a decode layer's call then allocates none of them
+    thread_local SoftmaxState local;
+    thread_local Scratch scratch;
     for (int64_t n = begin; n < end; ++n) {
       const WorkItem& it = items[n];
       SoftmaxState& st = it.slot >= 0 ? partials[it.slot] : local;
