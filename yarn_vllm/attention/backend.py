@@ -147,8 +147,10 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
               fast_build: bool = False) -> YarnDynamicMetadata:
         m = common_attn_metadata
         num_reqs = m.num_reqs
-        qsl = m.query_start_loc_cpu[: num_reqs + 1].to(torch.int32)
-        seq_lens = m.seq_lens[:num_reqs].cpu().to(torch.int32)
+        qsl = _leading_int32(m.query_start_loc_cpu, num_reqs + 1)
+        seq_lens = _leading_int32(m.seq_lens, num_reqs)
+        if seq_lens.device.type != "cpu":
+            seq_lens = seq_lens.cpu()
         seq_list = seq_lens.tolist()
         starts = qsl.tolist()
         query_lens = [end - start for start, end in zip(starts, starts[1:])]
@@ -169,7 +171,7 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
         softmax_scale = getattr(self, "softmax_scale", None)
         return YarnDynamicMetadata(
             num_actual_tokens=m.num_actual_tokens, query_start_loc=qsl, seq_lens=seq_lens,
-            block_table=m.block_table_tensor[:num_reqs].to(torch.int32),
+            block_table=_leading_int32(m.block_table_tensor, num_reqs),
             slot_mapping=m.slot_mapping, query_lens=query_lens, seq_lens_list=seq_list,
             inv_freq=inv_freq, attention_scale=attention_scale, angles=angles, angle_start=start,
             long_queries=long_queries,
@@ -177,6 +179,15 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
             device_args=device_args, softmax_scale=softmax_scale,
             logit_scale=None if softmax_scale is None else attention_scale * softmax_scale,
             cpu_op=cpu_op() if on_cpu and not long_queries else None)
+
+
+def _leading_int32(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t[:n] as int32, with no torch call where the slice or the cast would change nothing:
+    the build runs between layers that stream the KV cache through L2, and each call there
+    costs tens of microseconds."""
+    if t.shape[0] != n:
+        t = t[:n]
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
 
 
 def _shared_softmax_scale(vllm_config, layer_names) -> float | None:
