@@ -3,9 +3,13 @@ on load) against vLLM's CPU_ATTN kernel on post-RoPE keys, same shapes, one run.
 
 Ours runs as the engine runs it: the backend's metadata builder once per step (scales,
 frequencies, angle table), then `--layers` calls of the backend's forward, which take
-the C++ kernel for decode and gather + rotate + SDPA for a prefill. vLLM's side is
-`--layers` calls of its CPU attention kernel. Decode: one sequence, one new token, at
-each context length. Prefill: one prompt in one step.
+the C++ kernel for decode and gather + rotate + SDPA for a prefill. vLLM's side is timed
+two ways, in the same rounds: as its engine runs it (`vllm`: CPU_ATTN's metadata builder
+once per step, then `--layers` calls of its backend's forward), and its bare kernel
+(`vllm_op`: `--layers` kernel calls on pre-split caches with the scheduler metadata made
+once), which leaves out the per-step and per-layer Python that both engines pay. Neither
+side writes the KV cache (both do that in a separate call). Decode: one sequence, one
+new token, at each context length. Prefill: one prompt in one step.
 
     .venv/bin/python benchmarks/bench_dynamic_attention.py --contexts 4096,16384,32768
 """
@@ -24,6 +28,9 @@ from timing import environment, measure_interleaved, write_json  # noqa: E402
 
 import yarn_vllm.ops  # noqa: E402,F401  (loads the extension)
 from yarn_vllm.attention.angles import AngleTables  # noqa: E402
+from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackendImpl,  # noqa: E402
+                                                 CPUAttentionMetadataBuilder,
+                                                 _get_attn_isa)
 from yarn_vllm.attention.backend import (YarnDynamicAttentionImpl,  # noqa: E402
                                          YarnDynamicMetadataBuilder)
 from yarn_vllm.config import YarnConfig  # noqa: E402
@@ -54,16 +61,18 @@ def one_case(ctx, q_len, args, dtype):
                    original_max_position=args.original_max_position), head, args.rope_theta),
         prompt_lens=None, softmax_scale=head ** -0.5, angle_tables=AngleTables())
 
-    # vLLM's kernel wants its own packed cache: fill it through its own writer.
+    # vLLM's kernel wants its own packed cache, for the ISA its engine would pick: fill it
+    # through its own writer.
+    isa = _get_attn_isa(dtype, bs, head)
     vcache, vkc, vvc = _paged_cache(nblocks, hkv, bs, head, dtype)
     keys = torch.randn(ctx, hkv, head).to(dtype)
-    vops.cpu_attn_reshape_and_cache(keys, keys, vkc, vvc, torch.arange(ctx), "vec")
+    vops.cpu_attn_reshape_and_cache(keys, keys, vkc, vvc, torch.arange(ctx), isa)
     meta = vops.cpu_attn_get_scheduler_metadata(
         num_reqs=1, num_heads=hq, num_kv_heads=hkv, head_dim=head, seq_lens=seq_lens,
-        dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec",
+        dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa,
         enable_kv_split=True)
 
-    def vllm_step():
+    def vllm_op_step():
         for _ in range(args.layers):
             vops.cpu_attention_with_kv_cache(
                 query=query, key_cache=vkc, value_cache=vvc, output=out, query_start_loc=qsl,
@@ -73,8 +82,17 @@ def one_case(ctx, q_len, args, dtype):
 
     impl = YarnDynamicAttentionImpl(hq, head, head ** -0.5, hkv, None, None, "auto")
     common = SimpleNamespace(num_reqs=1, num_actual_tokens=q_len, query_start_loc_cpu=qsl,
-                             seq_lens=seq_lens, block_table_tensor=block_table,
+                             query_start_loc=qsl, seq_lens=seq_lens, max_query_len=q_len,
+                             max_seq_len=ctx, block_table_tensor=block_table, causal=True,
                              slot_mapping=torch.arange(ctx - q_len, ctx))
+    vllm_builder, vllm_impl, vllm_layer = _vllm_backend(hq, hkv, head, bs, dtype, isa)
+    vllm_kv_cache = vcache.view(nblocks, hkv, bs, 2 * head)
+
+    def vllm_step():
+        meta = CPUAttentionMetadataBuilder.build(vllm_builder, 0, common)
+        for _ in range(args.layers):
+            CPUAttentionBackendImpl.forward(vllm_impl, vllm_layer, query, None, None,
+                                            vllm_kv_cache, meta, out)
     flat_out = out.view(q_len, hq * head)
 
     def ours_step():
@@ -85,15 +103,36 @@ def one_case(ctx, q_len, args, dtype):
 
     reps = args.reps if q_len == 1 else max(2, args.reps // 5)
     # taking turns, so that load from other processes falls on both alike
-    times = measure_interleaved({"vllm": vllm_step, "ours": ours_step}, reps=reps, warmup=1)
-    vllm, ours = times["vllm"], times["ours"]
+    times = measure_interleaved({"vllm": vllm_step, "vllm_op": vllm_op_step, "ours": ours_step},
+                                reps=reps, warmup=1)
+    vllm, vllm_op, ours = times["vllm"], times["vllm_op"], times["ours"]
     row = {"context": ctx, "q_len": q_len, "dtype": str(dtype).split(".")[-1],
-           "vllm_ms": vllm["median"], "ours_ms": ours["median"],
-           "ratio_ours_over_vllm": ours["median"] / vllm["median"], "vllm": vllm, "ours": ours}
+           "vllm_ms": vllm["median"], "vllm_op_ms": vllm_op["median"], "ours_ms": ours["median"],
+           "ratio_ours_over_vllm": ours["median"] / vllm["median"],
+           "ratio_ours_over_vllm_op": ours["median"] / vllm_op["median"],
+           "vllm": vllm, "vllm_op": vllm_op, "ours": ours}
     kind = "decode " if q_len == 1 else "prefill"
     print(f"{kind} ctx {ctx:6d} {row['dtype']:8s} vllm {vllm['median']:9.2f} ms  "
-          f"ours {ours['median']:9.2f} ms  ours/vllm {row['ratio_ours_over_vllm']:.2f}", flush=True)
+          f"(op alone {vllm_op['median']:9.2f})  ours {ours['median']:9.2f} ms  "
+          f"ours/vllm {row['ratio_ours_over_vllm']:.2f}  "
+          f"ours/op alone {row['ratio_ours_over_vllm_op']:.2f}", flush=True)
     return row
+
+
+def _vllm_backend(num_heads, num_kv_heads, head, block_size, dtype, isa):
+    """CPU_ATTN's builder, impl and layer state for a decoder layer, as vLLM's __init__s set
+    them (they read an engine's vllm_config, which this benchmark has not got)."""
+    from vllm.v1.attention.backend import AttentionType
+
+    builder = SimpleNamespace(is_cross_attention=False, is_encoder_only_attention=False,
+                              block_size=block_size, num_heads=num_heads,
+                              num_kv_heads=num_kv_heads, head_dim=head, dtype=dtype,
+                              window_size=-1, isa=isa, kv_cache_dtype="auto")
+    impl = SimpleNamespace(attn_type=AttentionType.DECODER, use_zentorch_sdpa=False, sinks=None,
+                           scale=head ** -0.5, alibi_slopes=None, sliding_window=-1,
+                           logits_soft_cap=0, kv_cache_dtype="auto")
+    layer = SimpleNamespace(isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
+    return builder, impl, layer
 
 
 def main(argv=None):
