@@ -50,7 +50,7 @@ TORCH_LIBRARY(yarn_vllm, m) {
   m.def(
       "paged_attention_check(Tensor out, Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, Tensor inv_freq, "
-      "Tensor logit_scale, Tensor? cos_sin, Tensor? cos_sin_start) -> ()");
+      "Tensor logit_scale, Tensor? cos_sin, Tensor? cos_sin_start, bool is_neox) -> ()");
 }
 
 namespace yarn {
@@ -58,36 +58,20 @@ namespace {
 
 void shapes_only(const RotaryCall&) {}  // the Meta twin: the contract's shapes, no kernel
 
-void paged_attention_meta(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
-                          const at::Tensor& value_cache, const at::Tensor& block_table,
-                          const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                          const at::Tensor& inv_freq, const at::Tensor& logit_scale,
-                          const std::optional<at::Tensor>& cos_sin,
-                          const std::optional<at::Tensor>& cos_sin_start, bool is_neox) {
-  check_paged(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-              inv_freq, logit_scale, cos_sin, cos_sin_start, /*values=*/false);
-}
-
-void paged_attention_check(const at::Tensor& out, const at::Tensor& query,
-                           const at::Tensor& key_cache, const at::Tensor& value_cache,
-                           const at::Tensor& block_table, const at::Tensor& seq_lens,
-                           const at::Tensor& query_start_loc, const at::Tensor& inv_freq,
-                           const at::Tensor& logit_scale, const std::optional<at::Tensor>& cos_sin,
-                           const std::optional<at::Tensor>& cos_sin_start) {
-  check_paged(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-              inv_freq, logit_scale, cos_sin, cos_sin_start,
-              query.device().is_cpu() || debug_checks_enabled());
-}
+void no_kernel(const PagedOp&) {}  // the Meta twin and the check op: the contract alone
+constexpr PagedValueChecks kShapesOnly{never, nullptr};
+// the check op for another implementation (Triton): values as that device's launcher would
+constexpr PagedValueChecks kLikeALauncher{on_host_or_request, nullptr};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(yarn_vllm, Meta, m) {
   m.impl("rotary_embedding", &rotary_embedding_op<shapes_only>);
-  m.impl("paged_attention", &paged_attention_meta);
+  m.impl("paged_attention", &paged_attention_op<no_kernel, kShapesOnly>);
 }
 
 TORCH_LIBRARY_IMPL(yarn_vllm, CompositeExplicitAutograd, m) {
-  m.impl("paged_attention_check", &paged_attention_check);
+  m.impl("paged_attention_check", &paged_attention_op<no_kernel, kLikeALauncher>);
 }
 
 }  // namespace yarn

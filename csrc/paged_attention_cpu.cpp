@@ -26,18 +26,20 @@ struct WorkItem {
 };
 
 template <typename Scalar, typename Elem>
-void run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
-         const at::Tensor& value_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
-         const at::Tensor& query_start_loc, const at::Tensor& inv_freq,
-         const at::Tensor& logit_scale, const std::optional<at::Tensor>& cos_sin,
-         const std::optional<at::Tensor>& cos_sin_start, bool is_neox, const PagedProblem& p) {
+void run(const PagedOp& op) {
+  const PagedProblem& p = op.checked.problem;
+  const at::Tensor &query = op.query, &key_cache = op.key_cache, &value_cache = op.value_cache;
+  const at::Tensor &block_table = op.block_table, &inv_freq = op.inv_freq;
+  const auto& cos_sin = op.cos_sin;
+  const auto& cos_sin_start = op.cos_sin_start;
+  at::Tensor& out = op.out;
   PagedShape sh;
   sh.num_q_heads = static_cast<int>(p.num_q_heads);
   sh.num_kv_heads = static_cast<int>(p.num_kv_heads);
   sh.head_size = static_cast<int>(p.head_size);
   sh.rotary_dim = static_cast<int>(p.rotary_dim);
   sh.block_size = static_cast<int>(p.block_size);
-  sh.is_neox = is_neox;
+  sh.is_neox = op.is_neox;
   sh.q_token_stride = query.stride(0);
   sh.q_head_stride = query.stride(1);
   sh.k_block_stride = key_cache.stride(0);
@@ -50,10 +52,10 @@ void run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
   const int D = sh.head_size;
 
   const int64_t num_seqs = p.num_seqs;
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+  const int32_t* lens = op.seq_lens.data_ptr<int32_t>();
+  const int32_t* starts = op.query_start_loc.data_ptr<int32_t>();
   const float* freq = inv_freq.data_ptr<float>();
-  const float* scale = logit_scale.data_ptr<float>();
+  const float* scale = op.logit_scale.data_ptr<float>();
   const float* table = cos_sin ? cos_sin->data_ptr<float>() : nullptr;
   const int64_t* table_start = cos_sin_start ? cos_sin_start->data_ptr<int64_t>() : nullptr;
 
@@ -141,37 +143,21 @@ void run(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
   });
 }
 
-void paged_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
-                         const at::Tensor& value_cache, const at::Tensor& block_table,
-                         const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                         const at::Tensor& inv_freq, const at::Tensor& logit_scale,
-                         const std::optional<at::Tensor>& cos_sin,
-                         const std::optional<at::Tensor>& cos_sin_start, bool is_neox) {
-  const PagedProblem p = check_paged(out, query, key_cache, value_cache, block_table, seq_lens,
-                                     query_start_loc, inv_freq, logit_scale, cos_sin,
-                                     cos_sin_start, /*values=*/true).problem;
-  switch (query.scalar_type()) {
-    case at::kFloat:
-      run<float, float>(out, query, key_cache, value_cache, block_table, seq_lens,
-                        query_start_loc, inv_freq, logit_scale, cos_sin, cos_sin_start, is_neox, p);
-      break;
-    case at::kHalf:
-      run<at::Half, _Float16>(out, query, key_cache, value_cache, block_table, seq_lens,
-                              query_start_loc, inv_freq, logit_scale, cos_sin, cos_sin_start,
-                              is_neox, p);
-      break;
-    case at::kBFloat16:
-      run<at::BFloat16, bf16>(out, query, key_cache, value_cache, block_table, seq_lens,
-                              query_start_loc, inv_freq, logit_scale, cos_sin, cos_sin_start,
-                              is_neox, p);
-      break;
-    default:  // the contract admits no other dtype
-      break;
+void paged_attention_cpu(const PagedOp& op) {
+  switch (op.query.scalar_type()) {
+    case at::kFloat: return run<float, float>(op);
+    case at::kHalf: return run<at::Half, _Float16>(op);
+    case at::kBFloat16: return run<at::BFloat16, bf16>(op);
+    default: return;  // the contract admits no other dtype
   }
 }
 
+constexpr PagedValueChecks kEveryValue{always, nullptr};  // on the host: no sync to avoid
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(yarn_vllm, CPU, m) { m.impl("paged_attention", &paged_attention_cpu); }
+TORCH_LIBRARY_IMPL(yarn_vllm, CPU, m) {
+  m.impl("paged_attention", &paged_attention_op<paged_attention_cpu, kEveryValue>);
+}
 
 }  // namespace yarn

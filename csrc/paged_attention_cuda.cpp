@@ -27,16 +27,11 @@ int num_sms(int device) {
 // checked but not read: the kernel forms each angle as pos * inv_freq[b, j] in
 // fp32 and takes sincosf of it, the reference's own definition, and on a GPU
 // that is cheaper than reading table rows next to every key.
-void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
-                          const at::Tensor& value_cache, const at::Tensor& block_table,
-                          const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                          const at::Tensor& inv_freq, const at::Tensor& logit_scale,
-                          const std::optional<at::Tensor>& cos_sin,
-                          const std::optional<at::Tensor>& cos_sin_start, bool is_neox) {
-  const PagedCall call = check_paged(out, query, key_cache, value_cache, block_table, seq_lens,
-                                     query_start_loc, inv_freq, logit_scale, cos_sin,
-                                     cos_sin_start, debug_checks_enabled(), &check_decode_values);
-  PagedDecodeArgs a = as_torch_error([&] { return decode_args(call.args, call.problem, is_neox); });
+void paged_attention_cuda(const PagedOp& op) {
+  const PagedCall& call = op.checked;
+  const at::Tensor& query = op.query;
+  PagedDecodeArgs a =
+      as_torch_error([&] { return decode_args(call.args, call.problem, op.is_neox); });
   const c10::cuda::CUDAGuard guard(query.device());
   // The block table's width bounds every sequence's length without a device
   // sync; splits past a sequence's own length exit at once.
@@ -57,6 +52,11 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(yarn_vllm, CUDA, m) { m.impl("paged_attention", &paged_attention_cuda); }
+// values only under YARN_VLLM_CHECK_ARGS=1 (a host sync), then the decode kernel's own limits
+constexpr PagedValueChecks kDecodeChecks{on_request, check_decode_values};
+
+TORCH_LIBRARY_IMPL(yarn_vllm, CUDA, m) {
+  m.impl("paged_attention", &paged_attention_op<paged_attention_cuda, kDecodeChecks>);
+}
 
 }  // namespace yarn

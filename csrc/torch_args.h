@@ -91,4 +91,51 @@ inline PagedCall check_paged(const at::Tensor& out, const at::Tensor& query,
   return call;
 }
 
+// paged_attention's arguments in schema order, and what the contract found in them.
+struct PagedOp {
+  at::Tensor& out;
+  const at::Tensor& query;
+  const at::Tensor& key_cache;
+  const at::Tensor& value_cache;
+  const at::Tensor& block_table;
+  const at::Tensor& seq_lens;
+  const at::Tensor& query_start_loc;
+  const at::Tensor& inv_freq;
+  const at::Tensor& logit_scale;
+  const std::optional<at::Tensor>& cos_sin;
+  const std::optional<at::Tensor>& cos_sin_start;
+  bool is_neox;
+  PagedCall checked;
+};
+
+// Which values an implementation has checked before it runs: given the query, whether to
+// check the contract's values (a host sync off the CPU), and its own limits (or nullptr).
+struct PagedValueChecks {
+  bool (*values)(const at::Tensor& query);
+  void (*more)(const PagedArgs&, const PagedProblem&);
+};
+
+inline bool never(const at::Tensor&) { return false; }
+inline bool always(const at::Tensor&) { return true; }
+inline bool on_request(const at::Tensor&) { return debug_checks_enabled(); }
+inline bool on_host_or_request(const at::Tensor& query) {
+  return query.device().is_cpu() || debug_checks_enabled();
+}
+
+// The op as registered for one dispatch key (the schema's signature, written once): checks
+// the contract with `Checks`, then runs `Impl` (a launcher; nothing for the Meta twin).
+template <void (*Impl)(const PagedOp&), const PagedValueChecks& Checks>
+void paged_attention_op(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                        const at::Tensor& value_cache, const at::Tensor& block_table,
+                        const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                        const at::Tensor& inv_freq, const at::Tensor& logit_scale,
+                        const std::optional<at::Tensor>& cos_sin,
+                        const std::optional<at::Tensor>& cos_sin_start, bool is_neox) {
+  Impl(PagedOp{out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
+               inv_freq, logit_scale, cos_sin, cos_sin_start, is_neox,
+               check_paged(out, query, key_cache, value_cache, block_table, seq_lens,
+                           query_start_loc, inv_freq, logit_scale, cos_sin, cos_sin_start,
+                           Checks.values(query), Checks.more)});
+}
+
 }  // namespace yarn

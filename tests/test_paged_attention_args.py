@@ -170,7 +170,7 @@ def test_junk_past_the_used_blocks_is_never_read(table):
     torch.ops.yarn_vllm.paged_attention(*_args(case, out))
     torch.testing.assert_close(out, reference(case), **TOL[torch.float32])
     run_meta(case)
-    torch.ops.yarn_vllm.paged_attention_check(*_args(case)[:-1])
+    torch.ops.yarn_vllm.paged_attention_check(*_args(case))
 
 
 def test_angle_table_rows_are_checked():

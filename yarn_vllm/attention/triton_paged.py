@@ -23,7 +23,7 @@ def _next_pow2(x: int) -> int:
 
 
 def _check(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
-           inv_freq, logit_scale) -> None:
+           inv_freq, logit_scale, is_neox) -> None:
     """The paged_attention op's own argument checks (csrc/paged_attention_checks.h), run by
     the extension's paged_attention_check op: one contract for every implementation. Raises
     RuntimeError naming the argument; values are checked for CPU tensors and, for CUDA
@@ -33,7 +33,7 @@ def _check(out, query, key_cache, value_cache, block_table, seq_lens, query_star
                            "Fix: build the extension (pip install --no-build-isolation -e .).")
     torch.ops.yarn_vllm.paged_attention_check(out, query, key_cache, value_cache, block_table,
                                               seq_lens, query_start_loc, inv_freq, logit_scale,
-                                              None, None)
+                                              None, None, is_neox)
 
 
 def paged_attention_triton(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor,
@@ -56,7 +56,7 @@ def paged_attention_triton(out: torch.Tensor, query: torch.Tensor, key_cache: to
     (tests use small ones).
     """
     _check(out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc, inv_freq,
-           logit_scale)
+           logit_scale, is_neox)
     num_seqs = block_table.shape[0]
     if num_seqs == 0 or query.shape[0] == 0:
         return
