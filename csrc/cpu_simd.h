@@ -231,7 +231,7 @@ struct F32x8 {
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float x) { return _mm256_set1_ps(x); }
   template <typename T> static V load(const T* p) { return avx2::load8(p); }
-  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  template <typename T> static void store(T* p, V v) { avx2::store8(p, v); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
@@ -253,7 +253,7 @@ struct F32x16 {
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   template <typename T> static V load(const T* p) { return avx512::load16(p); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  template <typename T> static void store(T* p, V v) { avx512::store16(p, v); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }

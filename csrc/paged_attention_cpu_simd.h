@@ -35,14 +35,27 @@ inline void prefetch_rows(const T* const* rows, int n, int D) {
       _mm_prefetch(reinterpret_cast<const char*>(rows[j]) + b, _MM_HINT_T1);
 }
 
+// out[0, D) = x turned by the angle row [cos | sin] of `half` NeoX pairs (Back: by minus
+// that angle), the channels past the rotary dims copied; half and D multiples of S::W.
+template <class S, bool Back, typename T>
+inline void turn(const T* x, const float* angle, int half, int D, float* out) {
+  using V = typename S::V;
+  for (int c = 0; c < half; c += S::W) {
+    const V co = S::load(angle + c), si = S::load(angle + half + c);
+    const V x1 = S::load(x + c), x2 = S::load(x + half + c);
+    S::store(out + c, Back ? S::fmadd(x1, co, S::mul(x2, si)) : S::fmsub(x1, co, S::mul(x2, si)));
+    S::store(out + half + c,
+             Back ? S::fmsub(x2, co, S::mul(x1, si)) : S::fmadd(x2, co, S::mul(x1, si)));
+  }
+  for (int c = 2 * half; c < D; c += S::W) S::store(out + c, S::load(x + c));
+}
+
 // rotated[j] = the key at rows[j] turned by angle (kt + j) - (its coarse part), j < n:
 // the fine row j of the table, or with no table the whole exact angle (fp32, as the
 // reference forms it) while the queries are not turned back at all.
 template <class S, typename T>
 void rotate_keys(const PagedShape& sh, const PagedSequence& seq, const T* const* rows, int kt,
                  int n, float* rotated, float* cs) {
-  using V = typename S::V;
-  constexpr int W = S::W;
   const int D = sh.head_size, half = sh.rotary_dim / 2;
   for (int j = 0; j < n; ++j) {
     const T* kp = rows[j];
@@ -52,13 +65,7 @@ void rotate_keys(const PagedShape& sh, const PagedSequence& seq, const T* const*
       angle = seq.cos_sin + static_cast<int64_t>(j) * 2 * half;  // fine row of kt + j
     else
       detail::angles_row(seq, kt + j, half, cs);
-    for (int c = 0; c < half; c += W) {
-      const V co = S::load(angle + c), si = S::load(angle + half + c);
-      const V x1 = S::load(kp + c), x2 = S::load(kp + half + c);
-      S::store(out + c, S::fmsub(x1, co, S::mul(x2, si)));
-      S::store(out + half + c, S::fmadd(x2, co, S::mul(x1, si)));
-    }
-    for (int c = 2 * half; c < D; c += W) S::store(out + c, S::load(kp + c));
+    turn<S, false>(kp, angle, half, D, out);
   }
 }
 
@@ -69,20 +76,12 @@ void rotate_keys(const PagedShape& sh, const PagedSequence& seq, const T* const*
 template <class S>
 void turn_back(const PagedShape& sh, const PagedSequence& seq, const float* q, int rows, int kt,
                float* turned) {
-  using V = typename S::V;
-  constexpr int W = S::W;
   const int D = sh.head_size, half = sh.rotary_dim / 2;
   const float* coarse = detail::coarse_row(seq, kt, half);
   for (int r = 0; r < rows; ++r) {
     const float* x = q + static_cast<size_t>(r) * D;
     float* out = turned + static_cast<size_t>(r) * D;
-    for (int c = 0; c < half; c += W) {
-      const V co = S::load(coarse + c), si = S::load(coarse + half + c);
-      const V x1 = S::load(x + c), x2 = S::load(x + half + c);
-      S::store(out + c, S::fmadd(x1, co, S::mul(x2, si)));
-      S::store(out + half + c, S::fmsub(x2, co, S::mul(x1, si)));
-    }
-    for (int c = 2 * half; c < D; c += W) S::store(out + c, S::load(x + c));
+    turn<S, true>(x, coarse, half, D, out);
   }
 }
 

@@ -69,26 +69,31 @@ inline void cos_sin_on_the_fly(int64_t position, const float* inv_freq, int half
   }
 }
 
+#ifdef YARN_CPU_AVX2
+// Rotates NeoX pairs (x[j], x2p[j]) from j while S::W of them fit before `half`; returns
+// the first pair left.
+template <class S, typename T>
+inline int rotate_pairs(T* x, T* x2p, const float* c, const float* s, int j, int half) {
+  for (; j + S::W <= half; j += S::W) {
+    const typename S::V x1 = S::load(x + j), x2 = S::load(x2p + j);
+    const typename S::V cj = S::load(c + j), sj = S::load(s + j);
+    S::store(x + j, S::fmsub(x1, cj, S::mul(x2, sj)));
+    S::store(x2p + j, S::fmadd(x2, cj, S::mul(x1, sj)));
+  }
+  return j;
+}
+#endif
+
 template <typename T>
 inline void rotate_head_neox(T* __restrict__ x, const float* __restrict__ c,
                              const float* __restrict__ s, int half) {
   T* x2p = x + half;
   int j = 0;
 #ifdef YARN_CPU_AVX512
-  for (; j + 16 <= half; j += 16) {
-    const __m512 x1 = avx512::load16(x + j), x2 = avx512::load16(x2p + j);
-    const __m512 cj = _mm512_loadu_ps(c + j), sj = _mm512_loadu_ps(s + j);
-    avx512::store16(x + j, _mm512_fmsub_ps(x1, cj, _mm512_mul_ps(x2, sj)));
-    avx512::store16(x2p + j, _mm512_fmadd_ps(x2, cj, _mm512_mul_ps(x1, sj)));
-  }
+  j = rotate_pairs<simd::F32x16>(x, x2p, c, s, j, half);
 #endif
 #ifdef YARN_CPU_AVX2
-  for (; j + 8 <= half; j += 8) {
-    const __m256 x1 = avx2::load8(x + j), x2 = avx2::load8(x2p + j);
-    const __m256 cj = _mm256_loadu_ps(c + j), sj = _mm256_loadu_ps(s + j);
-    avx2::store8(x + j, _mm256_fmsub_ps(x1, cj, _mm256_mul_ps(x2, sj)));
-    avx2::store8(x2p + j, _mm256_fmadd_ps(x2, cj, _mm256_mul_ps(x1, sj)));
-  }
+  j = rotate_pairs<simd::F32x8>(x, x2p, c, s, j, half);
 #endif
   for (; j < half; ++j) {
     const float x1 = load(x[j]), x2 = load(x2p[j]);
