@@ -7,9 +7,12 @@ the C++ kernel for decode and gather + rotate + SDPA for a prefill. vLLM's side 
 two ways, in the same rounds: as its engine runs it (`vllm`: CPU_ATTN's metadata builder
 once per step, then `--layers` calls of its backend's forward), and its bare kernel
 (`vllm_op`: `--layers` kernel calls on pre-split caches with the scheduler metadata made
-once), which leaves out the per-step and per-layer Python that both engines pay. Neither
-side writes the KV cache (both do that in a separate call). Decode: one sequence, one
-new token, at each context length. Prefill: one prompt in one step.
+once), which leaves out the per-step and per-layer work that both engines pay. In the
+engine-path rows each layer also writes the step's new keys and values through its
+backend's `do_kv_cache_update`, and vLLM's side rotates q and k with its rotary op first
+(ours caches keys before RoPE and rotates inside attention; its rotary layer returns q
+and k untouched). Decode: one sequence, one new token, at each context length. Prefill:
+one prompt in one step.
 
     .venv/bin/python benchmarks/bench_dynamic_attention.py --contexts 4096,16384,32768
 """
@@ -87,19 +90,33 @@ def one_case(ctx, q_len, args, dtype):
                              slot_mapping=torch.arange(ctx - q_len, ctx))
     vllm_builder, vllm_impl, vllm_layer = _vllm_backend(hq, hkv, head, bs, dtype, isa)
     vllm_kv_cache = vcache.view(nblocks, hkv, bs, 2 * head)
+    # the step's new tokens: their keys and values, positions and cache slots
+    new_k, new_v = torch.randn(q_len, hkv, head).to(dtype), torch.randn(q_len, hkv, head).to(dtype)
+    positions = torch.arange(ctx - q_len, ctx)
+    # vLLM's [max_position, rotary_dim] table of real angles, so that rotating its own copy of
+    # q and k in place, layer after layer, keeps their norms (and ours never sees it)
+    angles = torch.outer(torch.arange(ctx, dtype=torch.float32),
+                         args.rope_theta ** (-torch.arange(0, head, 2) / head))
+    cos_sin_cache = torch.cat([angles.cos(), angles.sin()], -1).to(dtype)
+    vllm_query, vllm_k = query.clone(), new_k.clone()
+    flat_q, flat_k = vllm_query.view(q_len, hq * head), vllm_k.view(q_len, hkv * head)
 
     def vllm_step():
         meta = CPUAttentionMetadataBuilder.build(vllm_builder, 0, common)
         for _ in range(args.layers):
-            CPUAttentionBackendImpl.forward(vllm_impl, vllm_layer, query, None, None,
+            vops.rotary_embedding(positions, flat_q, flat_k, head, cos_sin_cache, True)
+            CPUAttentionBackendImpl.do_kv_cache_update(vllm_impl, vllm_layer, vllm_k, new_v,
+                                                       vllm_kv_cache, common.slot_mapping)
+            CPUAttentionBackendImpl.forward(vllm_impl, vllm_layer, vllm_query, None, None,
                                             vllm_kv_cache, meta, out)
     flat_out = out.view(q_len, hq * head)
 
     def ours_step():
         meta = YarnDynamicMetadataBuilder.build(builder, 0, common)
         for _ in range(args.layers):
-            impl.forward(None, query, None, None, cache.view(nblocks, hkv, bs, 2 * head), meta,
-                         flat_out)
+            kv_cache = cache.view(nblocks, hkv, bs, 2 * head)
+            impl.do_kv_cache_update(None, new_k, new_v, kv_cache, common.slot_mapping)
+            impl.forward(None, query, None, None, kv_cache, meta, flat_out)
 
     reps = args.reps if q_len == 1 else max(2, args.reps // 5)
     # taking turns, so that load from other processes falls on both alike

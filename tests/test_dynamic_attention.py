@@ -442,3 +442,32 @@ def test_every_yarn_config_vllm_is_given_is_validated(tiny_llama, params, field)
     overrides["rope_parameters"].update(params)
     with pytest.raises(ValueError, match=f"`{field}`"):
         _vllm_config(tiny_llama, overrides)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cache_write_of_a_few_tokens_equals_the_batched_write(dtype):
+    """do_kv_cache_update writes up to FEW_TOKENS tokens one by one (every decode step) and
+    more in one batched write: both put the same bytes where the slots say, skip -1 pads,
+    and leave every other row alone. The reference is a plain loop over vLLM's
+    [num_blocks, H, block_size, 2D] layout (K in the first D channels of a row's pair)."""
+    from yarn_vllm.attention.backend import FEW_TOKENS, YarnDynamicAttentionImpl
+
+    heads, head, block_size, blocks = 3, 16, 8, 6
+    impl = YarnDynamicAttentionImpl(heads, head, head ** -0.5, heads, None, None, "auto")
+    g = torch.Generator().manual_seed(3)
+    for n in (1, FEW_TOKENS, FEW_TOKENS + 5):
+        slots = torch.randperm(blocks * block_size, generator=g)[:n]
+        if n > 1:
+            slots[n // 2] = -1  # a pad
+        key = torch.randn(n + 2, heads, head, generator=g)  # more rows than slots: ignored
+        value = torch.randn(n + 2, heads, head, generator=g)
+        start = torch.randn(blocks, heads, block_size, 2 * head, generator=g).to(dtype)
+        got = start.clone()
+        impl.do_kv_cache_update(None, key[:n], value[:n], got, slots)
+        expected = start.view(blocks, heads, 2, block_size, head).clone()
+        for t, slot in enumerate(slots.tolist()):
+            if slot >= 0:
+                expected[slot // block_size, :, 0, slot % block_size] = key[t].to(dtype)
+                expected[slot // block_size, :, 1, slot % block_size] = value[t].to(dtype)
+        assert torch.equal(got.view_as(expected), expected)
+        assert not torch.equal(got, start)

@@ -164,10 +164,12 @@ def prompt_logprob_gap(ours: dict, prompt: list[int], reference: torch.Tensor) -
     return (got - reference).abs().max().item()
 
 
-def assert_steps_match(ours: dict, tokens: list[int], steps: torch.Tensor) -> None:
-    """Greedy tokens agree, and each chosen token's logprob within LOGPROB_TOL; should they
-    part at an exact tie (top two within TIE in the reference), the rest is not compared."""
-    assert len(ours["token_ids"]) == len(tokens)
+def assert_steps_match(ours: dict, tokens: list[int], steps: torch.Tensor,
+                       expected: int) -> None:
+    """The engine made all `expected` tokens; greedy tokens agree with the reference, and
+    each chosen token's logprob is within LOGPROB_TOL; should they part at an exact tie
+    (top two within TIE in the reference), the rest is not compared."""
+    assert len(ours["token_ids"]) == expected == len(tokens)
     for step, token in enumerate(tokens):
         mine = ours["token_ids"][step]
         if mine != token:
@@ -186,7 +188,7 @@ def test_each_request_equals_hf_at_its_admitted_scale(case, one_step, name):
                                                        outputs[name]["token_ids"])
     gap = prompt_logprob_gap(outputs[name], prompt, ref_prompt)
     assert gap < LOGPROB_TOL
-    assert_steps_match(outputs[name], ref_tokens, ref_steps)
+    assert_steps_match(outputs[name], ref_tokens, ref_steps, NEW)
     # the contrast: the neighbouring scale is far outside the tolerance
     wrong = 2.0 if s == 1.0 else 1.0
     wrong_prompt, _, _ = hf_reference(case, name, wrong, [])
@@ -223,7 +225,7 @@ def test_cache_hits_change_nothing(case, one_step):
     for name in ("mid_again", "short_again"):
         _, tokens, steps = hf_reference(case, name, case["prompts"][name][2],
                                         outputs[name]["token_ids"])
-        assert_steps_match(outputs[name], tokens, steps)
+        assert_steps_match(outputs[name], tokens, steps, NEW)
     assert outputs["mid_other_scale_again"]["token_ids"] == outputs["mid_other_scale"]["token_ids"]
 
 
@@ -245,7 +247,7 @@ def test_preempted_requests_keep_their_scale(case, chunked, name):
     assert result["num_preemptions"] and result["num_preemptions"] > 0
     _, tokens, steps = hf_reference(case, name, case["prompts"][name][2],
                                     outputs[name]["token_ids"])
-    assert_steps_match(outputs[name], tokens, steps)
+    assert_steps_match(outputs[name], tokens, steps, GROW_TOKENS)
 
 
 def test_served_by_our_layer_on_vllms_own_attention(one_step):

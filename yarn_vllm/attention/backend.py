@@ -43,6 +43,7 @@ from yarn_vllm.scale_policy import ScalePolicy
 # A query longer than this goes through gather + SDPA; shorter ones through the kernel.
 SDPA_MIN_QUERY = 64
 IS_NEOX = True  # dynamic mode's rotary layer refuses GPT-J-style RoPE
+FEW_TOKENS = 8  # do_kv_cache_update: up to this many, one token at a time
 
 
 def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,16 +231,30 @@ class YarnDynamicAttentionImpl(AttentionImpl):
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """key, value: [T, H_kv, D] before RoPE; slot_mapping: [T'] (-1 pads)."""
-        key_cache, value_cache = split_kv_cache(kv_cache)
-        slots = slot_mapping[: key.shape[0]].long()
+        """key, value: [T, H_kv, D] before RoPE; slot_mapping: [T'] (-1 pads).
+
+        It runs every layer of every step, so on the CPU a decode step's few tokens go one
+        by one through plain indexing: a third of the time of the two advanced-index
+        writes below (about 20 against 60 us a layer), and no host sync to avoid there.
+        """
+        num_tokens, heads, head_size = key.shape
+        num_blocks, _, block_size, _ = kv_cache.shape
+        cache = kv_cache.view(num_blocks, heads, 2, block_size, head_size)  # K | V per head
+        if num_tokens <= FEW_TOKENS and kv_cache.device.type == "cpu":
+            for t, slot in enumerate(slot_mapping[:num_tokens].tolist()):
+                if slot >= 0:
+                    block, row = divmod(slot, block_size)
+                    cache[block, :, 0, row] = key[t]
+                    cache[block, :, 1, row] = value[t]
+            return
+        slots = slot_mapping[:num_tokens].long()
+        key, value = key[: slots.shape[0]], value[: slots.shape[0]]
         keep = slots >= 0
         if not bool(keep.all()):
-            slots, key, value = slots[keep], key[: keep.shape[0]][keep], value[: keep.shape[0]][keep]
-        block_size = key_cache.shape[2]
+            slots, key, value = slots[keep], key[keep], value[keep]
         blocks, rows = slots // block_size, slots % block_size
-        key_cache[blocks, :, rows] = key[: slots.shape[0]].to(key_cache.dtype)
-        value_cache[blocks, :, rows] = value[: slots.shape[0]].to(value_cache.dtype)
+        cache[blocks, :, 0, rows] = key.to(cache.dtype)
+        cache[blocks, :, 1, rows] = value.to(cache.dtype)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: YarnDynamicMetadata | None,
