@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from timing import environment, measure_interleaved, write_json  # noqa: E402
 
 import yarn_vllm.ops  # noqa: E402,F401  (loads the extension)
-from yarn_vllm.attention.angles import AngleTables  # noqa: E402
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackendImpl,  # noqa: E402
                                                  CPUAttentionMetadataBuilder,
                                                  _get_attn_isa)
@@ -57,12 +56,12 @@ def one_case(ctx, q_len, args, dtype):
     qsl = torch.tensor([0, q_len], dtype=torch.int32)
     query = torch.randn(q_len, hq, head).to(dtype)
     out = torch.empty_like(query)
-    # the builder's state, as its __init__ reads it from an engine's vllm_config in dynamic
-    # mode: the policy, the layers' softmax scale, and its angle tables kept across steps
-    builder = SimpleNamespace(policy=ScalePolicy(
+    # the builder as an engine's vllm_config makes it in dynamic mode: the policy and the
+    # layers' softmax scale (its angle tables then kept across steps)
+    builder = YarnDynamicMetadataBuilder.detached(ScalePolicy(
         YarnConfig(factor=max(1.0, ctx / args.original_max_position), mode="dynamic",
                    original_max_position=args.original_max_position), head, args.rope_theta),
-        prompt_lens=None, softmax_scale=head ** -0.5, angle_tables=AngleTables())
+        softmax_scale=head ** -0.5)
 
     # vLLM's kernel wants its own packed cache, for the ISA its engine would pick: fill it
     # through its own writer.
@@ -112,7 +111,7 @@ def one_case(ctx, q_len, args, dtype):
     flat_out = out.view(q_len, hq * head)
 
     def ours_step():
-        meta = YarnDynamicMetadataBuilder.build(builder, 0, common)
+        meta = builder.build(0, common)
         for _ in range(args.layers):
             kv_cache = cache.view(nblocks, hkv, bs, 2 * head)
             impl.do_kv_cache_update(None, new_k, new_v, kv_cache, common.slot_mapping)

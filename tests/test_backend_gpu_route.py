@@ -45,8 +45,7 @@ def run_case() -> dict:
     common = SimpleNamespace(num_reqs=3, num_actual_tokens=sum(Q_LENS), query_start_loc_cpu=qsl,
                              seq_lens=torch.tensor(SEQ_LENS, dtype=torch.int32),
                              block_table_tensor=table, slot_mapping=torch.arange(sum(Q_LENS)))
-    meta = YarnDynamicMetadataBuilder.build(SimpleNamespace(policy=policy, prompt_lens=None), 0,
-                                            common)
+    meta = YarnDynamicMetadataBuilder.detached(policy).build(0, common)
     impl = YarnDynamicAttentionImpl(4, HEAD, HEAD ** -0.5, 2, None, None, "auto")
     out = torch.zeros_like(query)
     impl._gpu(meta, query, out, kv[:, :, :BLOCK], kv[:, :, BLOCK:], True, kernel="triton")

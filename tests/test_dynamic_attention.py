@@ -210,7 +210,7 @@ def test_backend_writes_pre_rope_keys_and_attends_like_the_reference(headroom):
     from yarn_vllm.attention.backend import (SDPA_MIN_QUERY, YarnDynamicAttentionImpl,
                                              YarnDynamicMetadataBuilder)
 
-    builder = SimpleNamespace(policy=dynamic_policy(factor=4.0, headroom=headroom), prompt_lens=None)
+    builder = YarnDynamicMetadataBuilder.detached(dynamic_policy(factor=4.0, headroom=headroom))
     seq_lens, q_lens = [400, 900, 5, 2100], [400, 1, 5, 150]  # prefill, decode, tiny, chunk
     assert max(q_lens) > SDPA_MIN_QUERY
     b = _batch(seq_lens, q_lens)
@@ -230,7 +230,7 @@ def test_backend_writes_pre_rope_keys_and_attends_like_the_reference(headroom):
     common = SimpleNamespace(num_reqs=len(seq_lens), num_actual_tokens=sum(q_lens),
                              query_start_loc_cpu=b["query_start_loc"], seq_lens=b["seq_lens"],
                              block_table_tensor=b["block_table"], slot_mapping=slot_mapping)
-    meta = YarnDynamicMetadataBuilder.build(builder, 0, common)
+    meta = builder.build(0, common)
     output = torch.empty(sum(q_lens), 4 * 64)
     impl.forward(None, b["query"], new_k, new_v, kv_cache, meta, output)
     # the cache must now hold the new keys and values unrotated, where the slots say

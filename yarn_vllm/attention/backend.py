@@ -34,7 +34,7 @@ from vllm.v1.attention.backend import (AttentionCGSupport, AttentionImpl,
                                        CommonAttentionMetadata)
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-from yarn_vllm.attention.angles import AngleTables, angle_table
+from yarn_vllm.attention.angles import AngleTables
 from yarn_vllm.attention.paged import cpu_op, paged_attention
 from yarn_vllm.errors import UserError
 from yarn_vllm.ops import rotary_embedding_
@@ -137,12 +137,23 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
                                "model whose rope_parameters do not say yarn_mode 'dynamic'. "
                                "Fix: drop --attention-backend CUSTOM, or set yarn_mode "
                                "'dynamic' with rope_type 'yarn'")
+        self._start(policy, _shared_softmax_scale(vllm_config, layer_names))
+
+    @classmethod
+    def detached(cls, policy: ScalePolicy, softmax_scale: float | None = None
+                 ) -> "YarnDynamicMetadataBuilder":
+        """A builder for `policy` without an engine's vllm_config (tests, benchmarks)."""
+        builder = cls.__new__(cls)
+        builder._start(policy, softmax_scale)
+        return builder
+
+    def _start(self, policy: ScalePolicy, softmax_scale: float | None) -> None:
         self.policy = policy
         # Each request's prompt length in the coming step's batch order, set by the model
         # runner before every build (yarn_vllm.runner_hooks): a prefill chunk runs at s(P).
         self.prompt_lens = None
-        self.angle_tables = AngleTables()
-        self.softmax_scale = _shared_softmax_scale(vllm_config, layer_names)
+        self.angle_tables = AngleTables()  # kept across steps
+        self.softmax_scale = softmax_scale  # the layers' shared one, or None
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> YarnDynamicMetadata:
@@ -161,15 +172,13 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
         inv_freq, attention_scale = self.policy.per_sequence(seq_list, prompt_lens)
         device = m.block_table_tensor.device
         on_cpu = device.type == "cpu"
-        # the GPU kernels form angles themselves; the CPU kernel reads a table built once
-        # here (a builder made without __init__, as in tests, builds it afresh)
-        tables = getattr(self, "angle_tables", angle_table)
-        angles, start = tables(seq_list, inv_freq) if on_cpu else (None, None)
+        # the GPU kernels form angles themselves; the CPU kernel reads a table built once here
+        angles, start = self.angle_tables(seq_list, inv_freq) if on_cpu else (None, None)
         device_args = (seq_lens, qsl, inv_freq, attention_scale)
         if not on_cpu:
             device_args = tuple(t.to(device, non_blocking=True) for t in device_args)
         long_queries = [b for b, n in enumerate(query_lens) if n > SDPA_MIN_QUERY]
-        softmax_scale = getattr(self, "softmax_scale", None)
+        softmax_scale = self.softmax_scale
         return YarnDynamicMetadata(
             num_actual_tokens=m.num_actual_tokens, query_start_loc=qsl, seq_lens=seq_lens,
             block_table=_leading_int32(m.block_table_tensor, num_reqs),
