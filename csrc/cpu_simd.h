@@ -1,5 +1,5 @@
 // SIMD building blocks of the CPU kernels: 8-lane (AVX2) and 16-lane (AVX-512)
-// loads and rounding stores for fp32, fp16 and bf16, an 8-lane sincos, exp and
+// loads and rounding stores for fp32, fp16 and bf16, an 8-lane sincos and
 // reductions, and F32x8 / F32x16: one interface over both widths, so that a
 // kernel is written once and instantiated for each. Included only where the
 // compiler targets AVX2 (the extension is built with -march for its machine);
@@ -105,28 +105,6 @@ inline void sincos8(__m256 angle, __m256* s_out, __m256* c_out) {
   *c_out = _mm256_xor_ps(c, _mm256_castsi256_ps(cos_neg));
 }
 
-// exp of 8 lanes (Cephes-style: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2]),
-// with x < -87 (masked keys, -inf) mapped to exactly 0 and NaN to NaN (all bits set).
-inline __m256 exp8(__m256 x) {
-  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  const __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                       _mm256_set1_epi32(127)), 23);
-  return _mm256_or_ps(nan, _mm256_andnot_ps(masked, _mm256_mul_ps(p, _mm256_castsi256_ps(e))));
-}
-
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -176,29 +154,6 @@ inline void store16(bf16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
 }
 
-// exp8's polynomial and special cases, lane for lane the same operations (so the
-// same bits) on 16 lanes.
-inline __m512 exp16(__m512 x) {
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  const __mmask16 masked = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n),
-                                                       _mm512_set1_epi32(127)), 23);
-  const __m512 y = _mm512_maskz_mul_ps(static_cast<__mmask16>(~masked), p, _mm512_castsi512_ps(e));
-  return _mm512_mask_mov_ps(y, nan, _mm512_castsi512_ps(_mm512_set1_epi32(-1)));
-}
-
 // sum_lanes8 on 16 lanes: halves of 128-bit lanes are folded between pairs of
 // vectors (16 -> 8 -> 4 vectors), then within lanes; the last shuffle puts the
 // keys back in order (the folds leave lanes 0..3 holding keys 0-3, 8-11, 4-7, 12-15).
@@ -224,6 +179,10 @@ inline __m512 sum_lanes16(const __m512* v) {
 // One interface over a vector width, for kernels written once for both.
 namespace simd {
 
+// exp's polynomial, written once for both widths (below the structs).
+template <class S>
+typename S::V exp_polynomial(typename S::V x);
+
 struct F32x8 {
   using V = __m256;
   static constexpr int W = 8;
@@ -236,12 +195,24 @@ struct F32x8 {
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c
   static V fmsub(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }  // a * b - c
+  static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a * b
+  static V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V pow2(V n) {  // 2^n for whole n in [-127, 128)
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
   static bool any_nan(V v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
   static float hsum(V v) { return avx2::hsum8(v); }
   static float hmax(V v) { return avx2::hmax8(v); }
-  static V exp(V x) { return avx2::exp8(x); }
+  // x < -87 (masked keys, -inf) gives exactly 0, NaN gives NaN (all bits set)
+  static V exp(V x) {
+    const V nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    const V masked = _mm256_cmp_ps(x, set1(-87.0f), _CMP_LT_OQ);
+    return _mm256_or_ps(nan, _mm256_andnot_ps(masked, exp_polynomial<F32x8>(x)));
+  }
   static V sum_lanes(const V* v) { return avx2::sum_lanes8(v); }
 };
 
@@ -258,15 +229,49 @@ struct F32x16 {
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V fmsub(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static V round(V x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static V pow2(V n) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
   static bool any_nan(V v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
   static float hmax(V v) { return _mm512_reduce_max_ps(v); }
-  static V exp(V x) { return avx512::exp16(x); }
+  static V exp(V x) {  // as F32x8::exp, lane for lane
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    const __mmask16 masked = _mm512_cmp_ps_mask(x, set1(-87.0f), _CMP_LT_OQ);
+    const V y = _mm512_maskz_mov_ps(static_cast<__mmask16>(~masked), exp_polynomial<F32x16>(x));
+    return _mm512_mask_mov_ps(y, nan, _mm512_castsi512_ps(_mm512_set1_epi32(-1)));
+  }
   static V sum_lanes(const V* v) { return avx512::sum_lanes16(v); }
 };
 #endif
+
+// e^x for x clamped to [-87, 88], Cephes-style: x = n ln2 + r with |r| <= ln2 / 2 (ln2
+// in two parts), e^x = 2^n (1 + r + r^2 p(r)), p of degree 5. The same operations lane
+// for lane at either width, so the same bits; special cases are each width's exp.
+template <class S>
+typename S::V exp_polynomial(typename S::V x) {
+  using V = typename S::V;
+  x = S::min(S::max(x, S::set1(-87.0f)), S::set1(88.0f));
+  const V n = S::round(S::mul(x, S::set1(1.44269504088896341f)));
+  V r = S::fnmadd(n, S::set1(0.693359375f), x);
+  r = S::fnmadd(n, S::set1(-2.12194440e-4f), r);
+  V p = S::set1(1.9875691500e-4f);
+  p = S::fmadd(p, r, S::set1(1.3981999507e-3f));
+  p = S::fmadd(p, r, S::set1(8.3334519073e-3f));
+  p = S::fmadd(p, r, S::set1(4.1665795894e-2f));
+  p = S::fmadd(p, r, S::set1(1.6666665459e-1f));
+  p = S::fmadd(p, r, S::set1(5.0000001201e-1f));
+  p = S::fmadd(p, S::mul(r, r), S::add(r, S::set1(1.0f)));
+  return S::mul(p, S::pow2(n));
+}
 
 }  // namespace simd
 

@@ -109,7 +109,7 @@ inline void exp_shifted(float* x, float shift) {
 #if YARN_PAGED_AVX2
   const __m256 s = _mm256_set1_ps(shift);
   for (int j = 0; j < kKeyTile; j += 8)
-    _mm256_storeu_ps(x + j, avx2::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), s)));
+    _mm256_storeu_ps(x + j, simd::F32x8::exp(_mm256_sub_ps(_mm256_loadu_ps(x + j), s)));
 #else
   for (int j = 0; j < kKeyTile; ++j) x[j] = std::exp(x[j] - shift);
 #endif
