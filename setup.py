@@ -120,6 +120,6 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["yarn_vllm = yarn_vllm:register"],
-        "console_scripts": ["yarn-vllm = yarn_vllm.cli:main"],
+        "console_scripts": ["yarn-vllm = yarn_vllm.tools.cli:main"],
     },
 )

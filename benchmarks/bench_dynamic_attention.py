@@ -35,8 +35,8 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackendImpl,  # noq
                                                  _get_attn_isa)
 from yarn_vllm.attention.backend import (YarnDynamicAttentionImpl,  # noqa: E402
                                          YarnDynamicMetadataBuilder)
-from yarn_vllm.config import YarnConfig  # noqa: E402
-from yarn_vllm.scale_policy import ScalePolicy  # noqa: E402
+from yarn_vllm.yarn.config import YarnConfig  # noqa: E402
+from yarn_vllm.yarn.scale_policy import ScalePolicy  # noqa: E402
 
 
 def _paged_cache(num_blocks, kv_heads, block_size, head, dtype):

@@ -28,9 +28,9 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import environment, write_json  # noqa: E402
 
-from yarn_vllm.bench.online import percentile, stream_one  # noqa: E402
-from yarn_vllm.models import resolve_model  # noqa: E402
-from yarn_vllm.testing.server_process import LocalServer  # noqa: E402
+from yarn_vllm.tools.bench.online import percentile, stream_one  # noqa: E402
+from yarn_vllm.tools.models import resolve_model  # noqa: E402
+from yarn_vllm.tools.testing.server_process import LocalServer  # noqa: E402
 
 
 def one_round(url: str, model: str, rng: random.Random, args) -> dict:

@@ -85,7 +85,7 @@ def _check_cpu_rotary(torch) -> None:
     takes scale_index (request mode, issue 15 item 4)."""
     import inspect
 
-    from yarn_vllm import yarn_math
+    from yarn_vllm.yarn import yarn_math
     from yarn_vllm.ops import extension_supports, rotary_embedding_, rotary_reference
 
     assert extension_supports(torch.device("cpu")), "no CPU rotary kernel"

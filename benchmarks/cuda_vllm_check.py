@@ -65,7 +65,7 @@ def run(tree: Path, capability: str) -> None:
           current_platform.device_type == "cuda", type(current_platform).__name__)
     _check_imports()
     from yarn_vllm.ops import extension_supports
-    from yarn_vllm.rotary import YarnRotaryEmbedding
+    from yarn_vllm.vllm_seam.rotary import YarnRotaryEmbedding
 
     tmp = tempfile.TemporaryDirectory(prefix="yarn_vllm_cuda_check_")  # removed at exit
     models = Path(tmp.name)
@@ -201,7 +201,7 @@ def _check_request_mode(torch, model: Path, native: dict) -> None:
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
 
-    from yarn_vllm.rotary import YarnRotaryEmbedding
+    from yarn_vllm.vllm_seam.rotary import YarnRotaryEmbedding
 
     config = EngineArgs(model=str(model), skip_tokenizer_init=True).create_engine_config()
     chosen = {"attention_config.backend": str(config.attention_config.backend),

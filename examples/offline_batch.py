@@ -11,9 +11,9 @@ if __name__ == "__main__":  # vLLM's engine starts with multiprocessing spawn
     from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
-    from yarn_vllm.config import YarnConfig
-    from yarn_vllm.cpu import apply_cpu_defaults
-    from yarn_vllm.models import resolve_model
+    from yarn_vllm.yarn.config import YarnConfig
+    from yarn_vllm.tools.cpu import apply_cpu_defaults
+    from yarn_vllm.tools.models import resolve_model
 
     model = resolve_model(sys.argv[1] if len(sys.argv) > 1 else None)
     overrides = YarnConfig(factor=2.0).hf_overrides(AutoConfig.from_pretrained(model).to_dict())

@@ -57,8 +57,8 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         base_url = args.base_url
         if base_url is None:
-            from yarn_vllm.models import resolve_model
-            from yarn_vllm.testing.server_process import LocalServer
+            from yarn_vllm.tools.models import resolve_model
+            from yarn_vllm.tools.testing.server_process import LocalServer
 
             print("starting yarn-vllm serve (about a minute on a CPU)...", flush=True)
             server = stack.enter_context(

@@ -22,7 +22,7 @@ def run_engines(jobs: dict[str, dict], **common) -> dict[str, dict]:
     engine's start is single-threaded imports, so two starts overlap well on two cores."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from yarn_vllm.engine_worker import run_engine
+    from yarn_vllm.tools.engine_worker import run_engine
 
     with ThreadPoolExecutor(2) as pool:
         futures = {name: pool.submit(run_engine, **common, **kwargs) for name, kwargs in jobs.items()}
@@ -31,8 +31,8 @@ def run_engines(jobs: dict[str, dict], **common) -> dict[str, dict]:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    """A random 2-layer Llama trained-length 1024 (see yarn_vllm.testing.tiny_model)."""
-    from yarn_vllm.testing.tiny_model import make_tiny_llama
+    """A random 2-layer Llama trained-length 1024 (see yarn_vllm.tools.testing.tiny_model)."""
+    from yarn_vllm.tools.testing.tiny_model import make_tiny_llama
 
     return make_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")))
 
@@ -62,6 +62,6 @@ def vllm_config_ctx():
 @pytest.fixture(scope="session")
 def smol_model():
     """The real default model (SmolLM2-135M-Instruct), converted once into the user cache."""
-    from yarn_vllm.models import prepare_default_model
+    from yarn_vllm.tools.models import prepare_default_model
 
     return prepare_default_model()

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from yarn_vllm import yarn_math
+from yarn_vllm.yarn import yarn_math
 
 # An fp32 engine against this loop, on the logprob of each token the engine chose. This loop
 # forms RoPE angles in float64; the engine's SDPA path (prefills) forms them in fp32, as HF

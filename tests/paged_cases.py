@@ -15,7 +15,7 @@ import sys
 import torch
 
 from conftest import TOL
-from yarn_vllm import yarn_math
+from yarn_vllm.yarn import yarn_math
 from yarn_vllm.attention.reference import paged_attention_reference
 from yarn_vllm.attention.triton_paged import paged_attention_triton
 

@@ -1,13 +1,13 @@
 """An engine stepped by hand, with requests arriving at given steps, and a record of each step.
 
-yarn_vllm.engine_worker submits a batch at a time (`LLM.generate` until it is done), so no
+yarn_vllm.tools.engine_worker submits a batch at a time (`LLM.generate` until it is done), so no
 request there ever arrives while others decode. This worker drives `LLMEngine.step()`
 itself, with the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), and
 records what vLLM's scheduler decided each step: how many tokens of each request it ran,
 and which requests it preempted. The scheduler is only watched (its real `schedule` runs
 and its output is returned untouched).
 
-Run it with `yarn_vllm.engine_worker.run_worker(MODULE, spec, env=stepped_env())`.
+Run it with `yarn_vllm.tools.engine_worker.run_worker(MODULE, spec, env=stepped_env())`.
 Spec (JSON): {"model", "llm_kwargs", "sampling": {...},
               "requests": [{"id", "prompt_token_ids", "arrive_step", "sampling": {...}}]}
 Result: {"attention_backends", "rotary_classes", "prefix_caching", "chunked_prefill",
@@ -22,7 +22,7 @@ import json
 import os
 import sys
 
-from yarn_vllm.engine_worker import ENGINE_IN_PROCESS
+from yarn_vllm.tools.engine_worker import ENGINE_IN_PROCESS
 
 MODULE = "stepped_engine_worker"
 
@@ -51,9 +51,9 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from yarn_vllm.engine_worker import (engine_dtype, exit_with_parent, logprob_steps,
+    from yarn_vllm.tools.engine_worker import (engine_dtype, exit_with_parent, logprob_steps,
                                          metric_counter)
-    from yarn_vllm.introspect import attention_backend_classes, rotary_layer_classes
+    from yarn_vllm.vllm_seam.introspect import attention_backend_classes, rotary_layer_classes
 
     exit_with_parent()
     with open(spec_path) as f:

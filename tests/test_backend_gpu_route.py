@@ -22,12 +22,12 @@ SEQ_LENS, Q_LENS = [900, 300, 100], [1, 40, 100]  # s = 900/256, 300/256, 1
 
 
 def run_case() -> dict:
-    from yarn_vllm import yarn_math
+    from yarn_vllm.yarn import yarn_math
     from yarn_vllm.attention.backend import (YarnDynamicAttentionImpl,
                                              YarnDynamicMetadataBuilder)
     from yarn_vllm.attention.reference import paged_attention_reference
-    from yarn_vllm.config import YarnConfig
-    from yarn_vllm.scale_policy import ScalePolicy
+    from yarn_vllm.yarn.config import YarnConfig
+    from yarn_vllm.yarn.scale_policy import ScalePolicy
 
     g = torch.Generator().manual_seed(3)
     blocks = [(n + BLOCK - 1) // BLOCK for n in SEQ_LENS]

@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from yarn_vllm.cli.args import passthrough_kwargs
+from yarn_vllm.tools.cli.args import passthrough_kwargs
 from yarn_vllm.errors import UserError
 
 PROMPT = "The Library of Congress held a workshop on electronic texts. The main topics were"
 
 
 def run_cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "yarn_vllm.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "yarn_vllm.tools.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -24,7 +24,7 @@ def test_generate_on_default_model_matches_hf(smol_model, tmp_path):
     """`yarn-vllm generate` with YaRN s=2 gives HF transformers' greedy continuation."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from yarn_vllm.methods import method_overrides
+    from yarn_vllm.tools.methods import method_overrides
 
     out = tmp_path / "gen.jsonl"
     proc = run_cli("generate", "--prompt", PROMPT, "--factor", "2", "--max-tokens", "16",
@@ -64,7 +64,7 @@ def test_passthrough_kwargs():
 
 
 def test_serve_argv_keeps_passthrough_values():
-    from yarn_vllm.cli import build_parser, normalise_argv
+    from yarn_vllm.tools.cli import build_parser, normalise_argv
 
     for argv, model in [(["serve", "m", "--port", "8000", "--factor", "2"], "m"),
                         (["serve", "--port", "8000", "--factor", "2"], "smollm2-135m")]:
@@ -80,7 +80,7 @@ def test_serve_argv_keeps_passthrough_values():
 ])
 def test_one_list_parser_refuses_values_below_one(value, message, capsys):
     """bench and eval share one integer-list parser; both refuse 0 and negatives, in one line."""
-    from yarn_vllm.cli import build_parser
+    from yarn_vllm.tools.cli import build_parser
 
     for argv in (["bench", "offline", "--context-lengths", value],
                  ["eval", "ppl", "--windows", value], ["eval", "passkey", "--lengths", value]):
@@ -136,7 +136,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("argv, want", BAD_FLAGS, ids=[" ".join(a[:2] + a[-2:]) for a, _ in
                                                        BAD_FLAGS])
 def test_bad_eval_and_bench_flags_are_one_line_and_exit_2(argv, want, capsys, tmp_path):
-    from yarn_vllm.cli import main
+    from yarn_vllm.tools.cli import main
 
     if argv[1] not in ("online", "sweep"):
         k = 1 if argv[0] == "generate" else 2
@@ -150,9 +150,9 @@ def test_bad_eval_and_bench_flags_are_one_line_and_exit_2(argv, want, capsys, tm
 
 
 def test_yarn_mode_choices_come_from_the_config_and_request_factors_pass_through():
-    from yarn_vllm.cli import build_parser, yarn_config_from_args
-    from yarn_vllm.cli.args import yarn_flags_given
-    from yarn_vllm.config import MODES
+    from yarn_vllm.tools.cli import build_parser, yarn_config_from_args
+    from yarn_vllm.tools.cli.args import yarn_flags_given
+    from yarn_vllm.yarn.config import MODES
 
     parser = build_parser()
     for mode in MODES:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from yarn_vllm.config import YarnConfig
+from yarn_vllm.yarn.config import YarnConfig
 from yarn_vllm.errors import UserError
 
 LLAMA = {"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9, "head_dim": 64,
@@ -68,7 +68,7 @@ def test_from_hf_config_reads_yarn_mode():
 
 
 def test_dynamic_headroom_round_trips_and_static_overrides_do_not_carry_it(tmp_path):
-    from yarn_vllm.cli import build_parser, yarn_config_from_args
+    from yarn_vllm.tools.cli import build_parser, yarn_config_from_args
 
     args, _ = build_parser().parse_known_args(
         ["generate", "--factor", "4", "--yarn-mode", "dynamic", "--dynamic-headroom", "2"])
@@ -89,7 +89,7 @@ def test_target_context_is_exact():
 
 
 def test_cli_length_flag_replaces_yaml_length(tmp_path):
-    from yarn_vllm.cli import build_parser, yarn_config_from_args
+    from yarn_vllm.tools.cli import build_parser, yarn_config_from_args
 
     p = tmp_path / "y.yaml"
     p.write_text("factor: 4.0\nbeta_fast: 16\n")

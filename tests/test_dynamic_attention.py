@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import TOL
-from yarn_vllm import yarn_math
+from yarn_vllm.yarn import yarn_math
 from yarn_vllm.attention.angles import angle_table
 from yarn_vllm.attention.reference import paged_attention_reference
-from yarn_vllm.config import YarnConfig
+from yarn_vllm.yarn.config import YarnConfig
 from yarn_vllm.errors import UserError
 from yarn_vllm.ops import HAS_EXTENSION
-from yarn_vllm.scale_policy import ScalePolicy
+from yarn_vllm.yarn.scale_policy import ScalePolicy
 
 needs_kernel = pytest.mark.skipif(not HAS_EXTENSION, reason="yarn_vllm._C not built")
 
@@ -278,7 +278,7 @@ def _overrides(tiny_llama, mode):
     import json
     import os
 
-    from yarn_vllm.config import YarnConfig
+    from yarn_vllm.yarn.config import YarnConfig
 
     hf = json.load(open(os.path.join(tiny_llama, "config.json")))
     return YarnConfig(factor=4.0, mode=mode).hf_overrides(hf)
@@ -355,7 +355,7 @@ def test_headroom_reaches_the_builders_policy(tiny_llama):
 
     import yarn_vllm
     from yarn_vllm.attention.backend import YarnDynamicMetadataBuilder
-    from yarn_vllm.rotary import YarnRotaryEmbedding
+    from yarn_vllm.vllm_seam.rotary import YarnRotaryEmbedding
 
     yarn_vllm.register()
     hf = json.load(open(os.path.join(tiny_llama, "config.json")))
@@ -402,7 +402,7 @@ def test_models_not_in_dynamic_mode_pass_the_hook_untouched(tiny_llama, name):
     import copy
 
     import yarn_vllm
-    from yarn_vllm.engine_config import configure
+    from yarn_vllm.vllm_seam.engine_settings import configure
 
     yarn_vllm.register()
     config = _vllm_config(tiny_llama, {"max_position_embeddings": 4096,

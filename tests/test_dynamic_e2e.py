@@ -22,8 +22,8 @@ import torch
 
 from dynamic_reference import (CONTRAST, LOGPROB_TOL, assert_follows, generate, logprob_gap,
                                rope_of)
-from yarn_vllm.config import YarnConfig
-from yarn_vllm.engine_worker import run_engine
+from yarn_vllm.yarn.config import YarnConfig
+from yarn_vllm.tools.engine_worker import run_engine
 
 L, NEW = 1024, 48
 PROMPTS = {"short": 300, "crossing": 1000, "long": 2500}
@@ -70,7 +70,7 @@ def test_engine_serves_dynamic_mode_with_our_backend(dynamic_run):
     _, result = dynamic_run
     assert result["attention_backends"] == [
         "yarn_vllm.attention.backend.YarnDynamicAttentionBackend"]
-    assert result["rotary_classes"] == ["yarn_vllm.rotary.YarnRotaryEmbedding"]
+    assert result["rotary_classes"] == ["yarn_vllm.vllm_seam.rotary.YarnRotaryEmbedding"]
     assert result["dtype"] == "float32"
 
 
@@ -129,7 +129,7 @@ def test_the_engines_scale_rule_is_the_papers(magnitude):
     reference: s = max(1, l / L), plain RoPE and attention scale 1 at s = 1, Eq. 22 (or
     DeepSeek's ratio, or an explicit attention_factor) above it. `mscale` alone is ignored,
     as in HF and vLLM."""
-    from yarn_vllm.scale_policy import ScalePolicy
+    from yarn_vllm.yarn.scale_policy import ScalePolicy
 
     policy = ScalePolicy(YarnConfig(factor=4.0, original_max_position=L, mode="dynamic",
                                     **magnitude), 64, 10000.0)

@@ -41,8 +41,8 @@ from dynamic_reference import (CONTRAST, PaperDynamicYarn, assert_follows, gener
                                logprob_gap, rope_of)
 from stepped_engine_worker import MODULE, stepped_env
 from yarn_vllm.attention.backend import SDPA_MIN_QUERY
-from yarn_vllm.config import YarnConfig
-from yarn_vllm.engine_worker import run_worker
+from yarn_vllm.yarn.config import YarnConfig
+from yarn_vllm.tools.engine_worker import run_worker
 
 L = 1024
 # id: (prompt tokens, new tokens, the step it arrives at)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import run_engines
-from yarn_vllm.config import YarnConfig
+from yarn_vllm.yarn.config import YarnConfig
 
 L, NEW = 1024, 8
 LOGPROB_TOL = 1e-4  # fp32 engine against fp32 references

@@ -16,7 +16,7 @@ import torch
 
 from conftest import run_engines
 from dynamic_reference import CONTRAST, LOGPROB_TOL, TIE
-from yarn_vllm.config import YarnConfig
+from yarn_vllm.yarn.config import YarnConfig
 
 PROMPT_LEN, NEW_TOKENS = 3000, 64
 
@@ -84,7 +84,7 @@ def _step_gap(engine: dict, table: torch.Tensor) -> float:
 
 
 def test_engine_uses_our_layer_only_with_plugin(engine_outputs):
-    assert engine_outputs["on"]["rotary_classes"] == ["yarn_vllm.rotary.YarnRotaryEmbedding"]
+    assert engine_outputs["on"]["rotary_classes"] == ["yarn_vllm.vllm_seam.rotary.YarnRotaryEmbedding"]
     assert engine_outputs["off"]["rotary_classes"] == [
         "vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope.YaRNScalingRotaryEmbedding"]
     assert engine_outputs["on"]["dtype"] == engine_outputs["off"]["dtype"] == "float32"

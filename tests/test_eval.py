@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from yarn_vllm.eval.perplexity import aggregate, default_bucket_edges, sliding_windows
-from yarn_vllm.methods import method_overrides
+from yarn_vllm.tools.eval.perplexity import aggregate, default_bucket_edges, sliding_windows
+from yarn_vllm.tools.methods import method_overrides
 
 SMOL = {"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9, "head_dim": 64,
         "max_position_embeddings": 8192, "rope_parameters": {"rope_type": "default",
@@ -80,7 +80,7 @@ def test_ntk_method_is_eq15_in_vllm_and_hf():
 def test_passkey_prompt_is_exact_and_checkable(smol_model):
     from transformers import AutoTokenizer
 
-    from yarn_vllm.tasks.passkey import make_passkey_prompt
+    from yarn_vllm.tools.tasks.passkey import make_passkey_prompt
 
     tok = AutoTokenizer.from_pretrained(smol_model)
     p = make_passkey_prompt(tok, 1000, 0.5, seed=3)
@@ -98,7 +98,7 @@ def smol_hf_ppl(smol_model):
     """HF transformers perplexity on the same windows, YaRN s=2, fp32: the reference."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from yarn_vllm.eval.run import default_text
+    from yarn_vllm.tools.eval.run import default_text
 
     config = AutoConfig.from_pretrained(smol_model)
     for k, v in method_overrides("yarn", config.to_dict(), 2.0).items():
@@ -125,7 +125,7 @@ def test_vllm_perplexity_matches_hf(smol_model, smol_hf_ppl):
     even a small part of it going wrong would show."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from yarn_vllm.eval.run import default_text, eval_perplexity
+    from yarn_vllm.tools.eval.run import default_text, eval_perplexity
 
     rtol = 1e-4
     res = eval_perplexity(smol_model, ["yarn"], [512, 2048], factor=2.0,
@@ -154,7 +154,7 @@ def _ppl_result(method, ppl_by_window, factor=2.0):
 
 
 def test_tables_and_plots_mark_missing_cells(tmp_path):
-    from yarn_vllm.eval import report
+    from yarn_vllm.tools.eval import report
 
     res = _ppl_result("yarn", {2048: 27.5, 8192: 24.1})
     res["methods"]["trained"] = {"ppl": {"2048": {"ppl": 26.8}}}
@@ -175,9 +175,9 @@ def test_tables_and_plots_mark_missing_cells(tmp_path):
 def test_a_method_is_one_registry_entry(monkeypatch, tmp_path):
     """A new method (as yarn-request will be) needs one METHODS entry: the overrides, the
     CLI and the suite's report all pick it up; the report shows it as not yet measured."""
-    from yarn_vllm import methods
-    from yarn_vllm.cli.args import method_names
-    from yarn_vllm.eval import suite
+    from yarn_vllm.tools import methods
+    from yarn_vllm.tools.cli.args import method_names
+    from yarn_vllm.tools.eval import suite
 
     entry = methods.Method("yarn-x (test)", lambda hf, s: methods.METHODS["yarn"].overrides(hf, s))
     monkeypatch.setitem(methods.METHODS, "yarn-x", entry)
@@ -195,7 +195,7 @@ def test_a_method_is_one_registry_entry(monkeypatch, tmp_path):
 def test_methods_registry_serves_eval_and_bench():
     """One registry: vLLM's own layer is a method with the plugin off and yarn's settings,
     benchmarked by default but not evaluated (its quality is ours by construction)."""
-    from yarn_vllm.methods import METHODS, bench_methods, default_factor, eval_methods
+    from yarn_vllm.tools.methods import METHODS, bench_methods, default_factor, eval_methods
 
     assert not METHODS["vllm-yarn"].plugins and all(
         m.plugins for name, m in METHODS.items() if name != "vllm-yarn")
@@ -209,7 +209,7 @@ def test_methods_registry_serves_eval_and_bench():
 
 
 def test_suite_report_says_which_dtype_ran(tmp_path):
-    from yarn_vllm.eval import suite
+    from yarn_vllm.tools.eval import suite
 
     job = suite.Job("ppl-t", "ppl", (2048,), 2.0)
     result = _ppl_result("yarn", {2048: 27.5})
@@ -224,8 +224,8 @@ def test_suite_report_says_which_dtype_ran(tmp_path):
 
 def test_suite_writes_a_readme_only_when_named(tmp_path, monkeypatch, capsys):
     """`eval suite` used to rewrite whatever README.md was in the current directory."""
-    from yarn_vllm.cli import main
-    from yarn_vllm.eval import suite
+    from yarn_vllm.tools.cli import main
+    from yarn_vllm.tools.eval import suite
 
     store = tmp_path / "store"
     suite.save(str(store), suite.SUITE[-1], "yarn", _ppl_result("yarn", {2048: 27.5}))
@@ -249,7 +249,7 @@ def test_suite_writes_never_collide_nor_leave_partial_files(tmp_path):
     other's temporaries (the fixed `.tmp` name did), and a failed write keeps the old file."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from yarn_vllm.eval import report, suite
+    from yarn_vllm.tools.eval import report, suite
 
     readme = tmp_path / "README.md"
     readme.write_text("# r\n")
@@ -287,7 +287,7 @@ def _umask() -> int:
 
 def test_passkey_length_too_short_is_one_line(smol_model):
     from yarn_vllm.errors import UserError
-    from yarn_vllm.eval.run import eval_passkey
+    from yarn_vllm.tools.eval.run import eval_passkey
 
     with pytest.raises(UserError, match="eval passkey: `lengths` are \\[10\\]: length 10 is "
                                         "too short"):
@@ -295,7 +295,7 @@ def test_passkey_length_too_short_is_one_line(smol_model):
 
 
 def test_suite_section_replaces_only_the_marked_block(tmp_path):
-    from yarn_vllm.eval import suite
+    from yarn_vllm.tools.eval import suite
 
     readme = tmp_path / "README.md"
     readme.write_text("# title\n\nintro\n")
@@ -312,7 +312,7 @@ def test_suite_section_replaces_only_the_marked_block(tmp_path):
 def test_suite_runs_stores_resumes_and_writes_the_readme(smol_model, tmp_path):
     """The one command at a small size on the real model: each (job, method) is stored as
     it finishes, the README block is rewritten from the store, a second run reuses it."""
-    from yarn_vllm.eval import suite
+    from yarn_vllm.tools.eval import suite
 
     jobs = (suite.Job("ppl-small", "ppl", (512,), 2.0),
             suite.Job("passkey-small", "passkey", (1024,), 2.0, depths=(0.5,), trials=1))
@@ -338,7 +338,7 @@ def test_suite_runs_stores_resumes_and_writes_the_readme(smol_model, tmp_path):
 def test_partial_result_is_shown_and_not_taken_as_done(tmp_path):
     """A reduced or interrupted run fills its cells in the report, and the suite still
     counts the job as to be run for that method."""
-    from yarn_vllm.eval import suite
+    from yarn_vllm.tools.eval import suite
 
     job = suite.Job("pk", "passkey", (8192, 16384), 4.0, depths=(0.1, 0.5), trials=1)
     part = {"model": "m", "methods": {"yarn": {"seconds": 600.0, "grid": {

@@ -24,7 +24,7 @@ PASSKEY_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 def test_yarn_finds_the_16k_passkey_where_the_model_as_trained_does_not(smol_model):
     """At 2x the trained length, YaRN (s=4, the setting `yarn-vllm generate` ships) repeats the
     key; RoPE as trained, extrapolating past 8k, does not (YaRN paper Table 5's shape)."""
-    from yarn_vllm.eval.run import eval_passkey
+    from yarn_vllm.tools.eval.run import eval_passkey
 
     res = eval_passkey(smol_model, ["trained", "yarn"], [16384], list(PASSKEY_DEPTHS), 1,
                        factor=4.0)
@@ -40,7 +40,7 @@ def test_yarn_finds_the_16k_passkey_where_the_model_as_trained_does_not(smol_mod
 def test_model_as_trained_blows_up_at_32k_while_yarn_holds(smol_model):
     """32k = 4x the trained length: as trained, perplexity explodes (HF transformers gave 507);
     YaRN s=4 stays at its short-context level (HF: 25.9 at 32k, 30.3 at 2k)."""
-    from yarn_vllm.eval.run import eval_perplexity
+    from yarn_vllm.tools.eval.run import eval_perplexity
 
     res = eval_perplexity(smol_model, ["trained", "yarn"], [2048, 32768], factor=4.0)
     ppl = {m: {int(w): v["ppl"] for w, v in r["ppl"].items()} for m, r in res["methods"].items()}
@@ -56,7 +56,7 @@ def test_model_as_trained_blows_up_at_32k_while_yarn_holds(smol_model):
 def test_interpolation_hurts_everywhere_while_ntk_and_yarn_hold_at_16k(smol_model):
     """Without fine-tuning, PI at s=2 is worse at every window; NTK-aware and YaRN hold at 16k,
     where the model as trained has already lost it."""
-    from yarn_vllm.eval.run import eval_perplexity
+    from yarn_vllm.tools.eval.run import eval_perplexity
 
     res = eval_perplexity(smol_model, ["trained", "pi", "ntk", "yarn"], [2048, 16384], factor=2.0)
     ppl = {m: {int(w): v["ppl"] for w, v in r["ppl"].items()} for m, r in res["methods"].items()}

@@ -12,9 +12,9 @@ import sys
 
 import pytest
 
-from yarn_vllm.progress import SHM_NOTE, PrefillCost, Progress, ProgressLine, span_positions
-from yarn_vllm.tasks.main_job import check, first_difference, job_lengths, served_scale
-from yarn_vllm.tasks.passkey import PasskeyPrompt
+from yarn_vllm.tools.progress import SHM_NOTE, PrefillCost, Progress, ProgressLine, span_positions
+from yarn_vllm.tools.tasks.main_job import check, first_difference, job_lengths, served_scale
+from yarn_vllm.tools.tasks.passkey import PasskeyPrompt
 
 SMOL_HF = {"max_position_embeddings": 8192, "rope_theta": 1e5, "head_dim": 64,
            "hidden_size": 576, "num_attention_heads": 9}
@@ -27,8 +27,8 @@ def tiny_with_tokenizer(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from yarn_vllm.tasks.passkey import FILLER, INTRO, NEEDLE, QUESTION
-    from yarn_vllm.testing.tiny_model import make_tiny_llama
+    from yarn_vllm.tools.tasks.passkey import FILLER, INTRO, NEEDLE, QUESTION
+    from yarn_vllm.tools.testing.tiny_model import make_tiny_llama
 
     path = make_tiny_llama(str(tmp_path_factory.mktemp("tiny_tok")))
     tok = Tokenizer(models.BPE())
@@ -110,8 +110,8 @@ def _args(**kw):
 
 
 def test_main_job_serves_request_mode_unless_a_mode_is_chosen():
-    from yarn_vllm.cli.generate import main_job_yarn
-    from yarn_vllm.config import YarnConfig
+    from yarn_vllm.tools.cli.generate import main_job_yarn
+    from yarn_vllm.yarn.config import YarnConfig
 
     short, long = job_lengths(8192)
     assert (short, long) == (1024, 12288)  # past 1.5x the trained length, not needlessly long
@@ -129,8 +129,8 @@ def test_main_job_serves_request_mode_unless_a_mode_is_chosen():
     ("dynamic", 1.0, 1.5),  # max(1, 12288 / 8192) at the end of the prefill
 ])
 def test_served_scale_is_the_engines_rule(mode, short_s, long_s):
-    from yarn_vllm.config import YarnConfig
-    from yarn_vllm.scale_policy import ScalePolicy
+    from yarn_vllm.yarn.config import YarnConfig
+    from yarn_vllm.yarn.scale_policy import ScalePolicy
 
     hf = {**SMOL_HF, **YarnConfig(factor=2.0, mode=mode).hf_overrides(SMOL_HF)}
     policy = ScalePolicy.from_hf_config(hf)
@@ -154,7 +154,7 @@ def test_check_compares_greedy_tokens_with_the_model_as_trained():
 
 
 def test_a_prompt_past_max_model_len_is_left_out_with_a_line(tiny_with_tokenizer, capsys):
-    from yarn_vllm.cli.generate import job_prompts
+    from yarn_vllm.tools.cli.generate import job_prompts
 
     args = argparse.Namespace(passkey_length=None, passkey_depths=[0.5], max_tokens=64)
     rows = job_prompts(args, tiny_with_tokenizer, 1024, None, limit=1024)  # --no-yarn
@@ -170,7 +170,7 @@ def test_main_job_on_the_tiny_llama(tiny_with_tokenizer, tmp_path):
     """Request mode serves the short prompt at s=1 (equal to HF as trained) and the long one
     at s=2; the prefill, split into 256-token chunks, reports progress after every chunk."""
     out = tmp_path / "gen.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "yarn_vllm.cli", "generate", "--model",
+    proc = subprocess.run([sys.executable, "-m", "yarn_vllm.tools.cli", "generate", "--model",
                            tiny_with_tokenizer, "--output", str(out), "--dtype", "float32",
                            "--max-num-batched-tokens", "256"],
                           capture_output=True, text=True, timeout=600)
@@ -198,7 +198,7 @@ def test_main_job_on_smollm2(smol_model, tmp_path):
 
     out = tmp_path / "gen.jsonl"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "yarn_vllm.cli", "generate", "--output",
+    proc = subprocess.run([sys.executable, "-m", "yarn_vllm.tools.cli", "generate", "--output",
                            str(out)], capture_output=True, text=True, timeout=1200)
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import yarn_vllm
-from yarn_vllm.rotary import YarnRotaryEmbedding
+from yarn_vllm.vllm_seam.rotary import YarnRotaryEmbedding
 from conftest import TOL, native_vllm_ops
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import native_vllm_ops
-from yarn_vllm.config import YarnConfig
+from yarn_vllm.yarn.config import YarnConfig
 from yarn_vllm.errors import UserError
 from yarn_vllm.ops import HAS_EXTENSION
 
@@ -130,7 +130,7 @@ def test_the_rotary_layer_not_active_is_refused(tiny_llama, mode, owner):
     name taken by another plugin, the per-sequence modes cannot run."""
     from vllm.model_executor.custom_op import op_registry_oot
 
-    from yarn_vllm.engine_config import ROTARY_OP_NAME
+    from yarn_vllm.vllm_seam.engine_settings import ROTARY_OP_NAME
 
     with native_vllm_ops():  # empties vLLM's out-of-tree registry, restores it afterwards
         if owner == "another plugin":
@@ -147,7 +147,7 @@ def test_rotary_layers_that_disagree_with_the_model_are_refused(tiny_llama, mode
     YaRN settings (here beta_fast 16 where the model says 32) would rotate otherwise."""
     from vllm.config import set_current_vllm_config
 
-    from yarn_vllm.rotary import YarnRotaryEmbedding
+    from yarn_vllm.vllm_seam.rotary import YarnRotaryEmbedding
 
     config = _build(tiny_llama, mode)
     with set_current_vllm_config(config):
@@ -175,7 +175,7 @@ def test_backend_per_kind_is_refused_in_dynamic_mode_only(tiny_llama):
 def test_a_custom_backend_owned_by_another_plugin_is_refused(tiny_llama):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from yarn_vllm.engine_config import BACKEND_PATH
+    from yarn_vllm.vllm_seam.engine_settings import BACKEND_PATH
 
     register_backend(AttentionBackendEnum.CUSTOM, "other_plugin.attention.TheirBackend")
     try:

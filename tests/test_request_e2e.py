@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import run_engines
-from yarn_vllm.config import YarnConfig
+from yarn_vllm.yarn.config import YarnConfig
 
 L, NEW = 1024, 8
 LOGPROB_TOL = 1e-4  # fp32 engine against fp32 references; a wrong scale is off by > 1e-2
@@ -252,6 +252,6 @@ def test_preempted_requests_keep_their_scale(case, chunked, name):
 
 def test_served_by_our_layer_on_vllms_own_attention(one_step):
     _, result = one_step
-    assert result["rotary_classes"] == ["yarn_vllm.rotary.YarnRotaryEmbedding"]
+    assert result["rotary_classes"] == ["yarn_vllm.vllm_seam.rotary.YarnRotaryEmbedding"]
     assert result["attention_backends"] == [
         "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend"]

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from conftest import TOL
-from yarn_vllm import yarn_math
-from yarn_vllm.config import YarnConfig
+from yarn_vllm.yarn import yarn_math
+from yarn_vllm.yarn.config import YarnConfig
 from yarn_vllm.errors import UserError
 from yarn_vllm.ops import rotary_reference
-from yarn_vllm.admission import admit, salted
-from yarn_vllm.request_scales import RequestScaleFeeder
-from yarn_vllm.scale_policy import ScalePolicy
+from yarn_vllm.vllm_seam.admission import admit, salted
+from yarn_vllm.vllm_seam.request_scales import RequestScaleFeeder
+from yarn_vllm.yarn.scale_policy import ScalePolicy
 
 L = 1024
 
@@ -124,7 +124,7 @@ def request_layer(tiny_llama):
     from vllm.config import set_current_vllm_config
 
     import yarn_vllm
-    from yarn_vllm.rotary import YarnRotaryEmbedding
+    from yarn_vllm.vllm_seam.rotary import YarnRotaryEmbedding
 
     yarn_vllm.register()
     config = _processor(tiny_llama).vllm_config

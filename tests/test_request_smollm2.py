@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from yarn_vllm.config import YarnConfig
-from yarn_vllm.engine_worker import run_engine
+from yarn_vllm.yarn.config import YarnConfig
+from yarn_vllm.tools.engine_worker import run_engine
 
 pytestmark = pytest.mark.slow  # three SmolLM2 engines and two 9k-token prefills on a CPU
 
@@ -21,7 +21,7 @@ NEW, LOGPROB_TOL = 16, 1e-3  # 30 fp32 layers; a wrong scale moves logprobs by >
 def runs(smol_model):
     from transformers import AutoConfig, AutoTokenizer
 
-    from yarn_vllm.eval.run import default_text
+    from yarn_vllm.tools.eval.run import default_text
 
     hf = AutoConfig.from_pretrained(smol_model).to_dict()
     ids = AutoTokenizer.from_pretrained(smol_model).encode(default_text(),

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import TOL
-from yarn_vllm import ops, yarn_math
+from yarn_vllm import ops
+from yarn_vllm.yarn import yarn_math
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOKENS = [1, 7, 989, 4099]

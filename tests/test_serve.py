@@ -2,7 +2,7 @@
 
 One server per module: the default model (SmolLM2-135M, trained to 8k) served with
 YaRN s=2 (16k context). The reference is the same prompts run offline through vLLM
-(`yarn_vllm.engine_worker`, a fresh process) with the same YaRN overrides, dtype,
+(`yarn_vllm.tools.engine_worker`, a fresh process) with the same YaRN overrides, dtype,
 eager mode and CPU threads; greedy outputs must match token for token.
 """
 
@@ -18,9 +18,9 @@ import numpy as np
 import openai
 import pytest
 
-from yarn_vllm.config import YarnConfig
-from yarn_vllm.engine_worker import run_engine
-from yarn_vllm.testing.server_process import LocalServer
+from yarn_vllm.yarn.config import YarnConfig
+from yarn_vllm.tools.engine_worker import run_engine
+from yarn_vllm.tools.testing.server_process import LocalServer
 
 FACTOR, MAX_TOKENS = 2.0, 24
 # One setting for the server and the reference, so both engines use the same CPU threads.
@@ -38,7 +38,7 @@ served = pytest.mark.slow
 
 def text_excerpts(tok, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
     """`n` token-id prompts of lo..hi tokens, each from a different place in lcet10.txt."""
-    from yarn_vllm.eval.run import default_text
+    from yarn_vllm.tools.eval.run import default_text
 
     ids = tok(default_text(), add_special_tokens=False).input_ids
     rng = np.random.default_rng(seed)

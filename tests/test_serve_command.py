@@ -13,13 +13,13 @@ import sys
 
 import pytest
 
-from yarn_vllm.cli.serve import cpu_thread_binding, on_cpu, serve_command
-from yarn_vllm.config import YarnConfig
+from yarn_vllm.tools.cli.serve import cpu_thread_binding, on_cpu, serve_command
+from yarn_vllm.yarn.config import YarnConfig
 from yarn_vllm.errors import UserError
 
 
 def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "yarn_vllm.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "yarn_vllm.tools.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -193,13 +193,13 @@ def test_serve_command_builder(tiny_llama, case, yarn, flags, argv, env, want):
             assert "dynamc" in str(e.value)
         return
     cmd, out_env = serve_command(tiny_llama, yarn, argv, flags=flags, cpu=True, env=env)
-    assert cmd[1:5] == ["-m", "yarn_vllm.serve", "--model", tiny_llama]
+    assert cmd[1:5] == ["-m", "yarn_vllm.tools.openai_server", "--model", tiny_llama]
     want(cmd, out_env, _ours(tiny_llama))
 
 
 def test_hf_overrides_merge_drops_nothing_through_generate_too(tiny_llama):
     """`generate` builds its LLM(...) arguments with the same merge and checks."""
-    from yarn_vllm.cli.generate import engine_kwargs
+    from yarn_vllm.tools.cli.generate import engine_kwargs
 
     hf = json.load(open(os.path.join(tiny_llama, "config.json")))
     kwargs = engine_kwargs(hf, YARN2, {"hf_overrides": {"rope_parameters": {"rope_theta": 5e5}}},
@@ -215,7 +215,7 @@ def test_hf_overrides_merge_drops_nothing_through_generate_too(tiny_llama):
 # ---- private by default: loopback, where it listens, no secret printed --------------------
 
 def test_binds_loopback_unless_host_is_given(tiny_llama):
-    from yarn_vllm.cli.serve import announce
+    from yarn_vllm.tools.cli.serve import announce
 
     cmd, env = serve_command(tiny_llama, YARN2, ["--port", "8123"], cpu=True, env={})
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd.count("--host") == 1
@@ -244,14 +244,14 @@ def test_binds_loopback_unless_host_is_given(tiny_llama):
     ("localhost", [], {}, False),
 ])
 def test_warns_beyond_loopback_without_a_key(host, key_flags, env, warned):
-    from yarn_vllm.cli.serve import announce
+    from yarn_vllm.tools.cli.serve import announce
 
-    cmd = [sys.executable, "-m", "yarn_vllm.serve", "--host", host, *key_flags]
+    cmd = [sys.executable, "-m", "yarn_vllm.tools.openai_server", "--host", host, *key_flags]
     assert bool(announce(cmd, env)[1]) == warned
 
 
 def test_secrets_are_hidden_in_what_serve_prints(tiny_llama):
-    from yarn_vllm.cli.serve import announce
+    from yarn_vllm.tools.cli.serve import announce
 
     argv = ["--api-key", "s3cret-a", "s3cret-b", "--hf-token=hf_s3cret", "--max-num-batched-tokens",
             "2048", "--ssl-keyfile", "/k.pem", "--client-secret", "s3cret-c", "--port", "9"]
@@ -265,7 +265,7 @@ def test_secrets_are_hidden_in_what_serve_prints(tiny_llama):
 
 
 def test_redaction_rule():
-    from yarn_vllm.cli.redact import is_secret, redact_argv, redact_kwargs
+    from yarn_vllm.tools.cli.redact import is_secret, redact_argv, redact_kwargs
 
     assert all(map(is_secret, ["--api-key", "--hf-token", "hf_token", "--aws-secret-access-key",
                                "--db-password", "--API_KEY=x", "--keys"]))
@@ -278,7 +278,7 @@ def test_redaction_rule():
 
 
 def test_a_secret_flag_with_a_bad_value_is_not_echoed():
-    from yarn_vllm.cli.args import passthrough_kwargs
+    from yarn_vllm.tools.cli.args import passthrough_kwargs
 
     with pytest.raises(UserError) as e:
         passthrough_kwargs(["--hf-token", "{s3cret"])

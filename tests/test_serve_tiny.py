@@ -3,7 +3,7 @@
 Both servers (static and dynamic, YaRN s=4: 4,096 positions on a model trained to
 1,024) start once for the module and boot while the offline references run; every
 test sends its requests to them. The references are the same prompts through vLLM
-offline (yarn_vllm.engine_worker) with the same overrides, dtype and CPU threads, and
+offline (yarn_vllm.tools.engine_worker) with the same overrides, dtype and CPU threads, and
 greedy tokens must match exactly. The tiny model has no tokenizer, so the servers run
 with --skip-tokenizer-init and take token ids. The static server requires an API key,
 so the same runs show that the launcher never prints it.
@@ -25,9 +25,9 @@ import httpx
 import openai
 import pytest
 
-from yarn_vllm.config import YarnConfig
-from yarn_vllm.engine_worker import run_engine
-from yarn_vllm.testing.server_process import LocalServer
+from yarn_vllm.yarn.config import YarnConfig
+from yarn_vllm.tools.engine_worker import run_engine
+from yarn_vllm.tools.testing.server_process import LocalServer
 
 FACTOR, MAX_LEN = 4.0, 4096
 MODES = ("static", "dynamic")
@@ -253,7 +253,7 @@ def test_served_on_loopback_only_and_the_key_never_printed(servers):
 # ---- `yarn-vllm bench online` against the real server (issue 17, item 9) -----------------
 
 def test_bench_online_against_the_dynamic_server(servers, tmp_path):
-    from yarn_vllm.bench.online import run_online, write_online
+    from yarn_vllm.tools.bench.online import run_online, write_online
 
     server = servers["dynamic"]
     out = run_online(server.url, [64, 1200], num_requests=4, concurrency=2, output_tokens=4,

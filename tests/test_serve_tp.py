@@ -14,9 +14,9 @@ import numpy as np
 import openai
 import pytest
 
-from yarn_vllm.config import YarnConfig
-from yarn_vllm.engine_worker import run_engine
-from yarn_vllm.testing.server_process import LocalServer
+from yarn_vllm.yarn.config import YarnConfig
+from yarn_vllm.tools.engine_worker import run_engine
+from yarn_vllm.tools.testing.server_process import LocalServer
 
 FACTOR, MAX_TOKENS = 4.0, 32
 
@@ -25,7 +25,7 @@ FACTOR, MAX_TOKENS = 4.0, 32
 def tiny_with_tokenizer(smol_model, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from yarn_vllm.testing.tiny_model import make_tiny_llama
+    from yarn_vllm.tools.testing.tiny_model import make_tiny_llama
 
     tok = AutoTokenizer.from_pretrained(smol_model)
     path = make_tiny_llama(str(tmp_path_factory.mktemp("tiny_tok")), vocab_size=len(tok))

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from yarn_vllm import yarn_math
+from yarn_vllm.yarn import yarn_math
 from conftest import native_vllm_ops
 
 FACTORS = [1.0, 1.5, 4.0, 32.0]

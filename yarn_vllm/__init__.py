@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """vLLM general-plugin entry point (see yarn_vllm.plugin)."""
-    from yarn_vllm.plugin import register as _register
+    """vLLM general-plugin entry point (see yarn_vllm.vllm_seam.plugin)."""
+    from yarn_vllm.vllm_seam.plugin import register as _register
 
     _register()

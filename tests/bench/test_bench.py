@@ -16,12 +16,12 @@ import time
 import numpy as np
 import pytest
 
-from yarn_vllm.bench.measure import Step, summarise
-from yarn_vllm.bench.offline import bench_factor, method_spec
-from yarn_vllm.bench.online import percentile, write_online
-from yarn_vllm.bench.report import ratios, write_offline
-from yarn_vllm.bench.sweep_config import config_id, load_sweep, parse_sweep
-from yarn_vllm.config import YarnConfig
+from yarn_vllm.tools.bench.measure import Step, summarise
+from yarn_vllm.tools.bench.offline import bench_factor, method_spec
+from yarn_vllm.tools.bench.online import percentile, write_online
+from yarn_vllm.tools.bench.report import ratios, write_offline
+from yarn_vllm.tools.bench.sweep_config import config_id, load_sweep, parse_sweep
+from yarn_vllm.yarn.config import YarnConfig
 from yarn_vllm.errors import UserError
 
 
@@ -176,7 +176,7 @@ def test_sweep_file_errors_name_field_and_fix(tmp_path, raw, field, fix):
 
 
 def test_sweep_cli_bad_yaml_is_one_line(tmp_path, capsys):
-    from yarn_vllm.cli import main
+    from yarn_vllm.tools.cli import main
 
     path = tmp_path / "broken.yaml"
     path.write_text("method: [trained\ncontext_lengths: 1024\n")
@@ -196,8 +196,8 @@ def test_example_sweep_file_is_valid():
 
 
 def test_bench_cli_parses_offline_by_default():
-    from yarn_vllm.cli import build_parser, normalise_argv
-    from yarn_vllm.methods import bench_methods
+    from yarn_vllm.tools.cli import build_parser, normalise_argv
+    from yarn_vllm.tools.methods import bench_methods
 
     argv = normalise_argv(["bench", "--context-lengths", "1024,4096", "--methods",
                            "vllm-yarn,yarn", "--max-num-seqs", "4"])
@@ -222,9 +222,9 @@ def test_engine_worker_dies_with_its_parent():
     import subprocess
     import sys
 
-    from yarn_vllm.engine_worker import PARENT_PID
+    from yarn_vllm.tools.engine_worker import PARENT_PID
 
-    child = ("from yarn_vllm.engine_worker import exit_with_parent; import time; "
+    child = ("from yarn_vllm.tools.engine_worker import exit_with_parent; import time; "
              "exit_with_parent(poll_s=0.05); time.sleep(120)")
     # as run_worker starts one: its own session, told who its parent is
     parent = ("import os, subprocess, sys; p = subprocess.Popen([sys.executable, '-c', %r], "
@@ -279,8 +279,8 @@ def test_insecure_serialization_only_where_layers_are_introspected(monkeypatch):
     """VLLM_ALLOW_INSECURE_SERIALIZATION (LLM.apply_model pickles a function to the engine
     core) reaches an engine only when its spec asks for the layer classes; evaluations do
     not, so their engines keep vLLM's safe default."""
-    from yarn_vllm import engine_worker
-    from yarn_vllm.eval.run import run_method
+    from yarn_vllm.tools import engine_worker
+    from yarn_vllm.tools.eval.run import run_method
 
     monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
     assert "VLLM_ALLOW_INSECURE_SERIALIZATION" not in engine_worker.engine_env(True)
@@ -302,14 +302,14 @@ def test_bench_offline_runs_dynamic_yarn(tiny_llama, tmp_path):
     core runs in its worker process)."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ALLOW_INSECURE_SERIALIZATION"}
     proc = subprocess.run(
-        [sys.executable, "-m", "yarn_vllm.cli", "bench", "offline", "--model", tiny_llama,
+        [sys.executable, "-m", "yarn_vllm.tools.cli", "bench", "offline", "--model", tiny_llama,
          "--methods", "yarn-dynamic", "--context-lengths", "1100", "--batch-sizes", "2",
          "--output-tokens", "4", "--factor", "2", "--out", str(tmp_path), "--name", "dyn",
          "--dtype", "float32"], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "dyn.json").read_text())
     engine = result["methods"]["yarn-dynamic"]
-    assert engine["rotary_classes"] == ["yarn_vllm.rotary.YarnRotaryEmbedding"]
+    assert engine["rotary_classes"] == ["yarn_vllm.vllm_seam.rotary.YarnRotaryEmbedding"]
     assert engine["attention_backends"] == ["yarn_vllm.attention.backend.YarnDynamicAttentionBackend"]
     [row] = result["rows"]
     assert (row["method"], row["context"], row["batch"], row["generated_tokens"]) == (

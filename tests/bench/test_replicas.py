@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from yarn_vllm.cpu import core_groups, shards
-from yarn_vllm.replicas import generate_replicated
+from yarn_vllm.tools.cpu import core_groups, shards
+from yarn_vllm.tools.replicas import generate_replicated
 
 
 def test_shards_cover_the_batch_in_order():
@@ -36,9 +36,9 @@ def test_two_replicas_equal_one_engine(ray_cluster, tiny_llama, monkeypatch):
     past the tiny model's 1,024 trained positions (YaRN s=2)."""
     from transformers import AutoConfig
 
-    from yarn_vllm.config import YarnConfig
-    from yarn_vllm.cpu import apply_cpu_defaults
-    from yarn_vllm.engine_worker import run_engine
+    from yarn_vllm.yarn.config import YarnConfig
+    from yarn_vllm.tools.cpu import apply_cpu_defaults
+    from yarn_vllm.tools.engine_worker import run_engine
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     overrides = YarnConfig(factor=2.0).hf_overrides(AutoConfig.from_pretrained(tiny_llama).to_dict())
@@ -63,7 +63,7 @@ def test_two_replicas_equal_one_engine(ray_cluster, tiny_llama, monkeypatch):
 def test_cli_generate_replicas_matches_single(smol_model, tmp_path):
     """`yarn-vllm generate --replicas 2` writes the same rows, in order, as one engine."""
     prompts = ["The capital of France is", "Write a haiku about rain:", "1, 2, 3, 4,"]
-    common = [sys.executable, "-m", "yarn_vllm.cli", "generate", "--model", smol_model,
+    common = [sys.executable, "-m", "yarn_vllm.tools.cli", "generate", "--model", smol_model,
               "--factor", "2", "--max-tokens", "8"] + [a for p in prompts for a in ("--prompt", p)]
     rows = {}
     for name, extra in (("one", []), ("two", ["--replicas", "2"])):

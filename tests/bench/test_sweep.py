@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from yarn_vllm.bench.sweep import read_results, run_sweep
-from yarn_vllm.bench.sweep_config import config_id
+from yarn_vllm.tools.bench.sweep import read_results, run_sweep
+from yarn_vllm.tools.bench.sweep_config import config_id
 
 
 def fake_work(config: dict) -> dict:
@@ -113,7 +113,7 @@ def test_two_sweeps_on_one_file_run_each_configuration_once(cluster, tmp_path):
 
 
 def test_a_held_claim_is_left_alone_and_a_dead_holder_blocks_nothing(cluster, tmp_path):
-    from yarn_vllm.bench.sweep import Claims
+    from yarn_vllm.tools.bench.sweep import Claims
 
     out = str(tmp_path / "sweep.jsonl")
     configs = _configs(tmp_path, ["a", "b"])
@@ -197,13 +197,13 @@ def test_real_tiny_engine_config(cluster, tiny_llama, tmp_path):
     assert (row["method"], row["context"], row["batch"], row["generated_tokens"]) == (
         "yarn", 1100, 2, 8)
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
-    assert result["rotary_classes"] == ["yarn_vllm.rotary.YarnRotaryEmbedding"]
+    assert result["rotary_classes"] == ["yarn_vllm.vllm_seam.rotary.YarnRotaryEmbedding"]
 
 
 def test_cli_sweep_resumes_and_summarises(cluster, tmp_path, capsys):
     """`yarn-vllm bench sweep` on a file whose results are all recorded: no work, a summary."""
-    from yarn_vllm.bench.sweep_config import load_sweep
-    from yarn_vllm.cli import main
+    from yarn_vllm.tools.bench.sweep_config import load_sweep
+    from yarn_vllm.tools.cli import main
 
     out = tmp_path / "s.jsonl"
     path = tmp_path / "s.yaml"

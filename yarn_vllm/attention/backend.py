@@ -38,7 +38,7 @@ from yarn_vllm.attention.angles import AngleTables
 from yarn_vllm.attention.paged import cpu_op, paged_attention
 from yarn_vllm.errors import UserError
 from yarn_vllm.ops import rotary_embedding_
-from yarn_vllm.scale_policy import ScalePolicy
+from yarn_vllm.yarn.scale_policy import ScalePolicy
 
 # A query longer than this goes through gather + SDPA; shorter ones through the kernel.
 SDPA_MIN_QUERY = 64
@@ -150,7 +150,7 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
     def _start(self, policy: ScalePolicy, softmax_scale: float | None) -> None:
         self.policy = policy
         # Each request's prompt length in the coming step's batch order, set by the model
-        # runner before every build (yarn_vllm.runner_hooks): a prefill chunk runs at s(P).
+        # runner before every build (yarn_vllm.vllm_seam.runner_hooks): a prefill chunk runs at s(P).
         self.prompt_lens = None
         self.angle_tables = AngleTables()  # kept across steps
         self.softmax_scale = softmax_scale  # the layers' shared one, or None
