@@ -1,11 +1,11 @@
 """An engine stepped by hand, with requests arriving at given steps, and a record of each step.
 
 yarn_vllm.tools.engine_worker submits a batch at a time (`LLM.generate` until it is done), so no
-request there ever arrives while others decode. This worker drives `LLMEngine.step()`
-itself, with the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), and
-records what vLLM's scheduler decided each step: how many tokens of each request it ran,
-and which requests it preempted. The scheduler is only watched (its real `schedule` runs
-and its output is returned untouched).
+request there ever arrives while others decode. This worker runs the engine through
+yarn_vllm.tools.stepped (the loop `generate`'s progress line and the benchmark use), with the
+engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), and records what vLLM's
+scheduler decided each step: how many tokens of each request it ran, and which requests it
+preempted (ids as given in the spec). The scheduler is only watched.
 
 Run it with `yarn_vllm.tools.engine_worker.run_worker(MODULE, spec, env=stepped_env())`.
 Spec (JSON): {"model", "llm_kwargs", "sampling": {...},
@@ -13,7 +13,7 @@ Spec (JSON): {"model", "llm_kwargs", "sampling": {...},
 Result: {"attention_backends", "rotary_classes", "prefix_caching", "chunked_prefill",
          "dtype", "num_preemptions",
          "steps": [{"scheduled": {id: num_tokens}, "preempted": [id]}],
-         "outputs": {id: {"token_ids", "logprobs"}}}
+         "outputs": {id: {"token_ids", "logprobs", "prompt_logprobs", "num_cached_tokens"}}}
 """
 
 from __future__ import annotations
@@ -35,49 +35,33 @@ def stepped_env() -> dict:
             **ENGINE_IN_PROCESS}
 
 
-def _watch(scheduler, steps: list) -> None:
-    schedule = scheduler.schedule
-
-    def recorded(*args, **kwargs):
-        out = schedule(*args, **kwargs)
-        steps.append({"scheduled": dict(out.num_scheduled_tokens),
-                      "preempted": sorted(out.preempted_req_ids or ())})
-        return out
-
-    scheduler.schedule = recorded
-
-
 def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from yarn_vllm.tools.engine_worker import (engine_dtype, exit_with_parent, logprob_steps,
-                                         metric_counter)
+                                               metric_counter)
+    from yarn_vllm.tools.stepped import Arrival, run_stepped
     from yarn_vllm.vllm_seam.introspect import attention_backend_classes, rotary_layer_classes
 
     exit_with_parent()
     with open(spec_path) as f:
         spec = json.load(f)
     llm = LLM(model=spec["model"], **{"seed": 0, **spec.get("llm_kwargs", {})})
-    engine = llm.llm_engine
-    steps: list = []
-    _watch(engine.engine_core.engine_core.scheduler, steps)
     sampling = {"temperature": 0.0, "ignore_eos": True, **spec.get("sampling", {})}
-    pending = sorted(spec["requests"], key=lambda r: r["arrive_step"])
+    arrivals = [Arrival(r["id"], TokensPrompt(prompt_token_ids=r["prompt_token_ids"]),
+                        SamplingParams(**{**sampling, **r.get("sampling", {})}), r["arrive_step"])
+                for r in spec["requests"]]
+    steps: list = []
+    finished = run_stepped(llm, arrivals, lambda s: steps.append(
+        {"scheduled": s.scheduled, "preempted": s.preempted}))
     outputs = {}
-    step = 0
-    while pending or engine.has_unfinished_requests():
-        while pending and pending[0]["arrive_step"] <= step:
-            r = pending.pop(0)
-            engine.add_request(r["id"], TokensPrompt(prompt_token_ids=r["prompt_token_ids"]),
-                               SamplingParams(**{**sampling, **r.get("sampling", {})}))
-        for out in engine.step():
-            if out.finished:
-                c = out.outputs[0]
-                outputs[out.request_id] = {"token_ids": list(c.token_ids),
-                                           "logprobs": logprob_steps(c.logprobs)}
-        step += 1
-    config = engine.vllm_config
+    for rid, out in finished.items():
+        c = out.outputs[0]
+        outputs[rid] = {"token_ids": list(c.token_ids), "logprobs": logprob_steps(c.logprobs),
+                        "prompt_logprobs": logprob_steps(out.prompt_logprobs),
+                        "num_cached_tokens": out.num_cached_tokens}
+    config = llm.llm_engine.vllm_config
     result = {"attention_backends": llm.apply_model(attention_backend_classes)[0],
               "rotary_classes": llm.apply_model(rotary_layer_classes)[0],
               "prefix_caching": bool(config.cache_config.enable_prefix_caching),

@@ -1,8 +1,9 @@
 """Progress of an offline vLLM batch: prompt tokens processed out of the total, rate and ETA.
 
 vLLM's own bar counts finished prompts, so through one long CPU prefill it sits at 0% for
-minutes. `run_stepped` steps the engine by hand, one scheduler step at a time (as `bench`
-does), and after each step counts the prompt tokens already in the KV cache. With chunked
+minutes. `run_stepped` steps the engine by hand, one scheduler step at a time
+(yarn_vllm.tools.stepped, the loop `bench` and the tests use too), and after each step
+counts the prompt tokens already in the KV cache. With chunked
 prefill that is one update per chunk (vLLM's CPU default is 4,096 tokens a step).
 
 The counts come from the scheduler's requests (`num_computed_tokens`), which this process
@@ -19,6 +20,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+
+from yarn_vllm.tools.stepped import Arrival, Step, in_process_scheduler, render  # noqa: F401
+from yarn_vllm.tools.stepped import run_stepped as run_stepped_engine
 
 
 @dataclass(frozen=True)
@@ -92,35 +96,27 @@ class PrefillCost:
         return ab[0] * n + ab[1] * sum(span_positions(a, b) for a, b in spans)
 
 
-def in_process_scheduler(llm):
-    """vLLM's scheduler when the engine core runs in this process, else None."""
-    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # InprocClient only
-    return getattr(core, "scheduler", None)
-
-
 def run_stepped(llm, prompts: list, params: list, on_progress=None) -> list:
     """What `llm.generate(prompts, params)` returns (outputs in input order), with the engine
-    stepped by hand and `on_progress(Progress)` called after every step."""
+    stepped by hand (yarn_vllm.tools.stepped) and `on_progress(Progress)` called after every
+    step."""
     from vllm.sampling_params import RequestOutputKind
 
-    engine = llm.llm_engine
-    inputs = llm._preprocess_cmpl(prompts)  # vLLM's own rendering, as LLM.generate does
-    lengths, names = {}, {}  # by the engine's request id (ours plus a random suffix)
+    inputs = render(llm, prompts)
+    arrivals = []
     for i, (inp, p) in enumerate(zip(inputs, params)):
         p.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate: counts come from below
-        rid = engine.add_request(f"gen-{i}", inp, p)
-        lengths[rid], names[f"gen-{i}"] = len(inp["prompt_token_ids"]), rid
-    scheduler = in_process_scheduler(llm)
-    total, cost, outputs = sum(lengths.values()), PrefillCost(), {}
+        arrivals.append(Arrival(f"gen-{i}", inp, p))
+    lengths = {a.request_id: len(inp["prompt_token_ids"]) for a, inp in zip(arrivals, inputs)}
+    total, cost, finished = sum(lengths.values()), PrefillCost(), {}
     computed = {rid: 0 for rid in lengths}  # prompt tokens in the cache, per request
     t0 = t_step = time.perf_counter()
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:  # RequestOutput.request_id is the id we gave
-                outputs[names[out.request_id]] = out
-        now = time.perf_counter()
-        live = scheduler.requests if scheduler is not None else {}
-        generated = sum(len(o.outputs[0].token_ids) for o in outputs.values())
+
+    def step(s: Step) -> None:
+        nonlocal t_step
+        finished.update((o.request_id, o) for o in s.outputs if o.finished)
+        live = s.requests or {}
+        generated = sum(len(o.outputs[0].token_ids) for o in finished.values())
         spans = []
         for rid, n in lengths.items():
             r = live.get(rid)
@@ -128,20 +124,22 @@ def run_stepped(llm, prompts: list, params: list, on_progress=None) -> list:
                 done = min(r.num_computed_tokens, n)  # drops back if the request is preempted
                 generated += r.num_output_tokens
             else:  # finished, or not yet visible (engine core in another process)
-                done = n if rid in outputs else computed[rid]
+                done = n if rid in finished else computed[rid]
             if done > computed[rid]:
                 spans.append((computed[rid], done))
             computed[rid] = done
-        cost.add(now - t_step, spans)
-        t_step = now
+        cost.add(s.t_end - t_step, spans)
+        t_step = s.t_end
         if on_progress is not None:
             rate = eta = None  # whole prompts at a time (no scheduler here) say too little
-            if scheduler is not None:
+            if s.requests is not None:
                 rate = cost.rate()
                 eta = cost.predict([(computed[r], n) for r, n in lengths.items()])
-            on_progress(Progress(now - t0, sum(computed.values()), total, generated,
-                                 len(outputs), len(lengths), rate, eta))
-    return [outputs[rid] for rid in lengths]
+            on_progress(Progress(s.t_end - t0, sum(computed.values()), total, generated,
+                                 len(finished), len(lengths), rate, eta))
+
+    outputs = run_stepped_engine(llm, arrivals, step, rendered=True)
+    return [outputs[a.request_id] for a in arrivals]
 
 
 def clock(seconds: float) -> str:

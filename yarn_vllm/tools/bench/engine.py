@@ -17,10 +17,12 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 
 from yarn_vllm.tools.bench.measure import Step, summarise
 from yarn_vllm.tools.engine_worker import (ENGINE_IN_PROCESS, PROGRESS, engine_dtype, exit_with_parent,
                                      run_worker)
+from yarn_vllm.tools.stepped import Arrival, render, run_stepped
 
 _REQUESTS = 0  # request ids, unique within the worker
 
@@ -41,31 +43,32 @@ def _prompts(rng: random.Random, vocab_size: int, context: int, batch: int) -> l
 
 
 def time_batch(llm, prompts: list[list[int]], output_tokens: int) -> dict:
-    """Step the engine by hand over one batch; see yarn_vllm.tools.bench.measure."""
+    """Step the engine by hand over one batch (yarn_vllm.tools.stepped); see
+    yarn_vllm.tools.bench.measure."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # every step's token counts: CUMULATIVE outputs (SamplingParams' default), not
+    # LLM.generate's FINAL_ONLY
     params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True,
                             detokenize=False)
-    engine = llm.llm_engine
-    inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-    # LLM.generate/enqueue ask for final outputs only; stepping by hand needs every step's
-    # (CUMULATIVE, SamplingParams' default), so requests go to the engine directly.
-    render = getattr(llm, "_preprocess_cmpl", None)
-    if render is not None:
-        inputs = render(inputs)
     global _REQUESTS
-    t_start = time.perf_counter()
-    ids = []
-    for inp in inputs:
+    arrivals = []
+    for p in prompts:
         _REQUESTS += 1
-        ids.append(engine.add_request(f"bench-{_REQUESTS}", inp, params))
-    counts = {rid: 0 for rid in ids}
+        arrivals.append(Arrival(f"bench-{_REQUESTS}", TokensPrompt(prompt_token_ids=p), params))
+    inputs = render(llm, [a.prompt for a in arrivals])
+    arrivals = [replace(a, prompt=inp) for a, inp in zip(arrivals, inputs)]
+    counts = {a.request_id: 0 for a in arrivals}
     steps = []
-    while engine.has_unfinished_requests():
-        for out in engine.step():
+
+    def step(s) -> None:
+        for out in s.outputs:
             counts[out.request_id] = len(out.outputs[0].token_ids)
-        steps.append(Step(time.perf_counter(), dict(counts)))
+        steps.append(Step(s.t_end, dict(counts)))
+
+    t_start = time.perf_counter()  # rendering stays outside, as before
+    run_stepped(llm, arrivals, step, rendered=True)
     return summarise(t_start, steps, len(prompts[0]), len(prompts), output_tokens)
 
 
