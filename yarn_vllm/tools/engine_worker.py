@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 
-from yarn_vllm.tools.cpu import apply_cpu_defaults
+from yarn_vllm.tools.engine_args import engine_setup
 
 _ENV_DEFAULTS = {"TOKENIZERS_PARALLELISM": "false"}
 # lets LLM.apply_model ship yarn_vllm.vllm_seam.introspect functions to the engine core; only for
@@ -66,21 +66,23 @@ def run_worker(module: str, spec: dict, *, plugins: bool = True, env: dict | Non
                timeout: float | None = None, on_progress=None) -> dict:
     """Run `python -m module SPEC OUT` in a fresh process and return OUT's JSON.
 
-    The spec's llm_kwargs get the CPU defaults; plugins=False sets VLLM_PLUGINS="".
+    The spec's llm_kwargs and the process's environment come from yarn_vllm.tools.engine_args
+    (CPU defaults, a core group per rank); plugins=False sets VLLM_PLUGINS="".
     The process leads its own process group, so a timeout kills vLLM's engine core and
     workers with it; the worker calls `exit_with_parent()`, so it dies with us as well.
     Stdout lines starting with PROGRESS go to `on_progress` as parsed JSON.
     Raises TimeoutError after `timeout` seconds, RuntimeError (with the log) on failure.
     """
-    spec = dict(spec, llm_kwargs=dict(spec.get("llm_kwargs", {})))
-    apply_cpu_defaults(spec["llm_kwargs"])
+    child_env = {**engine_env(plugins, env), PARENT_PID: str(os.getpid())}
+    setup = engine_setup(spec.get("llm_kwargs", {}), env=child_env)
+    setup.apply_env(child_env)
+    spec = dict(spec, llm_kwargs=setup.kwargs)
     with tempfile.TemporaryDirectory(prefix="yarn_vllm_engine_") as tmp:
         spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
         stdout_lines = []
         with open(os.path.join(tmp, "stderr.log"), "w+") as stderr:
-            child_env = {**engine_env(plugins, env), PARENT_PID: str(os.getpid())}
             proc = subprocess.Popen([sys.executable, "-m", module, spec_path, out_path],
                                     env=child_env, stdout=subprocess.PIPE,
                                     stderr=stderr, text=True, start_new_session=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from yarn_vllm.tools.bench.engine import run_bench_engine
-from yarn_vllm.tools.cli.redact import redact_kwargs
+from yarn_vllm.tools.redact import redact_kwargs
 from yarn_vllm.yarn.config import YarnConfig
 from yarn_vllm.tools.methods import default_factor, method, method_overrides
 

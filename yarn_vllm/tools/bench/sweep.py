@@ -21,7 +21,7 @@ import time
 from collections import deque
 
 from yarn_vllm.tools.bench.sweep_config import config_id
-from yarn_vllm.tools.cli.redact import redact_kwargs
+from yarn_vllm.tools.redact import redact_kwargs
 
 
 def run_config(config: dict) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from yarn_vllm.tools.cli.redact import HIDDEN, is_secret
+from yarn_vllm.tools.redact import HIDDEN, is_secret
 from yarn_vllm.yarn.config import MODES, YarnConfig
 from yarn_vllm.errors import UserError
 from yarn_vllm.tools.models import DEFAULT_MODEL

@@ -7,6 +7,7 @@ import time
 from yarn_vllm.tools.cli.args import FACTOR_HELP, add_model_flag, check_factor, check_numbers, \
     method_names, passthrough_kwargs, positive_ints
 from yarn_vllm.errors import UserError
+from yarn_vllm.tools.engine_args import engine_setup
 
 BENCH_COMMANDS = ("offline", "online", "sweep")
 
@@ -27,6 +28,7 @@ def cmd_offline(args, unknown) -> int:
     check_numbers(args, "bench offline", positive=("output_tokens", "repeats", "timeout"))
     output_paths(args.out, args.name, source="bench offline")
     llm_kwargs = passthrough_kwargs(unknown)
+    engine_setup(llm_kwargs, source="bench offline")  # e.g. more TP ranks than cores, refused now
     t0 = time.perf_counter()
     results = run_offline(resolve_model(args.model), args.methods, args.context_lengths,
                           args.batch_sizes, output_tokens=args.output_tokens, factor=args.factor,

