@@ -13,6 +13,12 @@
 
 namespace yarn {
 
+// Size limits of every op's contract. Kernels index heads, channels and rows with int,
+// and an expanded (stride-0) input can have any size, so each contract checks these in
+// int64, before anything is multiplied or cast to int.
+constexpr int64_t kMaxHeads = 4096;            // q / k heads of one tensor (models: <= 128)
+constexpr int64_t kMaxIndex = (int64_t{1} << 31) - 1;  // what an int32 index can reach
+
 enum class ArgDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt32 = 3, kInt64 = 4,
                             kOther = 5 };
 
@@ -36,16 +42,12 @@ struct ArgTensor {
   bool host = false;
 
   int kept() const { return dim < 4 ? dim : 4; }
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int i = 0; i < kept(); ++i) n *= size[i];
-    return n;
-  }
   bool contiguous() const {
     int64_t expected = 1;
     for (int i = kept() - 1; i >= 0; --i) {
       if (size[i] != 1 && stride[i] != expected) return false;
-      expected *= size[i];
+      // an expanded tensor's sizes can wrap the product: then no stride is expected
+      if (__builtin_mul_overflow(expected, size[i], &expected)) return i == 0;
     }
     return true;
   }

@@ -11,8 +11,8 @@
 TORCH_LIBRARY(yarn_vllm, m) {
   // Rotates query (and key) in place with YaRN frequencies and magnitude.
   // positions: (T,) int64, any values: the angle is float(position) * inv_freq in fp32;
-  // query: (T, H_q * D) or (T, H_q, D), H_q > 0, channels contiguous, token stride free;
-  // key likewise with H_k > 0, or None; inv_freq: (S, rotary_dim / 2) fp32 contiguous,
+  // query: (T, H_q * D) or (T, H_q, D), 0 < H_q <= 4096 (kMaxHeads), channels contiguous,
+  // token stride free; key likewise with 0 < H_k <= 4096, or None; inv_freq: (S, rotary_dim / 2) fp32 contiguous,
   // S >= 1 rows, one per scale; mscale: (S,) fp32 contiguous, the magnitude of each row;
   // scale_index: (T,) int32 contiguous, values in [0, S), or None: every token uses row 0.
   // Contract on scale_index values: the CPU launcher checks them. The CUDA launcher does

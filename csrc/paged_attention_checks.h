@@ -13,6 +13,8 @@
 //   logit_scale       (B,) fp32 contiguous
 //   cos_sin, cos_sin_start   both or neither: (rows, rotary_dim) fp32 and (B,) int64
 //   max_blocks * block_size <= kMaxContext, so positions and lengths fit int32
+//   H_q <= kMaxHeads, D <= kMaxHeadSize, T x H_q < 2^31, B < 2^31 - 1: the kernels'
+//   int indices; expanded (stride-0) inputs are refused past them, never wrapped
 // Values, checked where they can be read (CPU always; CUDA under YARN_VLLM_CHECK_ARGS=1):
 //   query_start_loc starts at 0, never decreases and ends at or before T;
 //   0 <= q_len_b <= seq_lens[b] <= max_blocks * block_size;
@@ -30,6 +32,7 @@ namespace yarn {
 
 constexpr int kAngleStride = 32;  // positions per coarse row of the angle table (== fine rows)
 constexpr int64_t kMaxContext = (int64_t{1} << 31) - (int64_t{1} << 16);
+constexpr int64_t kMaxHeadSize = 1024;  // channels a head: as the rotary op's rotary_dim
 
 struct PagedArgs {
   ArgTensor out, query, key_cache, value_cache, block_table, seq_lens, query_start_loc,
@@ -83,6 +86,13 @@ inline PagedProblem check_paged_shapes(const PagedArgs& a) {
                  "got ", q.type());
   YARN_ARG_CHECK(q.size[1] > 0 && q.size[2] > 0, "query: expected H_q > 0 heads of D > 0, got ",
                  q.shape());
+  // The kernels index heads, channels and query rows (token x head) with int, and keep
+  // a work item's rows (up to max(64, H_q)) x D in scratch: bounded before any product.
+  YARN_ARG_CHECK(q.size[1] <= kMaxHeads && q.size[2] <= kMaxHeadSize, "query: ", q.size[1],
+                 " heads of ", q.size[2], " channels; expected at most ", kMaxHeads,
+                 " heads of at most ", kMaxHeadSize);
+  YARN_ARG_CHECK(q.size[0] <= kMaxIndex / q.size[1], "query: ", q.size[0], " tokens of ",
+                 q.size[1], " heads; expected at most ", kMaxIndex, " rows (tokens x heads)");
   const ArgTensor& o = a.out;
   YARN_ARG_CHECK(o.dim == 3 && o.size[0] == q.size[0] && o.size[1] == q.size[1] &&
                      o.size[2] == q.size[2] && o.dtype == q.dtype && o.stride[2] == 1,
@@ -96,7 +106,8 @@ inline PagedProblem check_paged_shapes(const PagedArgs& a) {
                    a.value_cache.shape(), " differs from key_cache's ", kc.shape());
   YARN_ARG_CHECK(kc.size[1] > 0 && q.size[1] % kc.size[1] == 0, "key_cache: ", kc.size[1],
                  " kv heads; expected a positive divisor of query's ", q.size[1], " heads");
-  YARN_ARG_CHECK(kc.size[2] > 0, "key_cache: block size ", kc.size[2], "; expected > 0");
+  YARN_ARG_CHECK(kc.size[2] > 0 && kc.size[2] <= kMaxContext, "key_cache: block size ",
+                 kc.size[2], "; expected 1 to ", kMaxContext);
 
   const ArgTensor& bt = a.block_table;
   YARN_ARG_CHECK(bt.dtype == ArgDType::kInt32, "block_table: expected int32, got ",
@@ -106,7 +117,10 @@ inline PagedProblem check_paged_shapes(const PagedArgs& a) {
   detail::same_device(bt, q);
   PagedProblem p{bt.size[0], q.size[0], q.size[1], kc.size[1], q.size[2], 0, kc.size[2],
                  kc.size[0], bt.size[1]};
-  YARN_ARG_CHECK(p.max_blocks * p.block_size <= kMaxContext, "block_table: ", p.max_blocks,
+  YARN_ARG_CHECK(p.num_seqs < kMaxIndex, "block_table: ", p.num_seqs, " sequences; expected "
+                 "fewer than ", kMaxIndex);
+  // max_blocks * block_size <= kMaxContext, asked without forming the product (it can wrap)
+  YARN_ARG_CHECK(p.max_blocks <= kMaxContext / p.block_size, "block_table: ", p.max_blocks,
                  " blocks of ", p.block_size, " tokens exceed the longest context, ", kMaxContext);
   check_vector(a.seq_lens, ArgDType::kInt32, p.num_seqs, q);
   check_vector(a.query_start_loc, ArgDType::kInt32, p.num_seqs + 1, q);
@@ -117,9 +131,10 @@ inline PagedProblem check_paged_shapes(const PagedArgs& a) {
                  "inv_freq: expected fp32 (B=", p.num_seqs, ", rotary_dim / 2) with contiguous "
                  "rows, got ", f.type(), " ", f.shape());
   detail::same_device(f, q);
+  YARN_ARG_CHECK(f.size[1] > 0 && f.size[1] <= p.head_size / 2, "inv_freq: ", f.size[1],
+                 " frequencies (rotary_dim / 2) must be in (0, head_size / 2 = ",
+                 p.head_size / 2, "]");
   p.rotary_dim = f.size[1] * 2;
-  YARN_ARG_CHECK(p.rotary_dim > 0 && p.rotary_dim <= p.head_size, "inv_freq: rotary_dim ",
-                 p.rotary_dim, " must be in (0, head_size=", p.head_size, "]");
   check_vector(a.logit_scale, ArgDType::kFloat32, p.num_seqs, q);
 
   YARN_ARG_CHECK(a.cos_sin.present == a.cos_sin_start.present,

@@ -33,6 +33,7 @@ void run(const PagedOp& op) {
   const auto& cos_sin = op.cos_sin;
   const auto& cos_sin_start = op.cos_sin_start;
   at::Tensor& out = op.out;
+  // The contract bounds heads, head size and block size (and T x H_q) below 2^31.
   PagedShape sh;
   sh.num_q_heads = static_cast<int>(p.num_q_heads);
   sh.num_kv_heads = static_cast<int>(p.num_kv_heads);
@@ -76,7 +77,7 @@ void run(const PagedOp& op) {
                             freq + b * inv_freq.stride(0)};
     if (q_len == 0) continue;
     for (int h = 0; h < sh.num_kv_heads; ++h) {
-      if (q_len * group <= kDecodeRows) {
+      if (int64_t{q_len} * group <= kDecodeRows) {
         const int splits = std::max(1, (seq_len + kSplitKeys - 1) / kSplitKeys);
         if (splits == 1) {
           items.push_back({static_cast<int>(b), h, 0, q_len, 0, seq_len, -1});

@@ -26,19 +26,22 @@ inline HeadsView heads_view(const at::Tensor& x, const char* name, int64_t num_t
   TORCH_CHECK(x.stride(-1) == 1, name, ": the last dimension must be contiguous");
   HeadsView v;
   v.token_stride = x.stride(0);
+  int64_t heads;  // counted in int64: an expanded (stride-0) head dim can have any size
   if (x.dim() == 2) {
     TORCH_CHECK(x.size(1) % head_size == 0, name, ": width ", x.size(1),
                 " is not a multiple of head_size ", head_size);
-    v.num_heads = static_cast<int>(x.size(1) / head_size);
+    heads = x.size(1) / head_size;
     v.head_stride = head_size;
   } else {
     TORCH_CHECK(x.size(2) == head_size, name, ": last dim ", x.size(2), " != head_size ",
                 head_size);
-    v.num_heads = static_cast<int>(x.size(1));
+    heads = x.size(1);
     v.head_stride = x.stride(1);
   }
-  TORCH_CHECK(v.num_heads > 0, name, ": 0 heads of head_size ", head_size, " in ", x.sizes(),
-              "; pass at least one head (or None for the key)");
+  TORCH_CHECK(heads > 0 && heads <= kMaxHeads, name, ": ", heads, " heads of head_size ",
+              head_size, " in ", x.sizes(), "; pass 1 to ", kMaxHeads,
+              " heads (or None for the key)");
+  v.num_heads = static_cast<int>(heads);
   return v;
 }
 
@@ -54,7 +57,8 @@ inline RotaryProblem check_rotary_args(const at::Tensor& positions, const at::Te
                                        const at::Tensor& inv_freq, const at::Tensor& mscale,
                                        const std::optional<at::Tensor>& scale_index,
                                        int64_t head_size) {
-  TORCH_CHECK(head_size > 0, "head_size: ", head_size, "; expected > 0");
+  TORCH_CHECK(head_size > 0 && head_size <= kMaxIndex, "head_size: ", head_size,
+              "; expected > 0 and at most ", kMaxIndex);
   TORCH_CHECK(positions.scalar_type() == at::kLong, "positions: expected int64, got ",
               positions.scalar_type());
   TORCH_CHECK(positions.is_contiguous(), "positions: must be contiguous");
@@ -65,10 +69,12 @@ inline RotaryProblem check_rotary_args(const at::Tensor& positions, const at::Te
   RotaryProblem p;
   p.num_tokens = positions.numel();
   p.num_scales = inv_freq.size(0);
-  p.rotary_dim = static_cast<int>(2 * inv_freq.size(1));
-  TORCH_CHECK(p.rotary_dim > 0 && p.rotary_dim <= head_size && p.rotary_dim <= 1024,
-              "rotary_dim ", p.rotary_dim, " must be in (0, min(head_size=", head_size,
-              ", 1024)]");
+  TORCH_CHECK(p.num_scales <= kMaxIndex, "inv_freq: ", p.num_scales, " rows; scale_index "
+              "(int32) reaches at most ", kMaxIndex);
+  const int64_t pairs = inv_freq.size(1);  // a contiguous row of them: no product can wrap
+  TORCH_CHECK(pairs > 0 && 2 * pairs <= head_size && 2 * pairs <= 1024, "rotary_dim ",
+              2 * pairs, " must be in (0, min(head_size=", head_size, ", 1024)]");
+  p.rotary_dim = static_cast<int>(2 * pairs);
   TORCH_CHECK(mscale.scalar_type() == at::kFloat && mscale.dim() == 1 &&
                   mscale.size(0) == p.num_scales && mscale.is_contiguous(),
               "mscale: expected a contiguous fp32 (", p.num_scales, ",) tensor, one per "

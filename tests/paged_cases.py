@@ -101,6 +101,8 @@ def make_case(name: str, device: str = "cpu", spec=None) -> dict:
 
 def new_out(case: dict, strided: bool = False) -> torch.Tensor:
     q = case["query"]
+    if 0 in q.stride():  # an expanded probe (tests refuse it): out expanded alike, no memory
+        return torch.full(q.shape[2:], float("nan"), dtype=q.dtype, device=q.device).expand(q.shape)
     if strided:  # a view with padded rows: the kernel must honour out's strides
         return torch.full((q.shape[0], q.shape[1], q.shape[2] + 8), float("nan"),
                           dtype=q.dtype, device=q.device)[..., :q.shape[2]]

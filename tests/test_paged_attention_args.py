@@ -4,7 +4,8 @@ Every implementation must refuse the same bad arguments with the same one-line
 message: the CPU op, its Meta twin (what torch.compile traces), the Triton wrapper
 (through the paged_attention_check op) and the CUDA launcher (emulated on the CPU,
 with its debug value checks on). The first rows are the crashes of issue 14: each
-used to kill the process (double free, segfault, bus error, SIGFPE).
+used to kill the process (double free, segfault, bus error, SIGFPE); CRASHES are
+issue 24's, run in a child process so that a regression fails a test, not pytest.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ BAD = {
     "inv_freq_extra_row": (_replace("inv_freq", lambda t: torch.cat((t, t[:1]))),
                            "inv_freq: expected fp32", "shape"),
     "rotary_past_head": (_replace("inv_freq", lambda t: torch.cat((t, t), 1)),
-                         "inv_freq: rotary_dim 64 must be in", "shape"),
+                         r"inv_freq: 32 frequencies \(rotary_dim / 2\) must be in", "shape"),
     "logit_scale_short": (_replace("logit_scale", lambda t: t[:1]), "logit_scale: expected",
                           "shape"),
     "heads_not_a_multiple": (_replace("query", lambda t: t[:, :3]),
@@ -151,6 +152,86 @@ def test_every_implementation_refuses_with_one_message(name, emulator):
             messages[impl] = _message(fn, case)
     assert len(set(messages.values())) == 1, messages
     assert re.search(match, messages["cpu"]), messages
+
+
+def _expanded(t, dim, n):
+    """t with dimension `dim` stretched to n elements by a stride of 0 (no memory)."""
+    return t.narrow(dim, 0, 1).expand(*t.shape[:dim], n, *t.shape[dim + 1:])
+
+
+def _heads_2pow32(c):
+    c["query"] = _expanded(c["query"], 1, 2 ** 32)
+    _both_caches(lambda t: _expanded(t, 1, 2 ** 32))(c)
+
+
+def _block_size_near_2pow61(c):
+    """Rows of 8 blocks of 2^61 + 1 tokens (one block in the cache, so torch can size it):
+    the product wraps to 8, so a check of max_blocks * block_size passed, and the block
+    ids past the one used, never checked, were read."""
+    c["block_table"] = torch.full((2, 8), 10 ** 6, dtype=torch.int32)
+    c["block_table"][:, 0] = 0
+    _both_caches(lambda t: _expanded(t[:1], 2, 2 ** 61 + 1))(c)
+
+
+def _q_len_2pow24_group256(c):
+    """One sequence of 2^24 queries, 256 q heads on 1 kv head: q_len * group wraps int32 to 0
+    rows of scratch, which the query rows were then written past."""
+    n = 2 ** 24
+    c.update(query=_expanded(_expanded(c["query"][:, :1], 0, n), 1, 256),
+             key_cache=_expanded(c["key_cache"][:1, :1, :1], 2, n),
+             value_cache=_expanded(c["value_cache"][:1, :1, :1], 2, n),
+             block_table=torch.zeros(1, 1, dtype=torch.int32),
+             seq_lens=torch.tensor([n], dtype=torch.int32),
+             query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+             inv_freq=c["inv_freq"][:1], logit_scale=c["logit_scale"][:1])
+
+
+# Inputs that once crashed the process (issue 24): name: (spec of make_case, mutation, message).
+# Each is refused by every implementation alike, the Meta twin included.
+SMALL = ([8, 5], [1, 5], (4, 2), 32, 32, 8, torch.float32, {})
+TINY_HEADS = ([8, 5], [1, 5], (2, 1), 2, 2, 8, torch.float32, {})
+CRASHES = {
+    "heads_2pow32_expanded": (None, _heads_2pow32,  # was SIGFPE: the group 0 / 0
+                              "query: 4294967296 heads of 32 channels; expected at most 4096"),
+    "block_size_near_2pow61": (TINY_HEADS, _block_size_near_2pow61,  # was an out-of-bounds read
+                               "key_cache: block size 2305843009213693953; expected 1 to "),
+    "q_len_2pow24_group256": (SMALL, _q_len_2pow24_group256,  # was an out-of-bounds write
+                              r"query: 16777216 tokens of 256 heads; expected at most "
+                              r"2147483647 rows \(tokens x heads\)"),
+}
+
+
+def crash_probe(name: str, emulator_lib: str) -> dict:
+    """{implementation: the first line of its error, or "accepted"} for one CRASHES input.
+    Runs in a child process (isolated.run_probes): a regression crashes the child only."""
+    import ctypes
+
+    from cuda_emu.emu import Emulator
+
+    spec, mutate, _ = CRASHES[name]
+    impls = {"cpu": run_cpu, "meta": run_meta, "check_op": run_check_op,
+             "cuda_emulated": lambda c: Emulator(ctypes.CDLL(emulator_lib))(*_args(c, new_out(c)))}
+    messages = {}
+    for impl, fn in impls.items():
+        case = make_case(BASE if spec is None else "probe", spec=spec)
+        mutate(case)
+        try:
+            fn(case)
+            messages[impl] = "accepted"
+        except RuntimeError as e:
+            messages[impl] = str(e).splitlines()[0]
+    return messages
+
+
+def test_inputs_that_crashed_the_process_are_refused(emulator):
+    from isolated import run_probes
+
+    results = run_probes("test_paged_attention_args", "crash_probe", list(CRASHES),
+                         emulator.lib._name)
+    for name, (_, _, match) in CRASHES.items():
+        messages = results[name]
+        assert len(set(messages.values())) == 1, (name, messages)
+        assert re.search(match, messages["cpu"]), (name, messages)
 
 
 @pytest.mark.parametrize("table", [True, False], ids=["cos_sin", "no_table"])

@@ -236,6 +236,38 @@ def test_kernel_and_meta_twin_reject_bad_arguments(mutate, match, shape_only):
             torch.ops.yarn_vllm.rotary_embedding(*meta)
 
 
+# Head counts past int in an expanded (stride-0) query (issue 24): 2^32 + 1 heads were taken
+# as 1 head and rotated silently; 2^31 were refused as "0 heads".
+HEAD_COUNTS = {"heads_2pow32_plus1": 2 ** 32 + 1, "heads_2pow31": 2 ** 31}
+
+
+def head_count_probe(name: str) -> dict:
+    """{"cpu" | "meta": the first line of its error, or "accepted"} for one HEAD_COUNTS
+    query. Runs in a child process (isolated.run_probes): past the check, the kernel would
+    rotate 2^32 heads of each token."""
+    pos, q, k, inv, mscale, index = make_case(8, 64, 64, torch.bfloat16, scales=4)
+    q = q.view(8, -1, 64)[:, :1].expand(8, HEAD_COUNTS[name], 64)
+    meta = lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")  # noqa: E731
+    messages = {}
+    for impl, to in {"cpu": lambda t: t, "meta": meta}.items():
+        try:
+            torch.ops.yarn_vllm.rotary_embedding(*map(to, (pos, q, k, inv, mscale, index)), 64, True)
+            messages[impl] = "accepted"
+        except RuntimeError as e:
+            messages[impl] = str(e).splitlines()[0]
+    return messages
+
+
+@needs_ext
+def test_head_counts_past_int_are_refused_with_their_count():
+    from isolated import run_probes
+
+    results = run_probes("test_rotary_op", "head_count_probe", list(HEAD_COUNTS))
+    for name, n in HEAD_COUNTS.items():
+        assert results[name]["cpu"] == results[name]["meta"], results[name]
+        assert results[name]["cpu"].startswith(f"query: {n} heads of head_size 64 in "), results
+
+
 @needs_ext
 def test_opcheck_schema_and_meta_twin():
     """The schema's aliasing and the Meta twin agree with the kernel (torch.compile)."""
