@@ -3,13 +3,13 @@
 It keeps a cache of keys *before* RoPE. Each step it takes the scale
 s = max(1, l / L) from the length l after the step's tokens (paper Section 3.3,
 Eq. 24), re-rotates every cached key and the step's queries with the YaRN
-frequencies at s (Eq. 17-19, yarn_math.yarn_inv_freq; plain RoPE, Eq. 3-4, at
-s = 1) and scales the logits by mscale(s)^2 (Eq. 22). The prompt is one step.
+frequencies at s (Eq. 17-19, written out in `PaperDynamicYarn.inv_freq`, float64; plain
+RoPE, Eq. 3-4, at s = 1) and scales the logits by mscale(s)^2 (Eq. 22). The prompt is one step.
 Weights come from an HF LlamaForCausalLM; only its linear layers, norms and MLPs
 are used.
 
-Nothing here reads yarn_vllm's ScalePolicy: the scale rule and the magnitude are
-written out below, so that a test comparing the engine with this loop compares
+Nothing here reads yarn_vllm (neither ScalePolicy nor yarn_math): the scale rule, the
+frequencies and the magnitude are written out below, so that a test comparing the engine with this loop compares
 two implementations, not one with itself.
 
 Preemption. vLLM preempts by recomputation: a preempted sequence loses its
@@ -28,7 +28,6 @@ import math
 
 import torch
 
-from yarn_vllm.yarn import yarn_math
 
 # An fp32 engine against this loop, on the logprob of each token the engine chose. This loop
 # forms RoPE angles in float64; the engine's SDPA path (prefills) forms them in fp32, as HF
@@ -40,6 +39,9 @@ LOGPROB_TOL = 2e-4
 # What a wrong scale must be off by, at least, for a test at LOGPROB_TOL to mean anything.
 CONTRAST = 100 * LOGPROB_TOL
 TIE = 1e-3  # two tokens this close are a tie that summation order may break either way
+# Dynamic mode has no list of scales; a test's neighbouring scales are those of a length one
+# 32-token block away at L = 1024: s +- 1/32 (s - 1/32 only where it stays >= 1).
+NEIGHBOUR = 1 / 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +49,8 @@ class PaperDynamicYarn:
     """Dynamic YaRN for one model: the rotary shape and the YaRN settings, paper names.
 
     `fixed_scale`, when set, replaces s(l) by that s at every step: 1.0 is the model as
-    trained, the configured factor is static YaRN (the contrasts a test needs).
+    trained, the configured factor is static YaRN; `scale_offset` moves s(l) by that much
+    (kept >= 1): NEIGHBOUR is the neighbouring scale (the contrasts a test needs).
     """
 
     rotary_dim: int
@@ -55,24 +58,47 @@ class PaperDynamicYarn:
     original_max_position: int
     beta_fast: float = 32.0
     beta_slow: float = 1.0
+    truncate: bool = True
     mscale: float | None = None
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     fixed_scale: float | None = None
+    scale_offset: float = 0.0
 
     def scale(self, length: int) -> float:
         """s = max(1, l / L) (Eq. 24)."""
         if self.fixed_scale is not None:
             return self.fixed_scale
-        return max(1.0, length / self.original_max_position)
+        return max(1.0, max(1.0, length / self.original_max_position) + self.scale_offset)
 
     def inv_freq(self, s: float) -> torch.Tensor:
-        """[rotary_dim // 2] fp32: plain RoPE at s = 1, NTK-by-parts (Eq. 17-19) above."""
+        """[rotary_dim // 2] float64: plain RoPE at s = 1, NTK-by-parts (Eq. 17-19) above.
+
+        Written out here, not taken from yarn_vllm. theta_j = b^(-2j/d) (Eq. 3-4); the
+        wavelength lambda_j = 2 pi / theta_j (Eq. 13) fits r_j = L / lambda_j times into L
+        (Eq. 16). The ramp gamma (Eq. 18) is 1 (keep theta_j) where r_j > beta_fast and 0
+        (theta_j / s) where r_j < beta_slow; in between it runs linearly over the index j,
+        as the paper's released code and every checkpoint do, from the j where
+        r_j = beta_fast to the j where r_j = beta_slow: j(r) = d ln(L / (2 pi r)) / (2 ln b).
+        `truncate` rounds those two bounds outwards to whole indices.
+        """
+        d, b, L = self.rotary_dim, self.rope_theta, self.original_max_position
+        j = torch.arange(d // 2, dtype=torch.float64)
+        theta = b ** (-2.0 * j / d)
         if s == 1.0:
-            return yarn_math.rope_inv_freq(self.rotary_dim, self.rope_theta)
-        return yarn_math.yarn_inv_freq(self.rotary_dim, self.rope_theta, s,
-                                       self.original_max_position, self.beta_fast,
-                                       self.beta_slow)
+            return theta
+
+        def index_of(rotations: float) -> float:
+            return d * math.log(L / (2 * math.pi * rotations)) / (2 * math.log(b))
+
+        low, high = index_of(self.beta_fast), index_of(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        if high == low:  # a step at `low`, as the released code widens it
+            high += 1e-3
+        gamma = 1.0 - ((j - low) / (high - low)).clamp(0.0, 1.0)  # Eq. 18, over the index
+        return theta / s * (1.0 - gamma) + theta * gamma  # Eq. 19
 
     def attention_scale(self, s: float) -> float:
         """The logit multiplier mscale(s)^2.
@@ -162,10 +188,55 @@ def generate(model, prompt: list[int], new_tokens: int, rope: PaperDynamicYarn,
     return tokens[len(prompt):], logprobs
 
 
+@torch.no_grad()
+def replay(model, prompt: list[int], tokens: list[int], spans: list[tuple[int, int]],
+           rope: PaperDynamicYarn, chunk_scale=None) -> list[torch.Tensor]:
+    """One request's steps as an engine ran them: the log-softmax [vocab] of each step that
+    sampled a token (the first is the prompt's), following the engine's `tokens`.
+
+    spans: per step the request was scheduled in, the positions [start, stop) it computed.
+    Positions before `start` keep the keys and values computed earlier, by whichever step
+    computed them (a prefix-cache hit, or the rest of a chunked prefill); a `start` below
+    what was computed is a recompute after preemption: the rest is dropped and computed
+    again. A step computes its positions at the scale of the length it reaches,
+    s(stop), except a chunk still inside the prompt (stop <= P), which runs at s(P), as
+    a one-step prefill would (docs/modes.md); `chunk_scale(stop, P)` replaces that rule
+    (contrasts). A step reaching the end of what is known (stop = P + tokens so far)
+    samples the next token.
+    """
+    cfg = model.config
+    head, layers, P = cfg.head_dim, model.model.layers, len(prompt)
+    sequence = list(prompt) + list(tokens)
+    empty = torch.empty(0, cfg.num_key_value_heads, head)
+    keys, values = [empty] * len(layers), [empty] * len(layers)
+    scale_of = chunk_scale or (lambda stop, p: rope.scale(p if stop <= p else stop))
+    logprobs = []
+    for start, stop in spans:
+        assert keys[0].shape[0] >= start, f"positions {keys[0].shape[0]}..{start} never computed"
+        keys, values = [k[:start] for k in keys], [v[:start] for v in values]
+        s = scale_of(stop, P)
+        cos, sin = _cos_sin(stop, rope.inv_freq(s))
+        x = model.model.embed_tokens(torch.tensor(sequence[start:stop])).float()
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(-1, cfg.num_attention_heads, head)
+            keys[i] = torch.cat((keys[i], attn.k_proj(h).view(-1, cfg.num_key_value_heads, head)))
+            values[i] = torch.cat((values[i],
+                                   attn.v_proj(h).view(-1, cfg.num_key_value_heads, head)))
+            x = x + attn.o_proj(_attention(q, keys[i], values[i], cos, sin,
+                                           rope.attention_scale(s), head))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if stop == P + len(logprobs):
+            logits = model.lm_head(model.model.norm(x[-1:]))[0].float()
+            logprobs.append(torch.log_softmax(logits, -1))
+    return logprobs
+
+
 def rope_of(hf_config: dict, original_max_position: int | None = None) -> PaperDynamicYarn:
     """The paper's Dynamic YaRN for a Llama config dict (NeoX pairs, full rotary).
 
-    YaRN settings (betas, mscale, mscale_all_dim, attention_factor) come from its
+    YaRN settings (betas, truncate, mscale, mscale_all_dim, attention_factor) come from its
     rope_parameters when it has them; `original_max_position` defaults to theirs.
     """
     head = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
@@ -175,6 +246,7 @@ def rope_of(hf_config: dict, original_max_position: int | None = None) -> PaperD
     return PaperDynamicYarn(head, float(theta), int(original),
                             beta_fast=params.get("beta_fast") or 32.0,
                             beta_slow=params.get("beta_slow") or 1.0,
+                            truncate=params.get("truncate", True),
                             mscale=params.get("mscale"),
                             mscale_all_dim=params.get("mscale_all_dim"),
                             attention_factor=params.get("attention_factor"))

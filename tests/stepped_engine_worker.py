@@ -12,7 +12,8 @@ Spec (JSON): {"model", "llm_kwargs", "sampling": {...},
               "requests": [{"id", "prompt_token_ids", "arrive_step", "sampling": {...}}]}
 Result: {"attention_backends", "rotary_classes", "prefix_caching", "chunked_prefill",
          "dtype", "num_preemptions",
-         "steps": [{"scheduled": {id: num_tokens}, "preempted": [id]}],
+         "steps": [{"scheduled": {id: num_tokens}, "preempted": [id],
+                    "computed": {id: tokens in the KV cache before the step}}],
          "outputs": {id: {"token_ids", "logprobs", "prompt_logprobs", "num_cached_tokens"}}}
 """
 
@@ -54,7 +55,7 @@ def main(spec_path: str, out_path: str) -> None:
                 for r in spec["requests"]]
     steps: list = []
     finished = run_stepped(llm, arrivals, lambda s: steps.append(
-        {"scheduled": s.scheduled, "preempted": s.preempted}))
+        {"scheduled": s.scheduled, "preempted": s.preempted, "computed": s.computed}))
     outputs = {}
     for rid, out in finished.items():
         c = out.outputs[0]

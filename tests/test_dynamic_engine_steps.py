@@ -1,8 +1,10 @@
 """Dynamic YaRN as vLLM's scheduler really runs it: staggered arrivals, short prompts, preemption.
 
-One engine (a random tiny Llama trained to L = 1024, dynamic mode, fp32), stepped by hand
-(tests/stepped_engine_worker.py), with a KV cache of 68 usable blocks of 32 tokens (69, one
-held back by vLLM as its null block):
+Two engines (a random tiny Llama trained to L = 1024, dynamic mode, fp32), stepped by hand
+(tests/stepped_engine_worker.py), started side by side.
+
+`stepped`: chunked prefill and prefix caching off, a KV cache of 68 usable blocks of 32
+tokens (69, one held back by vLLM as its null block):
 
   step 0  A, 1000 tokens + 40 new: crosses L at its 25th new token;
   step 3  B, 40 tokens + 20 new, while A decodes: its prompt (<= 64 tokens) and A's decode
@@ -20,12 +22,23 @@ s = max(1, (P + k) / L), exactly as a fresh prompt of P + k tokens would be. Its
 values at layers >= 1 are therefore those of one forward at s(P + k), not the ones the
 uninterrupted sequence built step by step, and its later tokens follow from those.
 
-Chunked prefill and prefix caching are pinned off here, so that a recompute is that one
-whole step. (With prefix caching on, a resumed sequence may find blocks of its prompt still
-cached and recompute only the rest: a different case, not pinned here.)
+Chunked prefill and prefix caching are pinned off there, so that a recompute is that one
+whole step. The model's rope_parameters carry an explicit attention_factor (1.25): in dynamic
+mode it applies only while s > 1 (A's first 24 tokens run as trained, then at 1.25^2).
 
-The model's rope_parameters carry an explicit attention_factor (1.25): in dynamic mode it
-applies only while s > 1 (A's first 24 tokens run as trained, then at 1.25^2).
+`cached`: chunked prefill (256-token budget) and prefix caching on, Eq. 22's magnitude,
+80 usable blocks of 32:
+
+  step 0  A, 1000 tokens + 40 new, prefilled in four chunks at s(P) = 1, crossing L at its
+          25th new token;
+  step 3  C, 1500 tokens + 24 new: its prompt in six chunks, each beside A's decode, every
+          chunk at s(P) = 1500 / L; C is preempted when A needs another block;
+  step 29 E, 300 tokens + 30 new (s = 1), queued behind C. Once A finishes, C resumes: its
+          blocks are still in the prefix cache (hit past its prompt, 1,504 tokens), so only
+          its last tokens are recomputed, at s(P + k), in the step that runs E's first chunk.
+
+Every step of every request is compared with `dynamic_reference.replay`, which recomputes
+exactly the positions the engine's scheduler ran in each step and keeps the rest.
 """
 
 from __future__ import annotations
@@ -37,8 +50,8 @@ import os
 import pytest
 import torch
 
-from dynamic_reference import (CONTRAST, PaperDynamicYarn, assert_follows, generate,
-                               logprob_gap, rope_of)
+from dynamic_reference import (CONTRAST, NEIGHBOUR, PaperDynamicYarn, assert_follows, generate,
+                               logprob_gap, replay, rope_of)
 from stepped_engine_worker import MODULE, stepped_env
 from yarn_vllm.attention.backend import SDPA_MIN_QUERY
 from yarn_vllm.yarn.config import YarnConfig
@@ -51,28 +64,62 @@ REQUESTS = {"A": (1000, 40, 0), "B": (40, 20, 3), "D": (24, 8, 6), "C": (1050, 3
 BLOCK, BLOCKS, MAX_LEN = 32, 69, 1152
 
 
-@pytest.fixture(scope="session")
-def stepped(tiny_llama):
-    hf = json.load(open(os.path.join(tiny_llama, "config.json")))
-    overrides = YarnConfig(factor=4.0, mode="dynamic", attention_factor=1.25).hf_overrides(hf)
-    g = torch.Generator().manual_seed(5)
+# the `cached` engine's requests, and its cache
+CACHED = {"A": (1000, 40, 0), "C": (1500, 24, 3), "E": (300, 30, 29)}
+CACHED_BLOCKS, CACHED_BUDGET, CACHED_LEN = 81, 256, 2048
+
+
+def _spec(tiny_llama, hf, overrides, requests, seed, **llm_kwargs):
+    g = torch.Generator().manual_seed(seed)
     prompts = {name: torch.randint(2, hf["vocab_size"], (n,), generator=g).tolist()
-               for name, (n, _, _) in REQUESTS.items()}
+               for name, (n, _, _) in requests.items()}
     spec = {"model": tiny_llama,
             "requests": [{"id": name, "prompt_token_ids": prompts[name], "arrive_step": at,
                           "sampling": {"max_tokens": new}}
-                         for name, (_, new, at) in REQUESTS.items()],
+                         for name, (_, new, at) in requests.items()],
             # fp32 forced: on a CPU with bf16 (AMX) vLLM would pick bf16 from "auto"
             "llm_kwargs": {"dtype": "float32", "hf_overrides": overrides,
-                           "max_model_len": MAX_LEN, "skip_tokenizer_init": True,
-                           "block_size": BLOCK, "num_gpu_blocks_override": BLOCKS,
-                           # pinned: each prefill, and each recompute, is one whole step
-                           "enable_chunked_prefill": False, "enable_prefix_caching": False,
-                           "max_num_batched_tokens": MAX_LEN,
-                           "disable_log_stats": False},  # vLLM counts preemptions only then
+                           "skip_tokenizer_init": True, "block_size": BLOCK,
+                           "disable_log_stats": False,  # vLLM counts preemptions only then
+                           **llm_kwargs},
             "sampling": {"logprobs": 5, "detokenize": False}}
-    result = run_worker(MODULE, spec, env=stepped_env(), timeout=900)
-    return {"prompts": prompts, "rope": rope_of({**hf, **overrides}), "result": result}
+    return prompts, spec
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_llama):
+    """Both engines of the module docstring, side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    hf = json.load(open(os.path.join(tiny_llama, "config.json")))
+    factor_125 = YarnConfig(factor=4.0, mode="dynamic", attention_factor=1.25).hf_overrides(hf)
+    eq22 = YarnConfig(factor=4.0, mode="dynamic").hf_overrides(hf)
+    runs = {
+        # pinned: each prefill, and each recompute, is one whole step
+        "stepped": (factor_125, _spec(tiny_llama, hf, factor_125, REQUESTS, 5,
+                                      max_model_len=MAX_LEN, num_gpu_blocks_override=BLOCKS,
+                                      enable_chunked_prefill=False,
+                                      enable_prefix_caching=False,
+                                      max_num_batched_tokens=MAX_LEN)),
+        "cached": (eq22, _spec(tiny_llama, hf, eq22, CACHED, 5, max_model_len=CACHED_LEN,
+                               num_gpu_blocks_override=CACHED_BLOCKS,
+                               enable_chunked_prefill=True, enable_prefix_caching=True,
+                               max_num_batched_tokens=CACHED_BUDGET))}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(run_worker, MODULE, spec, env=stepped_env(), timeout=900)
+                   for name, (_, (_, spec)) in runs.items()}
+        return {name: {"prompts": runs[name][1][0], "rope": rope_of({**hf, **runs[name][0]}),
+                       "result": future.result()} for name, future in futures.items()}
+
+
+@pytest.fixture(scope="session")
+def stepped(engines):
+    return engines["stepped"]
+
+
+@pytest.fixture(scope="session")
+def cached(engines):
+    return engines["cached"]
 
 
 @pytest.fixture(scope="session")
@@ -131,10 +178,11 @@ def test_the_scheduler_ran_the_scenario(stepped):
 def test_crossing_the_trained_length_while_others_arrive(stepped, hf_model):
     ours, logprobs = _replay(stepped, hf_model, "A")
     assert_follows(ours, logprobs)
-    # A few steps past L, the model as trained (s = 1 throughout), or Eq. 22's magnitude in
-    # place of the configured attention_factor, is far outside the tolerance.
+    # A few steps past L, the neighbouring scale (s(l) + 1/32), decoding at the prompt's
+    # scale (s(P) = 1 throughout), or Eq. 22's magnitude in place of the configured
+    # attention_factor, is far outside the tolerance.
     past = L - REQUESTS["A"][0] + 4
-    for wrong in ({"fixed_scale": 1.0}, {"attention_factor": None}):
+    for wrong in ({"scale_offset": NEIGHBOUR}, {"fixed_scale": 1.0}, {"attention_factor": None}):
         _, contrast = _replay(stepped, hf_model, "A",
                               dataclasses.replace(stepped["rope"], **wrong), steps=past)
         assert logprob_gap(ours, contrast) > CONTRAST, wrong
@@ -148,9 +196,9 @@ def test_a_short_prompt_arriving_mid_decode_runs_as_trained(stepped, hf_model, r
     with torch.no_grad():
         logits = hf_model(torch.tensor([prompt + ours["token_ids"]])).logits[0].float()
     assert_follows(ours, list(torch.log_softmax(logits[len(prompt) - 1:-1], -1)))
-    _, static = _replay(stepped, hf_model, request_id,
-                        dataclasses.replace(stepped["rope"], fixed_scale=4.0), steps=1)
-    assert logprob_gap(ours, static) > CONTRAST  # static YaRN s = 4 would not pass
+    _, above = _replay(stepped, hf_model, request_id,
+                       dataclasses.replace(stepped["rope"], fixed_scale=1 + NEIGHBOUR), steps=1)
+    assert logprob_gap(ours, above) > CONTRAST  # the neighbouring scale 1 + 1/32 would not pass
 
 
 def test_a_preempted_sequence_is_recomputed_at_its_whole_length(stepped, hf_model):
@@ -179,3 +227,80 @@ class _ScaleOfPromptAt(PaperDynamicYarn):
         if length == self.recompute_length:
             return super().scale(REQUESTS["C"][0])
         return super().scale(length)
+
+
+# ---- the `cached` engine: chunked prefill and prefix caching on ------------------------------
+
+def _spans(run, request: str) -> list[tuple[int, int]]:
+    """The positions [start, stop) the engine computed for `request`, step by step."""
+    return [(s["computed"][request], s["computed"][request] + s["scheduled"][request])
+            for s in run["result"]["steps"] if request in s["scheduled"]]
+
+
+def _replay_spans(run, hf_model, request: str, rope=None, chunk_scale=None):
+    ours = run["result"]["outputs"][request]
+    return ours, replay(hf_model, run["prompts"][request], ours["token_ids"],
+                        _spans(run, request), rope or run["rope"], chunk_scale)
+
+
+def test_the_cached_scenario_ran_as_planned(cached):
+    """Guards the scenario: chunked prefill beside decodes, one preemption of C, C's resume
+    from the prefix cache with a short recompute beside E's first chunk (E at s = 1)."""
+    result = cached["result"]
+    assert result["chunked_prefill"] is True and result["prefix_caching"] is True
+    assert result["dtype"] == "float32"
+    steps = result["steps"]
+    preempted = [name for s in steps for name in s["preempted"]]
+    assert preempted == ["C"] and result["num_preemptions"] == 1
+    P = CACHED["C"][0]
+    spans = _spans(cached, "C")
+    chunks = [(a, b) for a, b in spans if b <= P]
+    assert len(chunks) >= 5 and chunks[0][0] == 0 and chunks[-1][1] == P  # chunked at s(P)
+    beside = [s["scheduled"].get("A") for s in steps
+              if s["scheduled"].get("C", 0) > 1 and s["computed"]["C"] < P]
+    assert len(beside) == len(chunks) and beside[1:] == [1] * (len(chunks) - 1)  # A's decode
+    resumes = [(a, b) for (a, b), (_, prev) in zip(spans[1:], spans) if a < prev]
+    assert len(resumes) == 1
+    start, stop = resumes[0]
+    assert P < start < stop - 1  # a prefix hit past the prompt, then a recompute of the rest
+    k = stop - P - 1  # tokens C had when it resumed, the last one recomputed
+    assert 0 < k < CACHED["C"][1] and stop / L > P / L > 1
+    resumed = next(s for s in steps if s["scheduled"].get("C") == stop - start
+                   and s["computed"]["C"] == start)
+    assert resumed["scheduled"].get("E", 0) > 1  # E's prefill (s = 1) in the same step
+    for name, (_, new, _) in CACHED.items():
+        assert len(result["outputs"][name]["token_ids"]) == new
+
+
+@pytest.mark.parametrize("request_id", ["A", "C", "E"])
+def test_every_step_of_a_chunked_cached_run_follows_the_reference(cached, hf_model, request_id):
+    """Every token's logprob, the recompute after C's preemption included, against the
+    pre-RoPE reference replaying the engine's own chunks, cache hits and recompute."""
+    ours, logprobs = _replay_spans(cached, hf_model, request_id)
+    assert_follows(ours, logprobs)
+
+
+def test_the_neighbouring_scales_and_rules_are_far_off(cached, hf_model):
+    """Contrasts for the test above: each a plausible bug, each far outside the tolerance."""
+    rope = cached["rope"]
+    wrong = {  # request: [(what, rope, chunk_scale)]
+        "C": [("neighbour s + 1/32", dataclasses.replace(rope, scale_offset=NEIGHBOUR), None),
+              ("neighbour s - 1/32", dataclasses.replace(rope, scale_offset=-NEIGHBOUR), None),
+              ("prefill chunks at s(l), not s(P)", rope, lambda stop, p: rope.scale(stop)),
+              ("decode at s(P), not s(l)", rope, lambda stop, p: rope.scale(p)),
+              ("truncate dropped", dataclasses.replace(rope, truncate=False), None)],
+        "A": [("neighbour s + 1/32", dataclasses.replace(rope, scale_offset=NEIGHBOUR), None),
+              ("decode at s(P) = 1, not s(l)", rope, lambda stop, p: rope.scale(p))],
+        "E": [("neighbour 1 + 1/32", dataclasses.replace(rope, fixed_scale=1 + NEIGHBOUR),
+               None)]}
+    for request, cases in wrong.items():
+        for what, other, chunk_scale in cases:
+            ours, logprobs = _replay_spans(cached, hf_model, request, other, chunk_scale)
+            assert logprob_gap(ours, logprobs) > CONTRAST, (request, what)
+    # C's resume without the prefix hit (everything recomputed at s(P + k)) is far off too
+    ours = cached["result"]["outputs"]["C"]
+    spans = _spans(cached, "C")
+    full = [(0 if a < prev else a, b) for (a, b), (_, prev) in zip(spans, [(0, 0)] + spans)]
+    assert full != spans
+    logprobs = replay(hf_model, cached["prompts"]["C"], ours["token_ids"], full, rope)
+    assert logprob_gap(ours, logprobs) > CONTRAST

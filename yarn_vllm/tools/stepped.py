@@ -40,6 +40,9 @@ class Step:
     # None when the scheduler runs in another process. Ids are the Arrivals' own.
     scheduled: dict[str, int] | None = None
     preempted: list[str] | None = None
+    # {request id: its tokens already in the KV cache when the step was scheduled}: the step
+    # computed positions [computed, computed + scheduled) of each request
+    computed: dict[str, int] | None = None
     # {request id: vLLM's Request} of the requests still in the scheduler after the step
     # (num_computed_tokens, num_output_tokens, sampling_params as the engine holds them)
     requests: dict[str, object] | None = field(default=None, repr=False)
@@ -92,17 +95,23 @@ def run_stepped(llm, arrivals: list[Arrival], on_step=None, *, rendered: bool = 
             for out in outputs:
                 if out.finished:
                     finished[out.request_id] = out
-            scheduled = preempted = requests = None
+            scheduled = preempted = requests = computed = None
             if scheduler is not None:  # one schedule() a step here; summed should there be more
-                scheduled, preempted = {}, []
+                scheduled, preempted, computed = {}, [], {}
                 for out in decided:
+                    for new in out.scheduled_new_reqs:
+                        computed.setdefault(ours.get(new.req_id, new.req_id),
+                                            new.num_computed_tokens)
+                    cached = out.scheduled_cached_reqs
+                    for r, n in zip(cached.req_ids, cached.num_computed_tokens):
+                        computed.setdefault(ours.get(r, r), n)
                     for r, n in out.num_scheduled_tokens.items():
                         scheduled[ours.get(r, r)] = scheduled.get(ours.get(r, r), 0) + n
                     preempted += [ours.get(r, r) for r in out.preempted_req_ids or ()]
                 preempted.sort()
                 requests = {ours.get(r, r): req for r, req in scheduler.requests.items()}
             if on_step is not None:
-                on_step(Step(index, t_end, outputs, scheduled, preempted, requests))
+                on_step(Step(index, t_end, outputs, scheduled, preempted, computed, requests))
             index += 1
     finally:
         if restore is not None:
