@@ -20,8 +20,8 @@ import os
 import pytest
 import torch
 
-from dynamic_reference import (CONTRAST, LOGPROB_TOL, assert_follows, generate, logprob_gap,
-                               rope_of)
+from dynamic_reference import (CONTRAST, LOGPROB_TOL, NEIGHBOUR, assert_follows, generate,
+                               logprob_gap, rope_of)
 from yarn_vllm.yarn.config import YarnConfig
 from yarn_vllm.tools.engine_worker import run_engine
 
@@ -80,9 +80,9 @@ def test_within_trained_length_is_the_model_as_trained(dynamic_run, hf_model):
     with torch.no_grad():
         logits = hf_model(torch.tensor([prompt + ours["token_ids"]])).logits[0].float()
     assert_follows(ours, list(torch.log_softmax(logits[len(prompt) - 1:-1], -1)))
-    # contrast: the configured factor applied regardless of length (static YaRN)
-    _, static = generate(hf_model, prompt, 1, _rope(dynamic_run[0], fixed_scale=4.0))
-    assert logprob_gap(ours, static) > CONTRAST
+    # contrast: the neighbouring scale, 1 + 1/32
+    _, above = generate(hf_model, prompt, 1, _rope(dynamic_run[0], fixed_scale=1 + NEIGHBOUR))
+    assert logprob_gap(ours, above) > CONTRAST
 
 
 def test_decoding_across_the_boundary_rescales_every_step(dynamic_run, hf_model):
@@ -91,10 +91,12 @@ def test_decoding_across_the_boundary_rescales_every_step(dynamic_run, hf_model)
     case, _ = dynamic_run
     _, logprobs = generate(hf_model, prompt, NEW, _rope(case), forced=ours["token_ids"])
     assert_follows(ours, logprobs)
-    # contrast: a scale frozen at 1 (the model as trained), a few steps past L
-    _, frozen = generate(hf_model, prompt, L - len(prompt) + 4, _rope(case, fixed_scale=1.0),
-                         forced=ours["token_ids"])
-    assert logprob_gap(ours, frozen) > CONTRAST
+    # contrasts, a few steps past L: the neighbouring scale s(l) + 1/32, and decoding at the
+    # prompt's scale (s(P) = 1: the model as trained)
+    for wrong in ({"scale_offset": NEIGHBOUR}, {"fixed_scale": 1.0}):
+        _, other = generate(hf_model, prompt, L - len(prompt) + 4, _rope(case, **wrong),
+                            forced=ours["token_ids"])
+        assert logprob_gap(ours, other) > CONTRAST, wrong
 
 
 def test_first_token_after_a_long_prompt_is_static_yarn_at_its_length(dynamic_run, tiny_llama,
@@ -115,30 +117,38 @@ def test_first_token_after_a_long_prompt_is_static_yarn_at_its_length(dynamic_ru
     assert ours["token_ids"][0] == int(expected.argmax())
     for token, lp in first.items():
         assert lp == pytest.approx(expected[int(token)].item(), abs=LOGPROB_TOL)
-    # contrast: the configured factor 4 instead of the length's 2500 / 1024
-    _, static = generate(hf_model, prompt, 1, _rope(dynamic_run[0], fixed_scale=4.0))
-    assert logprob_gap(ours, static) > CONTRAST
+    # contrast: the neighbouring scales, 2500 / 1024 +- 1/32
+    for neighbour in (factor - NEIGHBOUR, factor + NEIGHBOUR):
+        _, other = generate(hf_model, prompt, 1, _rope(dynamic_run[0], fixed_scale=neighbour))
+        assert logprob_gap(ours, other) > CONTRAST, neighbour
 
 
-@pytest.mark.parametrize("magnitude", [
+@pytest.mark.parametrize("settings", [
     {}, {"mscale": 1.0, "mscale_all_dim": 0.5}, {"mscale": 0.707, "mscale_all_dim": 0.707},
     {"mscale": 2.0}, {"attention_factor": 1.25}, {"attention_factor": 0.9, "mscale": 1.0,
-                                                  "mscale_all_dim": 0.5}])
-def test_the_engines_scale_rule_is_the_papers(magnitude):
+                                                  "mscale_all_dim": 0.5},
+    {"truncate": False}, {"truncate": False, "beta_fast": 16.0, "beta_slow": 2.0}])
+def test_the_engines_scale_rule_is_the_papers(settings):
     """What the backend reads (ScalePolicy, dynamic mode) against the paper written out in the
-    reference: s = max(1, l / L), plain RoPE and attention scale 1 at s = 1, Eq. 22 (or
-    DeepSeek's ratio, or an explicit attention_factor) above it. `mscale` alone is ignored,
-    as in HF and vLLM."""
+    reference (tests/dynamic_reference.py, float64, no yarn_vllm code): s = max(1, l / L),
+    plain RoPE and attention scale 1 at s = 1, NTK-by-parts frequencies with or without
+    `truncate`, Eq. 22 (or DeepSeek's ratio, or an explicit attention_factor) above it.
+    `mscale` alone is ignored, as in HF and vLLM."""
     from yarn_vllm.yarn.scale_policy import ScalePolicy
 
     policy = ScalePolicy(YarnConfig(factor=4.0, original_max_position=L, mode="dynamic",
-                                    **magnitude), 64, 10000.0)
+                                    **settings), 64, 10000.0)
     paper = dataclasses.replace(rope_of({"head_dim": 64, "rope_theta": 10000.0}, L),
-                                **magnitude)
+                                **settings)
+    # the other truncate: what a setting lost on the way would give
+    other = dataclasses.replace(paper, truncate=not paper.truncate)
     for length in (1, 700, L, L + 1, 1500, 2500, 4 * L, 6000):
         s = paper.scale(length)
         assert policy.dynamic_factor(length) == s
-        assert torch.equal(policy.inv_freq(s), paper.inv_freq(s))
+        ours, exact = policy.inv_freq(s).double(), paper.inv_freq(s)
+        assert torch.allclose(ours, exact, rtol=3e-7, atol=0), (s, (ours / exact - 1).abs().max())
+        if s > 1.4:  # contrast: the other truncate is 10^4 times the tolerance away
+            assert ((other.inv_freq(s) / exact - 1).abs().max() > 3e-3), s
         assert policy.attention_scale(s) == pytest.approx(paper.attention_scale(s), rel=1e-12)
     assert policy.attention_scale(1.0) == 1.0  # s = 1 runs as trained, whatever is configured
 
