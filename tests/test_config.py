@@ -134,9 +134,20 @@ def test_cli_length_flag_replaces_yaml_length(tmp_path):
     (lambda: YarnConfig(factor=8.0, mode="request", request_factors=[0.5, 2]),
      "request_factors", "below 1"),
     (lambda: YarnConfig(factor=4.0, mode="request", request_factors=[1, 2, 8]),
-     "request_factors", "above factor"),
+     "request_factors", "ending at 8 where factor is 4"),
+    (lambda: YarnConfig(factor=4.0, mode="request", request_factors=[1, 2]),
+     "request_factors", "ending at 2 where factor is 4"),
     (lambda: YarnConfig(target_context=16384, mode="request", request_factors=[1, 4]
-                        ).resolve(LLAMA), "request_factors", "above factor"),
+                        ).resolve(LLAMA), "request_factors", "where factor is"),
+    (lambda: YarnConfig(factor=4.0, mode="request", request_reserve=-1), "request_reserve",
+     ">= 0"),
+    (lambda: YarnConfig(factor=4.0, mode="request", request_reserve=1.5), "request_reserve",
+     "not an int"),
+    (lambda: YarnConfig(factor=4.0, request_reserve=100), "request_reserve", "mode: request"),
+    (lambda: YarnConfig(factor=4.0, mode="dynamic", request_escalate=False), "request_escalate",
+     "mode: request"),
+    (lambda: YarnConfig(factor=4.0, mode="request", request_escalate="no"), "request_escalate",
+     "true or false"),
     (lambda: YarnConfig(factor=4.0, mode="request", request_factors="1,x"), "request_factors",
      "plain float"),
     (lambda: YarnConfig(factor=4.0, mode="request", request_factors=[]), "request_factors",
@@ -191,7 +202,7 @@ def test_empty_and_broken_yaml(tmp_path):
 
 @pytest.mark.parametrize("factor,listed,expected", [
     (8.0, None, (1.0, 2.0, 4.0, 8.0)), (6.0, None, (1.0, 2.0, 4.0, 6.0)),
-    (1.0, None, (1.0,)), (2.0, None, (1.0, 2.0)), (4.0, "1,3", (1.0, 3.0)),
+    (1.0, None, (1.0,)), (2.0, None, (1.0, 2.0)), (4.0, "1,3,4", (1.0, 3.0, 4.0)),
     (4.0, [1, 1.5, 4], (1.0, 1.5, 4.0))])
 def test_request_factors_default_and_listed(factor, listed, expected):
     cfg = YarnConfig(factor=factor, mode="request", request_factors=listed).resolve(LLAMA)

@@ -149,9 +149,10 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
 
     def _start(self, policy: ScalePolicy, softmax_scale: float | None) -> None:
         self.policy = policy
-        # Each request's prompt length in the coming step's batch order, set by the model
-        # runner before every build (yarn_vllm.vllm_seam.runner_hooks): a prefill chunk runs at s(P).
-        self.prompt_lens = None
+        # The coming step (a vllm_seam.step.StepBatch: each request's prompt length in batch
+        # order), handed over by the model runner before every build: a prefill chunk runs
+        # at s(P). None in runs without a step (vLLM's dummy and profiling runs).
+        self.step = None
         self.angle_tables = AngleTables()  # kept across steps
         self.softmax_scale = softmax_scale  # the layers' shared one, or None
 
@@ -166,9 +167,12 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
         seq_list = seq_lens.tolist()
         starts = qsl.tolist()
         query_lens = [end - start for start, end in zip(starts, starts[1:])]
-        prompt_lens, self.prompt_lens = self.prompt_lens, None  # this step's, used once
+        step, self.step = self.step, None  # this step's, used once
+        prompt_lens = None if step is None else step.prompt_lens
         if prompt_lens is not None and len(prompt_lens) != num_reqs:
-            prompt_lens = None  # a dummy run's batch, not the runner's
+            raise RuntimeError(f"yarn_vllm: the step's batch holds {len(prompt_lens)} requests, "
+                               f"the attention metadata {num_reqs}; vLLM's runner changed how "
+                               "it builds a step (yarn_vllm.vllm_seam.vllm_names)")
         inv_freq, attention_scale = self.policy.per_sequence(seq_list, prompt_lens)
         device = m.block_table_tensor.device
         on_cpu = device.type == "cpu"

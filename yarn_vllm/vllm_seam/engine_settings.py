@@ -74,13 +74,21 @@ def _refuse_unsupported(vllm_config, mode: str) -> None:
     if not set(archs) & set(PER_SEQUENCE_ARCHITECTURES):
         raise UserError("architectures", f"is {archs}, which yarn_mode {mode!r} does not cover "
                         f"(it covers {', '.join(PER_SEQUENCE_ARCHITECTURES)})", _FIX_STATIC)
-    if getattr(model, "use_mla", False):
+    if model.use_mla:
         raise UserError("yarn_mode", f"is {mode!r} for an MLA model", _FIX_STATIC)
     if vllm_config.speculative_config is not None:
         raise UserError("speculative_config", "is set; draft tokens would run through the "
                         "rotary layers outside the scheduled batch, at no request's scale",
                         "drop speculative decoding, or " + _FIX_STATIC)
-    if getattr(vllm_config.parallel_config, "prefill_context_parallel_size", 1) > 1:
+    if model.runner_type == "pooling":
+        raise UserError("yarn_mode", f"is {mode!r} for a pooling (embedding) model, which "
+                        "yarn-vllm serves only in static mode", _FIX_STATIC)
+    if vllm_config.kv_transfer_config is not None:
+        raise UserError("kv_transfer_config", f"is set in yarn_mode {mode!r}; a prefill node "
+                        "would fix the scale without the request's decode, and a decode node "
+                        "would take KV computed at another scale",
+                        "drop disaggregated prefill, or " + _FIX_STATIC)
+    if vllm_config.parallel_config.prefill_context_parallel_size > 1:
         raise UserError("prefill_context_parallel_size", "is above 1; it reorders a prefill's "
                         "tokens across ranks", "drop it, or " + _FIX_STATIC)
     owner = op_registry_oot.get(ROTARY_OP_NAME)
@@ -91,6 +99,24 @@ def _refuse_unsupported(vllm_config, mode: str) -> None:
                      f"{owner.__module__}.{owner.__qualname__}", "disable that plugin"))
         raise UserError("yarn_mode", f"is {mode!r}, but yarn-vllm's rotary layer is not "
                         f"active ({why})", f"{fix}, or use yarn_mode 'static'")
+
+
+def configure_scheduler(vllm_config) -> None:
+    """After the platform's own config hook (which may turn async scheduling off): the
+    per-sequence modes run our scheduler subclass, which keys cached blocks by scale and
+    escalates (vllm_seam.scheduler), over the scheduler vLLM would have chosen."""
+    from yarn_vllm.vllm_seam.scheduler import scheduler_class
+
+    yarn = served_yarn(vllm_config)
+    if yarn is None or yarn.mode == "static":
+        return
+    mode, scheduler = yarn.mode, vllm_config.scheduler_config
+    ours = scheduler_class(bool(scheduler.async_scheduling))
+    if scheduler.scheduler_cls not in (None, ours, f"{ours.__module__}.{ours.__qualname__}"):
+        raise UserError("scheduler_cls", f"is {scheduler.scheduler_cls!r}; yarn_mode {mode!r} "
+                        "needs yarn-vllm's scheduler (it keys cached blocks by scale)",
+                        "drop --scheduler-cls, or " + _FIX_STATIC)
+    scheduler.scheduler_cls = f"{ours.__module__}.{ours.__qualname__}"
 
 
 def _configure_dynamic(vllm_config) -> None:

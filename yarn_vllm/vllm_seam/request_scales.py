@@ -1,9 +1,9 @@
 """Request mode in the model runner: each scheduled token's row of the rotary frequency table.
 
-A request's scale is fixed at admission (yarn_vllm.vllm_seam.admission) and travels in its own
-SamplingParams.extra_args, which survive preemption and recompute, so a preempted
-request resumes at the scale it was admitted at. Before every forward the runner
-(yarn_vllm.vllm_seam.runner_hooks) has `RequestScaleFeeder` write each scheduled token's row
+A request's scale is fixed at admission (yarn_vllm.vllm_seam.admission) and may grow by
+escalation in the engine core's scheduler (yarn_vllm.vllm_seam.scheduler), which hands
+every step's scales to the runners. Before every forward the runner
+(yarn_vllm.vllm_seam.step) has `RequestScaleFeeder` write each scheduled token's row
 into the rotary layers' persistent `scale_index` buffer; the rotary forward then only
 indexes device memory: no host sync, the same buffers every step (CUDA-graph safe).
 """
@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from yarn_vllm.yarn.scale_policy import REQUEST_FACTOR_KEY, ScalePolicy
+from yarn_vllm.yarn.scale_policy import ScalePolicy
 
 
 class RequestScaleFeeder:
-    """A model runner's request-mode state: each live request's scale, and which row of the
-    rotary layers' frequency tables serves each scale.
+    """A model runner's request-mode state: which row of the rotary layers' frequency
+    tables serves each scale.
 
     The listed scales own rows 0..n-1 for good; a request's own `yarn_factor` takes one of
     the spare rows (the layers size them to max_num_seqs, so a batch always fits),
@@ -31,29 +31,17 @@ class RequestScaleFeeder:
         listed = self.policy.scales_on_offer()
         self.row_of: dict[float, int] = {s: i for i, s in enumerate(listed)}
         self.spare = list(range(len(listed), layers[0].inv_freq.shape[0]))  # LRU first
-        self.factor_of: dict[str, float] = {}
 
-    def update(self, scheduler_output) -> None:
-        """Record the scale of every newly scheduled request; forget finished ones."""
-        for new in scheduler_output.scheduled_new_reqs:
-            params = new.sampling_params
-            if params is None:
-                continue
-            s = (params.extra_args or {}).get(REQUEST_FACTOR_KEY)
-            if s is None:  # admitted without our frontend hook: the same rule, here
-                n = len(new.prompt_token_ids) if new.prompt_token_ids is not None else int(
-                    new.prompt_embeds.shape[0])
-                s = self.policy.request_factor(n, params.max_tokens or 0)
-            self.factor_of[new.req_id] = float(s)
-        for req_id in scheduler_output.finished_req_ids:
-            self.factor_of.pop(req_id, None)
-
-    def write(self, req_ids, num_scheduled_tokens: np.ndarray) -> None:
-        """Fill scale_index for a batch: request i's row, num_scheduled_tokens[i] times."""
-        factors = [self.factor_of[r] for r in req_ids]
+    def write(self, step) -> None:
+        """Fill scale_index for a step (a StepBatch): request i's row, once per token it runs."""
+        try:
+            factors = [step.scales[r] for r in step.req_ids]
+        except KeyError as e:
+            raise RuntimeError(f"yarn_vllm: request {e.args[0]} is in the model runner's batch "
+                               "without a scale from yarn-vllm's scheduler") from None
         needed = set(factors)
         rows = np.array([self._row(s, needed) for s in factors], dtype=np.int32)
-        index = torch.from_numpy(np.repeat(rows, num_scheduled_tokens))
+        index = torch.from_numpy(np.repeat(rows, step.num_scheduled_tokens))
         for layer in self.layers:
             layer.scale_index[: index.shape[0]].copy_(index, non_blocking=True)
 

@@ -9,7 +9,7 @@ is still built, lazily and from the same maths, for vLLM code that reads
 
   static   one frequency row (s = factor) for every token;
   request  one row per scale in use; `scale_index[t]` picks token t's row. The
-           model runner writes it before each forward (yarn_vllm.vllm_seam.runner_hooks),
+           model runner writes it before each forward (yarn_vllm.vllm_seam.step),
            so the forward itself has no host sync and is CUDA-graph safe;
   dynamic  q and k pass through unrotated; the attention backend rotates them
            per sequence (yarn_vllm.attention).
@@ -115,10 +115,6 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
                   if self.yarn_mode == "request" else 0)
         self.register_buffer("scale_index", torch.zeros(tokens, dtype=torch.int32),
                              persistent=False)
-        if self.yarn_mode != "static":  # the model runner must feed us, or our backend
-            from yarn_vllm.vllm_seam import runner_hooks
-
-            runner_hooks.install()
         self._tables: dict[tuple, torch.Tensor] = {}
 
     def _apply(self, fn, recurse=True):

@@ -21,6 +21,10 @@ MODES = ("static", "dynamic", "request")  # the interface: rope_parameters["yarn
 _UNSCALED_ROPE_TYPES = ("default", None)
 # Positions past 2**24 are no longer exact in fp32, where every RoPE angle is formed.
 MAX_CONTEXT = 1 << 24
+# The room an open-ended request gets at admission, in tokens (README "Which mode"): most
+# chat answers fit in it, so a prompt up to L - 512 runs as trained and escalates only if
+# its answer outgrows that room; a larger reserve moves more prompts off "as trained".
+DEFAULT_REQUEST_RESERVE = 512
 
 
 @dataclasses.dataclass
@@ -43,7 +47,13 @@ class YarnConfig:
     it, so that prompts of nearby lengths prefill at one scale and share cached blocks;
     None (the default) keeps s exact.
     `request_factors` (request mode only): the ascending scales a request may get,
-    from 1 up to `factor`; None means 1, 2, 4, ... and always `factor` itself.
+    from 1 up to `factor` (the last must be `factor`, so every position the engine
+    allows has a scale); None means 1, 2, 4, ... and always `factor` itself.
+    `request_reserve` (request mode only): the tokens of room an open-ended request
+    (no max_tokens) gets at admission, and that an escalation adds past the position
+    that triggered it. `request_escalate` (request mode only): a request that needs a
+    position past its scale's window moves to the next listed scale and is recomputed
+    (True), or keeps its scale and runs past its window (False).
     """
 
     factor: float | None = None
@@ -59,6 +69,8 @@ class YarnConfig:
     dynamic_headroom: float = 1.0
     dynamic_scale_step: float | None = None
     request_factors: tuple[float, ...] | None = None
+    request_reserve: int = DEFAULT_REQUEST_RESERVE
+    request_escalate: bool = True
 
     def __post_init__(self):
         for name, kind in _FIELD_TYPES.items():
@@ -108,6 +120,14 @@ class YarnConfig:
                 raise UserError("request_factors", f"are set with mode {self.mode!r}",
                                 "set mode: request, or drop request_factors")
             _check_request_factors(self.request_factors, self.factor)
+        if self.request_reserve < 0:
+            raise UserError("request_reserve", f"is {self.request_reserve}",
+                            "give a whole number of tokens >= 0, e.g. 512")
+        for name, default in (("request_reserve", DEFAULT_REQUEST_RESERVE),
+                              ("request_escalate", True)):
+            if getattr(self, name) != default and self.mode != "request":
+                raise UserError(name, f"is {getattr(self, name)} with mode {self.mode!r}",
+                                f"set mode: request, or drop {name}")
 
     def _factor_from_target(self, original: int) -> float:
         if self.target_context < original:
@@ -193,6 +213,8 @@ class YarnConfig:
             dynamic_headroom=params.get("yarn_dynamic_headroom", 1.0),
             dynamic_scale_step=params.get("yarn_dynamic_scale_step"),
             request_factors=params.get("yarn_request_factors"),
+            request_reserve=params.get("yarn_request_reserve", DEFAULT_REQUEST_RESERVE),
+            request_escalate=params.get("yarn_request_escalate", True),
         )
 
     # ---- use against a model -----------------------------------------
@@ -259,6 +281,8 @@ class YarnConfig:
                 params["yarn_dynamic_scale_step"] = float(cfg.dynamic_scale_step)
         if cfg.mode == "request":
             params["yarn_request_factors"] = list(cfg.scales_on_offer())
+            params["yarn_request_reserve"] = cfg.request_reserve
+            params["yarn_request_escalate"] = cfg.request_escalate
         partial = rope_parameters_of(hf_config).get("partial_rotary_factor")
         if partial is not None:
             params["partial_rotary_factor"] = partial
@@ -270,8 +294,9 @@ _FIELD_TYPES = {"factor": float, "original_max_position": int, "target_context":
                 "beta_fast": float, "beta_slow": float, "mode": str, "truncate": bool,
                 "mscale": float, "mscale_all_dim": float, "attention_factor": float,
                 "dynamic_headroom": float, "dynamic_scale_step": float,
-                "request_factors": tuple}
-_REQUIRED = ("beta_fast", "beta_slow", "mode", "truncate", "dynamic_headroom")
+                "request_factors": tuple, "request_reserve": int, "request_escalate": bool}
+_REQUIRED = ("beta_fast", "beta_slow", "mode", "truncate", "dynamic_headroom",
+             "request_reserve", "request_escalate")
 
 
 def _coerce(name: str, value, kind):
@@ -320,8 +345,12 @@ def _check_request_factors(factors: tuple[float, ...], factor: float | None) -> 
         raise UserError("request_factors", f"are {list(factors)}, with a value below 1", fix)
     if any(b <= a for a, b in zip(factors, factors[1:])):
         raise UserError("request_factors", f"are {list(factors)}, not strictly ascending", fix)
-    if factor is not None and factors[-1] > factor:
-        raise UserError("request_factors", f"are {list(factors)}, above factor {factor}", fix)
+    if factor is not None and factors[-1] != factor:
+        # a last scale below factor would leave positions up to factor x L (which
+        # max_model_len allows) with no scale whose window holds them
+        raise UserError("request_factors", f"are {list(factors)}, ending at {factors[-1]:g} "
+                        f"where factor is {factor:g}", f"end the list at factor ({factor:g}), "
+                        f"e.g. {[s for s in factors if s < factor] + [factor]}")
 
 
 def _check_extended(factor: float, original: int) -> None:

@@ -9,9 +9,11 @@ settings) and its rotary shape. The modes differ only in how s is chosen:
            to a scale step. While a prompt of P tokens is prefilled, in one step or
            in chunks, l is taken as P: every chunk runs at s(P), as a one-step
            prefill would, and decoding then follows the length;
-  request  s chosen once per request at admission: the smallest scale on offer
-           with s x L >= prompt_tokens + max_tokens (or the largest on offer),
-           unless the request names its own `yarn_factor`.
+  request  s chosen per request at admission: the smallest scale on offer whose
+           window holds the positions the request will feed (prompt + max_tokens - 1,
+           or prompt + reserve when max_tokens is open), unless the request names its
+           own `yarn_factor`; a request that outgrows its window escalates to the next
+           scale on offer (escalation_factor), recomputed by the engine's scheduler.
 
 What s means is the same in every mode: NTK-by-parts frequencies (Eq. 17-19)
 and the magnitude mscale(s) of Eq. 22 on q and k. In the per-sequence modes
@@ -21,8 +23,10 @@ s = 1 is RoPE exactly as trained (plain frequencies, mscale 1).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from yarn_vllm.yarn import yarn_math
@@ -102,26 +106,50 @@ class ScalePolicy:
         """Request mode's listed scales, ascending, from 1 (or more) up to factor."""
         return self.config.scales_on_offer()
 
-    def request_factor(self, prompt_tokens: int, max_tokens: int, override=None) -> float:
-        """Request mode's s for a request, fixed for its whole life.
+    def admission_factor(self, prompt_tokens: int, max_tokens: int | None,
+                         override=None) -> float:
+        """Request mode's s for a request as it enters the engine.
 
-        `override` is the request's own `yarn_factor` (any finite 1 <= x <= factor);
-        otherwise the smallest listed s with s x L >= prompt_tokens + max_tokens,
-        or the largest listed when none covers it.
+        The forward that produces the token at sequence index p feeds positions up to
+        p - 1 and runs at the smallest listed s with s x L >= p. So a request with
+        max_tokens M, whose last fed position is P + M - 2, gets the smallest s with
+        s x L >= P + M - 1; an open-ended one (max_tokens None) gets room for
+        `request_reserve` tokens, s x L >= P + reserve. `override` is the request's own
+        `yarn_factor` (any finite 1 <= x <= factor), taken as it is.
         """
         if override is not None:
             return self.check_request_factor(override)
-        need = int(prompt_tokens) + int(max_tokens)
-        offered = self.scales_on_offer()
-        for s in offered:
-            if s * self.original_max_position >= need:
-                return s
-        return offered[-1]
+        if max_tokens is None:
+            need = int(prompt_tokens) + self.config.request_reserve
+        else:
+            need = int(prompt_tokens) + max(int(max_tokens), 1) - 1
+        return self._smallest_covering(need, above=0.0) or self.scales_on_offer()[-1]
+
+    def escalation_factor(self, s: float, num_tokens: int) -> float | None:
+        """Request mode: the scale a request at s moves to before the forward that produces
+        its token at index `num_tokens`, or None while s's window holds that forward.
+
+        The next listed scale covering num_tokens + reserve, else the largest listed (which
+        is `factor`, whose window max_model_len bounds); None too when escalation is off or
+        no listed scale is larger.
+        """
+        if s * self.original_max_position >= num_tokens or not self.config.request_escalate:
+            return None
+        found = self._smallest_covering(int(num_tokens) + self.config.request_reserve, above=s)
+        larger = [x for x in self.scales_on_offer() if x > s]
+        return found or (larger[-1] if larger else None)
+
+    def _smallest_covering(self, positions: int, above: float) -> float | None:
+        return next((s for s in self.scales_on_offer()
+                     if s > above and s * self.original_max_position >= positions), None)
 
     def check_request_factor(self, value) -> float:
-        """A request's `yarn_factor` as a float, or a UserError naming it."""
+        """A request's `yarn_factor` as a float, or a UserError naming it.
+
+        Any real number type is accepted (numpy scalars too); booleans are not numbers here.
+        """
         fix = f"give a number from 1 to {self.factor:g} (the model's YaRN factor), or omit it"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
             raise UserError(REQUEST_FACTOR_KEY, f"is {value!r}, not a number", fix,
                             source="request")
         value = float(value)

@@ -16,7 +16,8 @@ FACTOR_HELP = ("extension factor (default: the smallest power of two >= 2 whose 
 YARN_FLAGS = {"factor": "factor", "target_context": "target_context",
               "original_max_position": "original_max_position", "beta_fast": "beta_fast",
               "beta_slow": "beta_slow", "yarn_mode": "mode", "dynamic_headroom": "dynamic_headroom",
-              "dynamic_scale_step": "dynamic_scale_step", "request_factors": "request_factors"}
+              "dynamic_scale_step": "dynamic_scale_step", "request_factors": "request_factors",
+              "request_reserve": "request_reserve", "request_escalate": "request_escalate"}
 
 
 # ---- list values ----------------------------------------------------------------------
@@ -89,6 +90,13 @@ def add_yarn_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--request-factors", type=floats,
                    help="request mode: the ascending scales a request may get, e.g. 1,2,4 "
                         "(default 1, 2, 4, ... up to --factor)")
+    g.add_argument("--request-reserve", type=int,
+                   help="request mode: tokens of room an open-ended request (no max_tokens) "
+                        "gets at admission and an escalation adds (default 512)")
+    g.add_argument("--request-escalate", action=argparse.BooleanOptionalAction, default=None,
+                   help="request mode: move a request that outgrows its scale's window to the "
+                        "next scale and recompute it (default on; --no-request-escalate keeps "
+                        "its scale, running past its window)")
     g.add_argument("--no-yarn", action="store_true", help="run the model as trained")
 
 

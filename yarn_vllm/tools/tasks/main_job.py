@@ -58,7 +58,7 @@ def served_scale(policy, prompt_tokens: int, max_tokens: int) -> float:
     if policy is None:
         return 1.0
     if policy.mode == "request":
-        return policy.request_factor(prompt_tokens, max_tokens)
+        return policy.admission_factor(prompt_tokens, max_tokens)
     if policy.mode == "dynamic":
         return float(policy.dynamic_factor(prompt_tokens))
     return policy.factor
