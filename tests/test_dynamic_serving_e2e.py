@@ -23,6 +23,9 @@ from yarn_vllm.yarn.config import YarnConfig
 
 L, NEW = 1024, 8
 LOGPROB_TOL = 1e-4  # fp32 engine against fp32 references
+# Dynamic mode's neighbouring scales: a length one 32-token block away, s +- 1/32
+# (tests/dynamic_reference.py); a contrast must land 100 tolerances away.
+NEIGHBOUR, CONTRAST = 1 / 32, 100 * LOGPROB_TOL
 QUESTIONS = 5
 
 
@@ -99,15 +102,27 @@ def _gaps(a, b, key):
 
 
 @pytest.mark.parametrize("name", ["long", "long_shared"])
-def test_chunked_prefill_equals_one_step_prefill(one_step, chunked, name):
+def test_chunked_prefill_equals_one_step_prefill(case, one_step, chunked, name):
     """Every chunk runs at s(P): the logprobs of every prompt token and of the generated
-    ones, and the greedy tokens, equal a one-step prefill's."""
+    ones, and the greedy tokens, equal a one-step prefill's; the prompt's equal HF's static
+    YaRN at s(P), and the neighbouring scales s(P) +- 1/32 are far from them."""
     a, b = one_step[0][name], chunked[0][name]
     assert chunked[1]["chunked_prefill"] is True and one_step[1]["chunked_prefill"] is False
     assert a["token_ids"] == b["token_ids"]
     prompt_gaps = _gaps(a, b, "prompt_logprobs")
     assert len(prompt_gaps) >= len(a["prompt_logprobs"]) - 1
     assert max(prompt_gaps) < LOGPROB_TOL and max(_gaps(a, b, "logprobs")) < LOGPROB_TOL
+    s = len(case["prompts"][name]) / L
+    got = _prompt_logprobs(case, b, name)
+    assert (got - _hf(case, name, s)[0]).abs().max().item() < LOGPROB_TOL
+    for neighbour in (s - NEIGHBOUR, s + NEIGHBOUR):
+        assert (got - _hf(case, name, neighbour)[0]).abs().max().item() > CONTRAST, neighbour
+
+
+def _prompt_logprobs(case, ours: dict, name: str) -> torch.Tensor:
+    """The engine's logprob of each prompt token after the first [P - 1]."""
+    return torch.tensor([step[str(t)] for step, t in zip(ours["prompt_logprobs"][1:],
+                                                         case["prompts"][name][1:])])
 
 
 def _hf(case, name, s):
@@ -138,6 +153,8 @@ def test_short_prompts_share_a_prefix_and_run_as_trained(case, one_step):
     assert int(next_token.argmax()) == first  # greedy as trained
     assert shared["logprobs"][0][str(first)] == pytest.approx(next_token[first].item(),
                                                               abs=LOGPROB_TOL)
+    _, above = _hf(case, "short_shared", 1 + NEIGHBOUR)  # the neighbouring scale: far off
+    assert abs(shared["logprobs"][0][str(first)] - above[first].item()) > CONTRAST
 
 
 def test_a_long_prompt_never_reuses_a_short_ones_blocks(case, one_step, chunked):
@@ -150,16 +167,17 @@ def test_a_long_prompt_never_reuses_a_short_ones_blocks(case, one_step, chunked)
     assert max(_gaps(ours, chunked[0]["long_shared"], "prompt_logprobs")) < LOGPROB_TOL
     s = len(case["prompts"]["long_shared"]) / L
     ref, _ = _hf(case, "long_shared", s)
-    got = torch.tensor([step[str(t)] for step, t in zip(ours["prompt_logprobs"][1:],
-                                                       case["prompts"]["long_shared"][1:])])
+    got = _prompt_logprobs(case, ours, "long_shared")
     assert (got - ref).abs().max().item() < LOGPROB_TOL
-    as_trained, _ = _hf(case, "long_shared", 1.0)  # the contrast
-    assert (got - as_trained).abs().max().item() > 100 * LOGPROB_TOL
+    for neighbour in (s - NEIGHBOUR, s + NEIGHBOUR):  # the contrasts
+        assert (got - _hf(case, "long_shared", neighbour)[0]).abs().max().item() > CONTRAST
 
 
 def test_scale_step_lets_questions_over_one_document_share_it(case, one_step, stepped):
     """Exact scales differ for every question (s = P / L, 2.08 to 2.12), so no blocks are
-    shared; with a step of 0.25 they all prefill at 2.25 and share the document's blocks."""
+    shared; with a step of 0.25 they all prefill at 2.25 and share the document's blocks:
+    each question after the first finds the document's 16 full blocks of 128 in the cache,
+    4 x 2,048 of 10,750 prompt tokens, the 76% docs/modes.md quotes."""
     outputs, _ = one_step
     names = [f"question{q}" for q in range(QUESTIONS)]
     total = sum(len(case["prompts"][n]) for n in names)
@@ -168,4 +186,6 @@ def test_scale_step_lets_questions_over_one_document_share_it(case, one_step, st
     print(f"\ndocument questions: cache hit rate exact {exact / total:.1%}, "
           f"step 0.25 {step / total:.1%} ({total} prompt tokens)")
     assert exact == 0
-    assert all(stepped[n]["num_cached_tokens"] >= 2048 for n in names[1:])  # 16 blocks of 128
+    assert stepped[names[0]]["num_cached_tokens"] == 0
+    assert [stepped[n]["num_cached_tokens"] for n in names[1:]] == [2048] * 4  # 16 blocks of 128
+    assert total == 10750 and round(100 * step / total) == 76
