@@ -166,9 +166,51 @@ def test_a_prompt_past_max_model_len_is_left_out_with_a_line(tiny_with_tokenizer
 
 # ---- the main job on a real engine -------------------------------------------------------
 
+def _greedy(model_path: str, prompt: list[int], n: int, s: float) -> tuple[list[int], list]:
+    """HF transformers' greedy tokens at static YaRN scale s (plain RoPE at s = 1), fp32, and
+    each step's log-softmax [vocab]."""
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    if s != 1.0:
+        config.max_position_embeddings = int(s * config.max_position_embeddings)
+        config.rope_parameters = {"rope_type": "yarn", "factor": s, "rope_theta": 10000.0,
+                                  "original_max_position_embeddings": 1024}
+    model = LlamaForCausalLM.from_pretrained(model_path, config=config,
+                                             dtype=torch.float32).eval()
+    tokens, steps = [], []
+    with torch.no_grad():
+        for _ in range(n):
+            lp = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0, -1], -1)
+            steps.append(lp)
+            tokens.append(int(lp.argmax()))
+    return tokens, steps
+
+
+def _long_prompt_as_the_engine_served_it(model_path: str, text: str):
+    """The long prompt's greedy answer at s = 2 and at its neighbouring scale s = 1 (HF), the
+    engine's text compared with both, and the key's check on the s = 2 answer."""
+    from transformers import AutoTokenizer
+
+    from yarn_vllm.tools.tasks.main_job import LONG_MAX_TOKENS, make_job
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    long = make_job(tokenizer, 1024)[1]
+    at2, steps2 = _greedy(model_path, long.task.token_ids, LONG_MAX_TOKENS, 2.0)
+    at1, steps1 = _greedy(model_path, long.task.token_ids, LONG_MAX_TOKENS, 1.0)
+    # no near-tie decides s = 2's answer, and s = 1 answers otherwise, far from it: the
+    # engine's text tells the two scales apart
+    assert all(sorted(lp.tolist())[-1] - sorted(lp.tolist())[-2] > 1e-3 for lp in steps2)
+    assert at1 != at2 and tokenizer.decode(at1) != tokenizer.decode(at2)
+    return long, tokenizer.decode(at2), tokenizer.decode(at1)
+
+
 def test_main_job_on_the_tiny_llama(tiny_with_tokenizer, tmp_path):
     """Request mode serves the short prompt at s=1 (equal to HF as trained) and the long one
-    at s=2; the prefill, split into 256-token chunks, reports progress after every chunk."""
+    at s=2: its text is HF's greedy answer at s = 2, not at s = 1, and the table says
+    found or missed as that answer does; the prefill, split into 256-token chunks, reports
+    progress after every chunk."""
     out = tmp_path / "gen.jsonl"
     proc = subprocess.run([sys.executable, "-m", "yarn_vllm.tools.cli", "generate", "--model",
                            tiny_with_tokenizer, "--output", str(out), "--dtype", "float32",
@@ -181,7 +223,15 @@ def test_main_job_on_the_tiny_llama(tiny_with_tokenizer, tmp_path):
     assert rows[0]["equals_as_trained"] is True and rows[0]["output_tokens"] == 16
     assert "dtype float32, as --dtype asked" in proc.stdout
     assert re.search(r"short +128 +s=1 +equals the model as trained \(16/16", proc.stdout)
-    assert re.search(r"long +1,536 +s=2 +key \d{5} (found|missed)", proc.stdout)
+    long, text_at2, text_at1 = _long_prompt_as_the_engine_served_it(tiny_with_tokenizer,
+                                                                    rows[1]["text"])
+    assert rows[1]["text"] == text_at2 != text_at1  # what the engine ran: s = 2
+    found = long.task.is_found(text_at2)
+    assert rows[1]["found"] is found and rows[1]["key"] == long.task.key
+    result = f"key {long.task.key} {'found' if found else 'missed'}"
+    if not found:
+        result += f" (answered {text_at2.strip()[:20]!r})"
+    assert re.search(r"long +1,536 +s=2 +" + re.escape(result) + "$", proc.stdout, re.M)
 
     counts = [int(m.group(1).replace(",", "")) for m in
               re.finditer(r"prefill ([\d,]+)/1,664 tokens", proc.stderr)]
