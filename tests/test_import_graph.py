@@ -78,3 +78,53 @@ def test_the_check_catches_a_cycle_through_a_function_level_import():
     except graphlib.CycleError:
         return
     raise AssertionError("yarn_math -> scale_policy -> yarn_math is a cycle the check missed")
+
+
+LIBRARY = ("yarn_vllm.yarn", "yarn_vllm.vllm_seam", "yarn_vllm.attention", "yarn_vllm.ops",
+           "yarn_vllm.errors")
+
+
+def _external_imports(path: pathlib.Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def _in(module: str, packages) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def layering_violations(graph=None, modules=None) -> list[str]:
+    """The layers of docs/architecture.md: the YaRN maths and settings import no vLLM (and
+    nothing of ours outside them but errors); the library imports no tool."""
+    graph = import_graph() if graph is None else graph
+    modules = _modules() if modules is None else modules
+    bad = []
+    for module, path in modules.items():
+        if _in(module, ("yarn_vllm.yarn",)):
+            if "vllm" in _external_imports(path):
+                bad.append(f"{module} imports vllm")
+            bad += [f"{module} imports {o}" for o in graph[module]
+                    if not _in(o, ("yarn_vllm.yarn", "yarn_vllm.errors"))]
+        if _in(module, LIBRARY):
+            bad += [f"{module} imports {o}" for o in graph[module] if _in(o, ("yarn_vllm.tools",))]
+    return bad
+
+
+def test_the_layers_hold():
+    assert layering_violations() == []
+
+
+def test_the_layering_check_catches_a_library_module_importing_a_tool():
+    graph = import_graph()
+    graph["yarn_vllm.vllm_seam.admission"] = graph["yarn_vllm.vllm_seam.admission"] | {
+        "yarn_vllm.tools.methods"}
+    graph["yarn_vllm.yarn.scale_policy"] = graph["yarn_vllm.yarn.scale_policy"] | {
+        "yarn_vllm.vllm_seam.plugin"}
+    assert sorted(layering_violations(graph)) == [
+        "yarn_vllm.vllm_seam.admission imports yarn_vllm.tools.methods",
+        "yarn_vllm.yarn.scale_policy imports yarn_vllm.vllm_seam.plugin"]

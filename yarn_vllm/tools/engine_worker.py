@@ -10,18 +10,22 @@ Spec (JSON): {"model", "llm_kwargs": {...}, "prompts": [PROMPT],
               "sampling": {"max_tokens", "logprobs", "prompt_logprobs", ...},
               "batches": [[PROMPT]] (optional: run after "prompts", one generate call each),
               "introspect": bool (optional, default true: see below)}
-where a PROMPT is a list of token ids, or {"prompt_token_ids": [...], "sampling": {...}}
-whose sampling keys (e.g. "extra_args") override the spec's for that request.
+where a PROMPT is a list of token ids, or {"prompt_token_ids": [...], "sampling": {...},
+"cache_salt": str} whose sampling keys (e.g. "extra_args") override the spec's for that
+request ("max_tokens": null makes it open-ended, as a chat client that sends none).
 Result: {"rotary_classes", "attention_backends", "prefix_caching", "chunked_prefill",
-         "dtype", "generate_seconds", "num_preemptions",
+         "dtype", "generate_seconds", "num_preemptions", "escalations", "preemptions",
          "outputs": [{"token_ids", "text", "logprobs", "prompt_logprobs",
-                      "num_cached_tokens"}]}  (every batch's outputs, in order)
+                      "num_cached_tokens", "scale"}]}  (every batch's outputs, in order)
 where logprobs are lists (per step) of {token_id: logprob}, dtype is the one the
 engine really ran in (e.g. "bfloat16") and num_preemptions vLLM's counter (None
 where the engine keeps no stats). rotary_classes and attention_backends come from
 LLM.apply_model, which pickles a function to the engine core: only a spec that asks
 for them ("introspect", the default) runs with VLLM_ALLOW_INSECURE_SERIALIZATION=1;
-with "introspect": false both are None and the engine keeps vLLM's safe default.
+with "introspect": false both are None and the engine keeps vLLM's safe default. With the engine core in the worker's process
+(ENGINE_IN_PROCESS) and a per-sequence YaRN mode, "escalations" and "preemptions" list what
+yarn-vllm's scheduler did (vllm_seam.scheduler; request ids are each output's index), and
+each output's "scale" is the one its last token was produced at; otherwise they are None.
 """
 
 from __future__ import annotations
@@ -190,11 +194,34 @@ def logprob_steps(steps) -> list:
             for step in (steps or [])]
 
 
+def scheduler_record(llm, index: dict[str, int]) -> dict:
+    """yarn-vllm's escalations and preemptions in an in-process engine core, with request ids
+    replaced by `index[id]` (their output's position); None for each otherwise."""
+    import dataclasses
+
+    from yarn_vllm.vllm_seam.introspect import engine_scheduler
+    from yarn_vllm.vllm_seam.scheduler import (escalations_of, external_request_id,
+                                               preemptions_of)
+
+    scheduler = engine_scheduler(llm)
+    escalations, preemptions = escalations_of(scheduler), preemptions_of(scheduler)
+    if escalations is None:
+        return {"escalations": None, "preemptions": None}
+
+    def indexed(records):
+        return [dict(dataclasses.asdict(r), request_id=index.get(external_request_id(r.request_id)))
+                for r in records]
+
+    return {"escalations": indexed(escalations), "preemptions": indexed(preemptions)}
+
+
 def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from yarn_vllm.vllm_seam.introspect import attention_backend_classes, rotary_layer_classes
+    from yarn_vllm.vllm_seam.introspect import (attention_backend_classes, engine_scheduler,
+                                                rotary_layer_classes)
+    from yarn_vllm.vllm_seam.scheduler import finished_scale_of
 
     exit_with_parent()
     with open(spec_path) as f:
@@ -206,8 +233,9 @@ def main(spec_path: str, out_path: str) -> None:
     t0 = time.perf_counter()
     results = []
     for batch in batches:
-        prompts = [TokensPrompt(prompt_token_ids=p if isinstance(p, list)
-                                else p["prompt_token_ids"]) for p in batch]
+        prompts = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else TokensPrompt(
+            prompt_token_ids=p["prompt_token_ids"],
+            **({"cache_salt": p["cache_salt"]} if "cache_salt" in p else {})) for p in batch]
         params = [SamplingParams(**{**sampling, **({} if isinstance(p, list)
                                                    else p.get("sampling", {}))}) for p in batch]
         results += llm.generate(prompts, params, use_tqdm=spec.get("progress", False))
@@ -221,12 +249,15 @@ def main(spec_path: str, out_path: str) -> None:
            "chunked_prefill": bool(config.scheduler_config.enable_chunked_prefill),
            "dtype": engine_dtype(llm), "generate_seconds": seconds,
            "num_preemptions": metric_counter(llm, "vllm:num_preemptions"), "outputs": []}
+    index = {r.request_id: i for i, r in enumerate(results)}
+    out.update(scheduler_record(llm, index))
     for r in results:
         c = r.outputs[0]
         out["outputs"].append({"token_ids": list(c.token_ids), "text": c.text,
                                "logprobs": logprob_steps(c.logprobs),
                                "prompt_logprobs": logprob_steps(r.prompt_logprobs),
-                               "num_cached_tokens": r.num_cached_tokens})
+                               "num_cached_tokens": r.num_cached_tokens,
+                               "scale": finished_scale_of(engine_scheduler(llm), r.request_id)})
     with open(out_path, "w") as f:
         json.dump(out, f)
 

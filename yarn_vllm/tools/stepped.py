@@ -48,17 +48,9 @@ class Step:
     requests: dict[str, object] | None = field(default=None, repr=False)
 
 
-def in_process_scheduler(llm):
-    """vLLM's scheduler when the engine core runs in this process, else None."""
-    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # InprocClient only
-    return getattr(core, "scheduler", None)
-
-
-def render(llm, prompts: list) -> list:
-    """`prompts` as LLM.generate hands them to the engine (vLLM's own rendering): token ids
-    under "prompt_token_ids"."""
-    renderer = getattr(llm, "_preprocess_cmpl", None)
-    return list(renderer(prompts)) if renderer is not None and prompts else list(prompts)
+# vLLM's internals are read in the seam (yarn_vllm.vllm_seam.vllm_names lists them)
+from yarn_vllm.vllm_seam.introspect import engine_scheduler as in_process_scheduler  # noqa: E402
+from yarn_vllm.vllm_seam.introspect import render_prompts as render  # noqa: E402
 
 
 def run_stepped(llm, arrivals: list[Arrival], on_step=None, *, rendered: bool = False

@@ -82,4 +82,13 @@ def install() -> None:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
     run_after(ChatCompletionRequest, "to_sampling_params", mark_open_ended)
-    run_after(entry, "build_app", lambda *args: args[1].add_middleware(BooleanFactorGuard))
+    run_after(entry, "build_app", lambda *args: _guard(args[1]))
+
+
+def _guard(app) -> None:
+    """Put BooleanFactorGuard in front of a built Starlette app (vLLM's build_app has already
+    assembled its middleware, so add_middleware is refused)."""
+    if app.middleware_stack is None:
+        app.middleware_stack = app.build_middleware_stack()
+    if not isinstance(app.middleware_stack, BooleanFactorGuard):
+        app.middleware_stack = BooleanFactorGuard(app.middleware_stack)

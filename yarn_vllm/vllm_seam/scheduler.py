@@ -56,6 +56,16 @@ class Escalation:
     recomputed: int  # tokens whose KV was dropped and must be computed again
 
 
+@dataclass(frozen=True)
+class Preemption:
+    """One preemption by vLLM (memory) or by escalation: the request's scale and length then."""
+
+    request_id: str
+    scale: float
+    num_tokens: int
+    escalation: bool
+
+
 class ScaleKeyedHasher:
     """vLLM's block hashing (hash_block_tokens over the same extra keys), with the scale
     added to the extra keys of the first block; later blocks chain from it.
@@ -94,6 +104,8 @@ class _ScaleMixin:
         # what tools and tests read of an in-process engine core, bounded for a long-lived
         # server: recent escalations, and the last scale of recently finished requests
         self.yarn_escalations: deque[Escalation] = deque(maxlen=_KEPT)
+        self.yarn_preemptions: deque[Preemption] = deque(maxlen=_KEPT)
+        self._yarn_escalating = False
         self.yarn_finished_scales: OrderedDict[str, float] = OrderedDict()
         self._yarn_hash_fn = get_hash_fn_by_name(self.cache_config.prefix_caching_hash_algo)
 
@@ -110,6 +122,12 @@ class _ScaleMixin:
             setattr(output, SCALES_ATTR,
                     {r: self.yarn_scale[r] for r in output.num_scheduled_tokens})
         return output
+
+    def _preempt_request(self, request, *args, **kwargs):
+        self.yarn_preemptions.append(Preemption(
+            request.request_id, self.yarn_scale.get(request.request_id, 1.0),
+            request.num_tokens, self._yarn_escalating))
+        return super()._preempt_request(request, *args, **kwargs)
 
     def _free_request(self, request, *args, **kwargs):
         s = self.yarn_scale.pop(request.request_id, None)
@@ -157,8 +175,12 @@ class _ScaleMixin:
             self.running.remove(request)
             # in-flight output would be delivered after the same-step resume: drop it, as
             # vLLM's own forced preemption (reset_prefix_cache) does
-            self._preempt_request(request, time.monotonic(),
-                                  drop_stale_output=request.num_output_placeholders > 0)
+            self._yarn_escalating = True
+            try:
+                self._preempt_request(request, time.monotonic(),
+                                      drop_stale_output=request.num_output_placeholders > 0)
+            finally:
+                self._yarn_escalating = False
             self._set_scale(request, new)
             self.yarn_escalations.append(Escalation(request.request_id, old, new, n, recomputed))
             logger.info("yarn_vllm: request %s escalated from s=%g to s=%g before its token "
@@ -184,6 +206,24 @@ def escalations_of(scheduler) -> list[Escalation] | None:
     return None if found is None else list(found)
 
 
+def preemptions_of(scheduler) -> list[Preemption] | None:
+    """The recent preemptions (vLLM's and escalations) of a scheduler, or None for another."""
+    found = getattr(scheduler, "yarn_preemptions", None)
+    return None if found is None else list(found)
+
+
 def finished_scale_of(scheduler, request_id: str) -> float | None:
-    """The scale a recently finished request last ran at, or None (unknown, or no YaRN)."""
-    return getattr(scheduler, "yarn_finished_scales", {}).get(request_id)
+    """The scale a recently finished request last ran at, or None (unknown, or no YaRN).
+    `request_id` is the engine core's or the caller's (RequestOutput.request_id)."""
+    scales = getattr(scheduler, "yarn_finished_scales", {})
+    if request_id in scales:
+        return scales[request_id]
+    return next((s for r, s in reversed(scales.items()) if external_request_id(r) == request_id),
+                None)
+
+
+def external_request_id(internal: str) -> str:
+    """The caller's request id of an engine-core request id: vLLM's InputProcessor makes the
+    latter `<caller's id>-<8 random hex digits>` (vllm_names.RUNTIME_ATTRIBUTES)."""
+    head, _, tail = internal.rpartition("-")
+    return head if head and len(tail) == 8 else internal

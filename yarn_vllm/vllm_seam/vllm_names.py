@@ -118,6 +118,7 @@ RUNTIME_ATTRIBUTES = {
     "Scheduler.running, .requests, .hash_block_size, .cache_config": "escalation, scale keys",
     "SchedulerOutput.num_scheduled_tokens": "which requests a step schedules",
     "ModelConfig.runner_type": "pooling models are refused in the per-sequence modes",
+    "engine-core request id = '<caller's id>-<8 hex>'": "tools map escalations to outputs",
 }
 
 
@@ -142,6 +143,8 @@ def missing(entry: VllmName) -> str | None:
         obj = resolve(entry.path)
     except (ImportError, AttributeError):
         return f"vLLM has no {entry.path}"
+    if getattr(obj, "__isabstractmethod__", False):  # only an interface's declaration is left
+        return f"vLLM has no {entry.path} (only an abstract declaration)"
     if entry.params:
         try:
             accepted = inspect.signature(obj).parameters

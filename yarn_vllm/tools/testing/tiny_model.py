@@ -32,3 +32,30 @@ def make_tiny_llama(path: str, *, original_max_position: int = 1024, rope_theta:
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# A chat template with no model-specific tokens: each message on its own line after its role.
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def add_tiny_tokenizer(path: str, vocab_size: int = 512) -> str:
+    """Save a byte-level tokenizer with a chat template beside the tiny model in `path`, so
+    that a server can take chat requests: ids 0 and 1 are <s> and </s> (the model's BOS and
+    EOS), then the 256 bytes, then unused tokens up to `vocab_size`. Returns `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return path
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<s>": 0, "</s>": 1}
+    vocab.update({ch: 2 + i for i, ch in enumerate(sorted(alphabet))})
+    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), vocab_size)})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return path
