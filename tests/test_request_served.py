@@ -139,10 +139,12 @@ def test_bad_yarn_factor_is_a_400_naming_it(client, model, value):
     assert e.value.status_code == 400 and "yarn_factor" in str(e.value)
 
 
-def test_out_of_vocabulary_token_id_is_a_400_naming_the_prompt(client, model):
+def test_out_of_vocabulary_token_id_is_a_400_naming_it(client, model):
+    """(With a tokenizer vLLM refuses it itself; without one, admission does:
+    test_request_mode.py's token-id test.)"""
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt=[5, 6, 600], max_tokens=2)
-    assert e.value.status_code == 400 and "token id 600" in str(e.value)
+    assert e.value.status_code == 400 and "token id 600" in str(e.value).lower()
 
 
 def test_the_server_is_still_serving(client, model):

@@ -215,6 +215,17 @@ def scheduler_record(llm, index: dict[str, int]) -> dict:
     return {"escalations": indexed(escalations), "preemptions": indexed(preemptions)}
 
 
+def escalation_counts(record: dict) -> dict:
+    """From a scheduler_record: how many escalations request mode made, and the tokens it
+    recomputed for them (None where the engine did not say: no per-sequence mode, or its
+    core in another process)."""
+    escalations = record.get("escalations")
+    if escalations is None:
+        return {"escalations": None, "recomputed_tokens": None}
+    return {"escalations": len(escalations),
+            "recomputed_tokens": sum(e["recomputed"] for e in escalations)}
+
+
 def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

@@ -13,7 +13,8 @@ understand, so the same setting runs in either:
             the scale a static model would pick for twice the length, so a
             prompt is never served at the very edge of its interpolated range
   yarn-request  YaRN, one scale per request chosen at admission from 1, 2, 4, ...,
-            factor (the smallest that holds prompt + max_tokens), on vLLM's own
+            factor (the smallest whose window holds the request; generation tasks
+            send no max_tokens, so it gets the reserve and escalates), on vLLM's own
             attention with the keys cached rotated (yarn_vllm.vllm_seam.request_scales)
   vllm-yarn vLLM's own static YaRN layer: yarn's settings with our plugin off
             (VLLM_PLUGINS=""), the baseline the benchmarks divide by
@@ -41,6 +42,9 @@ class Method:
     plugins: bool = True                           # False: vLLM's own layers serve
     evaluated: bool = True                         # in `eval`'s default set and the suite
     benched: bool = False                          # in `bench offline`'s default set
+    # generation tasks send no max_tokens, as a chat client does (request mode admits such a
+    # request with its reserve and escalates it if its answer outgrows that)
+    open_ended: bool = False
 
 
 def _extended(hf_config: dict, factor: float) -> int:
@@ -80,7 +84,8 @@ METHODS: dict[str, Method] = {
     "yarn-dynamic-h2": Method("yarn-dynamic-h2 (s leads length 2x, up to factor)",
                               lambda hf, s: _yarn(hf, s, mode="dynamic", headroom=2.0)),
     "yarn-request": Method("yarn-request (s per request: 1, 2, 4, ... up to factor)",
-                           lambda hf, s: _yarn(hf, s, mode="request"), benched=True),
+                           lambda hf, s: _yarn(hf, s, mode="request"), benched=True,
+                           open_ended=True),
     # Same quality as yarn by construction (tests/test_e2e_vllm.py); a speed baseline only.
     "vllm-yarn": Method("vllm-yarn (vLLM's own YaRN layer)", _yarn, plugins=False,
                         evaluated=False, benched=True),

@@ -3,7 +3,7 @@
 Spec (JSON): {"model", "method", "llm_kwargs", "cases": [{"context", "batch"}],
               "output_tokens", "repeats", "vocab_size", "seed"}
 Result: {"method", "rotary_classes", "attention_backends", "dtype", "engine_start_s",
-         "results": [summarise(...) per case]}
+         "results": [summarise(...) per case], "escalations", "recomputed_tokens"}
 
 The engine core runs inside the worker process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a
 killed worker takes its whole engine with it, steps are timed without IPC in between, and
@@ -20,8 +20,9 @@ import time
 from dataclasses import replace
 
 from yarn_vllm.tools.bench.measure import Step, summarise
-from yarn_vllm.tools.engine_worker import (ENGINE_IN_PROCESS, PROGRESS, engine_dtype, exit_with_parent,
-                                     run_worker)
+from yarn_vllm.tools.engine_worker import (ENGINE_IN_PROCESS, PROGRESS, engine_dtype,
+                                           escalation_counts, exit_with_parent, run_worker,
+                                           scheduler_record)
 from yarn_vllm.tools.stepped import Arrival, render, run_stepped
 
 _REQUESTS = 0  # request ids, unique within the worker
@@ -107,7 +108,7 @@ def main(spec_path: str, out_path: str) -> None:
     out = {"method": spec["method"], "engine_start_s": start_s, "dtype": engine_dtype(llm),
            "rotary_classes": llm.apply_model(rotary_layer_classes)[0],
            "attention_backends": llm.apply_model(attention_backend_classes)[0],
-           "results": results}
+           "results": results, **escalation_counts(scheduler_record(llm, {}))}
     with open(out_path, "w") as f:
         json.dump(out, f)
 

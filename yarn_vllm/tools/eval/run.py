@@ -10,7 +10,7 @@ import time
 from importlib import resources
 
 from yarn_vllm.yarn.config import YarnConfig
-from yarn_vllm.tools.engine_worker import run_engine
+from yarn_vllm.tools.engine_worker import escalation_counts, run_engine
 from yarn_vllm.errors import UserError
 from yarn_vllm.tools.eval.perplexity import aggregate, default_bucket_edges, sliding_windows, token_nll
 from yarn_vllm.tools.methods import default_factor, method, method_overrides
@@ -56,6 +56,14 @@ def run_method(model: str, name: str, hf_config: dict, factor: float, prompts, s
                       plugins=method(name).plugins, in_process=True)
 
 
+def passkey_sampling(name: str) -> dict:
+    """Eight tokens hold the answer; an open-ended method sends no max_tokens, as a chat
+    client does, and stops at the end of the answer's sentence instead."""
+    if method(name).open_ended:
+        return {"max_tokens": None, "stop": ["\n", "."], "ignore_eos": False}
+    return {"max_tokens": 8}
+
+
 def eval_perplexity(model: str, methods: list[str], windows: list[int], *, stride: int | None = None,
                     max_windows: int | None = 1, text: str | None = None,
                     factor: float | None = None, llm_kwargs: dict | None = None,
@@ -83,7 +91,8 @@ def eval_perplexity(model: str, methods: list[str], windows: list[int], *, strid
             per_window[str(w)] = aggregate(plan[w], nll, default_bucket_edges(w))
         results["methods"][name] = {"seconds": time.perf_counter() - t0,
                                     "generate_seconds": out["generate_seconds"],
-                                    "dtype": out["dtype"], "ppl": per_window}
+                                    "dtype": out["dtype"], "ppl": per_window,
+                                    **escalation_counts(out)}
         log(f"  {name:>15}: " + "  ".join(f"{w}: {per_window[str(w)]['ppl']:.2f}"
                                           for w in windows)
             + f"  ({time.perf_counter() - t0:.0f} s, {out['dtype']})")
@@ -111,8 +120,8 @@ def eval_passkey(model: str, methods: list[str], lengths: list[int], depths: lis
                "trials": trials, "methods": {}}
     for name in methods:
         t0 = time.perf_counter()
-        out = run_method(model, name, hf, s, [c[3].token_ids for c in cases], {"max_tokens": 8},
-                         llm_kwargs)
+        out = run_method(model, name, hf, s, [c[3].token_ids for c in cases],
+                         passkey_sampling(name), llm_kwargs)
         grid, answers = {}, []
         for (L, d, t, prompt), o in zip(cases, out["outputs"]):
             cell = grid.setdefault(f"{L}", {}).setdefault(f"{d}", {"found": 0, "trials": 0})
@@ -122,7 +131,8 @@ def eval_passkey(model: str, methods: list[str], lengths: list[int], depths: lis
                             "text": o["text"]})
         results["methods"][name] = {"seconds": time.perf_counter() - t0,
                                     "generate_seconds": out["generate_seconds"],
-                                    "dtype": out["dtype"], "grid": grid, "answers": answers}
+                                    "dtype": out["dtype"], "grid": grid, "answers": answers,
+                                    **escalation_counts(out)}
         log(f"  {name:>15}: " + "  ".join(
             f"{L}: {sum(c['found'] for c in grid[str(L)].values())}/"
             f"{sum(c['trials'] for c in grid[str(L)].values())}" for L in lengths)
