@@ -5,7 +5,11 @@ whose engine is in turn its own process (yarn_vllm.tools.bench.engine). As many 
 at once as the cluster's CPUs allow. Each result is appended to the JSONL file the moment it
 arrives, so a rerun skips every configuration already recorded as ok. A worker that dies is
 retried `retries` times on a fresh actor, then recorded as failed; a configuration past
-`timeout_s` has its actor killed and is recorded as failed; the sweep always finishes the rest.
+`timeout_s`, counted from its actor's submission (a worker no node can take counts too),
+has its actor killed and is recorded as failed with why; the sweep always finishes the rest.
+Each actor first checks its node (yarn_vllm.tools.ray_actors.check_node: the model path and
+the plugin) and asks for the GPUs its engine needs on a GPU cluster; failed records keep
+the failure's causal chain (`error_chain`) and every record names its node.
 
 Two sweeps may share one output file: each configuration is claimed (`Claims`) before it
 runs, so the second sweep leaves what the first is running to it. Appends are locked and
@@ -21,6 +25,9 @@ import time
 from collections import deque
 
 from yarn_vllm.tools.bench.sweep_config import config_id
+from yarn_vllm.tools.ray_actors import Deadline, check_node, cluster_has_gpus, connect, \
+    engine_resources, failure, local_path, plugin_version, start_actor, stop_actor, \
+    unschedulable
 from yarn_vllm.tools.redact import redact_kwargs
 
 
@@ -52,8 +59,8 @@ def run_config(config: dict) -> dict:
 class _Worker:
     """The Ray actor: one per configuration attempt, so every engine gets a fresh process."""
 
-    def pid(self) -> int:
-        return os.getpid()
+    def node(self, model: str | None, version: str) -> dict:
+        return check_node(model, version)
 
     def run(self, work, config: dict):
         return work(config)
@@ -135,17 +142,18 @@ def _label(config: dict) -> str:
 
 
 def run_sweep(configs: list[dict], output: str, *, num_cpus: float = 2, timeout_s: float = 1800,
-              retries: int = 1, work=run_config, log=print, poll_s: float = 0.5) -> dict:
+              retries: int = 1, resources: dict | None = None, work=run_config, log=print,
+              poll_s: float = 0.5) -> dict:
     """Run every configuration not yet recorded as ok in `output`; returns
     {"ok": [records], "failed": [records], "skipped": [ids already done],
      "busy": [ids another sweep on `output` was running], "ran": n}.
 
-    Uses the Ray cluster this process is connected to, or starts a local one.
+    Uses the Ray cluster this process is connected to, or starts a local one. `resources`:
+    custom Ray resources every configuration's actor asks for (e.g. a node's own).
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+    connect(log_to_driver=True)
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
     if num_cpus > cluster_cpus:
         raise ValueError(f"num_cpus {num_cpus} per configuration is more than the Ray cluster's "
@@ -162,7 +170,8 @@ def run_sweep(configs: list[dict], output: str, *, num_cpus: float = 2, timeout_
     claims = Claims(output)
     try:
         _drive(todo, report, claims, output, parallel=parallel, num_cpus=num_cpus,
-               timeout_s=timeout_s, retries=retries, work=work, log=log, poll_s=poll_s)
+               timeout_s=timeout_s, retries=retries, resources=resources, work=work, log=log,
+               poll_s=poll_s)
     finally:
         claims.release_all()
     failed = report["failed"]
@@ -175,28 +184,33 @@ def run_sweep(configs: list[dict], output: str, *, num_cpus: float = 2, timeout_
 
 
 def _drive(todo: deque, report: dict, claims: Claims, output: str, *, parallel: int,
-           num_cpus: float, timeout_s: float, retries: int, work, log, poll_s: float) -> None:
+           num_cpus: float, timeout_s: float, retries: int, resources: dict | None, work, log,
+           poll_s: float) -> None:
     """run_sweep's loop: claim, start, collect and record each configuration in `todo`."""
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError, WorkerCrashedError
 
-    worker_cls = ray.remote(_Worker)
-    running = {}  # ObjectRef -> (id, config, attempt, actor, started)
+    gpus, version = cluster_has_gpus(), plugin_version()
+    running = {}  # ObjectRef -> Job
     total = len(todo)
 
-    def record(cid, config, attempt, started, status, result=None, error=None):
+    def record(job, status, result=None, error=None):
+        config = job.config
         if isinstance(config.get("llm_kwargs"), dict):  # e.g. an hf_token: not into results
             config = {**config, "llm_kwargs": redact_kwargs(config["llm_kwargs"])}
-        rec = {"id": cid, "config": config, "status": status, "attempts": attempt,
-               "seconds": round(time.time() - (started or time.time()), 3), "result": result,
-               "error": error,
+        error = error or {}
+        rec = {"id": job.cid, "config": config, "status": status, "attempts": job.attempt,
+               "seconds": round(job.deadline.elapsed(), 3), "node": job.node,
+               "result": result, "error": error.get("error"),
+               "error_chain": error.get("error_chain"),
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _append(output, rec)
-        claims.release(cid)  # recorded first: a sweep that claims it next sees the record
+        claims.release(job.cid)  # recorded first: a sweep that claims it next sees the record
         report["ok" if status == "ok" else "failed"].append(rec)
         finished = len(report["ok"]) + len(report["failed"])
-        log(f"[{finished}/{total}] {cid} {_label(config)}: {status} after {rec['seconds']:.1f} s"
-            + (f" ({error})" if error else ""))
+        log(f"[{finished}/{total}] {job.cid} {_label(config)}: {status} after "
+            f"{rec['seconds']:.1f} s" + (f" on {job.node}" if job.node else "")
+            + (f" ({rec['error']})" if rec["error"] else ""))
 
     def claim(cid, config) -> bool:
         if not claims.take(cid):
@@ -214,46 +228,67 @@ def _drive(todo: deque, report: dict, claims: Claims, output: str, *, parallel: 
             cid, config, attempt = todo.popleft()
             if attempt == 1 and not claim(cid, config):  # a retry holds its claim already
                 continue
-            actor = worker_cls.options(num_cpus=num_cpus, max_restarts=0,
-                                       max_task_retries=0).remote()
-            # first the actor's pid (its process is up), then the work; the timeout
-            # clock starts with the work, so waiting for a worker process does not count
-            running[actor.pid.remote()] = (cid, config, attempt, actor, None)
+            request = engine_resources(config.get("llm_kwargs") or {}, num_cpus=num_cpus,
+                                       gpus=gpus, resources=resources, engine_in_actor=False)
+            actor, group = start_actor(_Worker, request, max_restarts=0, max_task_retries=0)
+            job = _Job(cid, config, attempt, actor, group, request, Deadline(timeout_s))
+            # first the node check (the actor is up, its node has what the work needs), then
+            # the work; timeout_s counts from here, so a worker that is never scheduled ends
+            model = config.get("model")
+            running[actor.node.remote(model and local_path(model), version)] = job
         if not running:
             break
         ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
         for ref in ready:
-            cid, config, attempt, actor, started = running.pop(ref)
+            job = running.pop(ref)
             try:
                 result = ray.get(ref)
-                if started is None:  # the actor is up: hand it the work
-                    running[actor.run.remote(work, config)] = (cid, config, attempt, actor,
-                                                               time.time())
-                    log(f"  start {cid} {_label(config)} (attempt {attempt}, pid {result})")
+                if job.node is None:  # the actor is up and its node fit: hand it the work
+                    job.node = result["node"]
+                    work_config = config_with(job.config, job.request["llm_kwargs"])
+                    running[job.actor.run.remote(work, work_config)] = job
+                    log(f"  start {job.cid} {_label(job.config)} (attempt {job.attempt}, "
+                        f"{job.node}, pid {result['pid']})")
                     continue
             except (RayActorError, WorkerCrashedError) as e:
-                if attempt <= retries:
-                    log(f"  {cid} {_label(config)}: worker died ({type(e).__name__}); "
+                if job.attempt <= retries:
+                    log(f"  {job.cid} {_label(job.config)}: worker died ({type(e).__name__}); "
                         f"retrying on a fresh worker")
-                    todo.appendleft((cid, config, attempt + 1))
+                    todo.appendleft((job.cid, job.config, job.attempt + 1))
                 else:
-                    record(cid, config, attempt, started, "failed",
-                           error=f"worker died on each of {attempt} attempts "
-                                 f"({type(e).__name__})")
+                    err = failure(e)
+                    err["error"] = (f"worker died on each of {job.attempt} attempts: "
+                                    f"{err['error']}")
+                    record(job, "failed", error=err)
             except (RayTaskError, GetTimeoutError) as e:
-                cause = getattr(e, "cause", None) or e
-                record(cid, config, attempt, started, "failed",
-                       error=f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}")
+                record(job, "failed", error=failure(e))
             else:
-                record(cid, config, attempt, started, "ok", result=result)
-            ray.kill(actor, no_restart=True)
-        now = time.time()
-        for ref, (cid, config, attempt, actor, started) in list(running.items()):
-            if started is not None and now - started > timeout_s:
+                record(job, "ok", result=result)
+            stop_actor(job.actor, job.group)
+        for ref, job in list(running.items()):
+            if job.deadline.left() <= 0:
                 del running[ref]
-                ray.kill(actor, no_restart=True)
-                record(cid, config, attempt, started, "failed",
-                       error=f"timed out after {timeout_s:g} s (timeout_s)")
+                stop_actor(job.actor, job.group)
+                why = (unschedulable(job.request, job.deadline.elapsed(), timeout_s)
+                       if job.node is None else
+                       f"timed out after {timeout_s:g} s (timeout_s, from submission)")
+                record(job, "failed", error={"error": why, "error_chain": [why]})
+
+
+class _Job:
+    """One configuration attempt in flight: its actor, where it runs, its deadline."""
+
+    def __init__(self, cid, config, attempt, actor, group, request, deadline):
+        self.cid, self.config, self.attempt = cid, config, attempt
+        self.actor, self.group, self.request, self.deadline = actor, group, request, deadline
+        self.node = None  # set once the actor has checked its node
+
+
+def config_with(config: dict, llm_kwargs: dict) -> dict:
+    """`config` with engine arguments its placement implies (e.g. the executor) added."""
+    if not llm_kwargs:
+        return config
+    return {**config, "llm_kwargs": {**(config.get("llm_kwargs") or {}), **llm_kwargs}}
 
 
 def write_summary(output: str, log=print) -> None:

@@ -5,6 +5,7 @@
     num_cpus: 2                    # declared by each configuration's Ray actor
     timeout_s: 1800                # per configuration, engine start included
     retries: 1                     # a dead worker is retried this many times
+    resources: {node_b: 1}         # optional: custom Ray resources each actor asks for
     context_lengths: [1024, 2048]  # fields below are per configuration ...
     batch_sizes: [1]
     output_tokens: 32
@@ -76,9 +77,12 @@ SWEEP_FIELDS = {
                 "a whole number >= 0", "1"),
     "grid": (lambda v: isinstance(v, dict) and v, "a mapping of field -> list of values",
              "{method: [vllm-yarn, yarn]}"),
+    "resources": (lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and _positive_number(n) for k, n in v.items()),
+        "a mapping of Ray resource name -> positive amount", "{node_b: 1}"),
 }
 SWEEP_DEFAULTS = {"model": "smollm2-135m", "num_cpus": 2, "timeout_s": 1800, "retries": 1,
-                  "grid": {}}
+                  "resources": {}, "grid": {}}
 LIST_FIELDS = ("context_lengths", "batch_sizes")
 
 

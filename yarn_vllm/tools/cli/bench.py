@@ -57,22 +57,16 @@ def cmd_online(args, unknown) -> int:
 def cmd_sweep(args, unknown) -> int:
     from yarn_vllm.tools.bench.sweep import run_sweep, write_summary
     from yarn_vllm.tools.bench.sweep_config import load_sweep
+    from yarn_vllm.tools.ray_actors import connect
 
     _no_extra("sweep", unknown)
     check_numbers(args, "bench sweep", positive=("num_cpus",))
     sweep = load_sweep(args.sweep_file)
     s, configs = sweep["settings"], sweep["configs"]
     output = args.output or s["output"]
-    import ray
-
-    if ray.is_initialized():
-        pass  # a caller's cluster (e.g. `python -c` after ray.init)
-    elif args.address:
-        ray.init(address=args.address)
-    else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    connect(args.address, args.num_cpus)
     report = run_sweep(configs, output, num_cpus=s["num_cpus"], timeout_s=s["timeout_s"],
-                       retries=s["retries"])
+                       retries=s["retries"], resources=s["resources"])
     write_summary(output)
     return 1 if report["failed"] else 0
 
