@@ -127,7 +127,7 @@ def test_sweep_grid_expands():
                      "grid": {"method": ["vllm-yarn", "yarn"],
                               "batch_sizes": [1, [2, 4]]}}, source="s.yaml")
     assert s["settings"] == {"model": "m", "num_cpus": 2, "timeout_s": 1800, "retries": 1,
-                             "output": "bench_results/s.jsonl"}
+                             "resources": {}, "output": "bench_results/s.jsonl"}
     assert [(c["method"], c["batch_sizes"]) for c in s["configs"]] == [
         ("vllm-yarn", [1]), ("vllm-yarn", [2, 4]), ("yarn", [1]), ("yarn", [2, 4])]
     assert all(c["context_lengths"] == [512] and c["model"] == "m" for c in s["configs"])
@@ -162,6 +162,8 @@ def test_sweep_grid_expands():
      "num_cpus: 2"),
     ({"method": "trained", "context_lengths": [8], "timeout_s": float("nan")}, "timeout_s",
      "timeout_s: 1800"),
+    ({"method": "trained", "context_lengths": [8], "resources": {"node_b": -1}}, "resources",
+     "resources: {node_b: 1}"),
 ])
 def test_sweep_file_errors_name_field_and_fix(tmp_path, raw, field, fix):
     import yaml
@@ -316,3 +318,72 @@ def test_bench_offline_runs_dynamic_yarn(tiny_llama, tmp_path):
         "yarn-dynamic", 1100, 2, 8)
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
     assert result["settings"]["factor"] == 2.0 and engine["dtype"] == "float32"
+
+
+# ---- `bench online` against a server that wants a key (a stand-in: no engine) ------------------
+
+@pytest.fixture
+def keyed_server():
+    """An HTTP server on 127.0.0.1 that answers /v1/models and a streamed completion only
+    for `Authorization: Bearer k3y`, as vLLM's key check does on /v1."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _allowed(self):
+            seen.append(self.headers.get("Authorization"))
+            if self.headers.get("Authorization") != "Bearer k3y":
+                self.send_response(401)
+                self.end_headers()
+                self.wfile.write(b'{"error": "Unauthorized"}')
+                return False
+            return True
+
+        def do_GET(self):
+            if self._allowed():
+                body = json.dumps({"data": [{"id": "m", "root": None}]}).encode()
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if self._allowed():
+                self.send_response(200)
+                self.end_headers()
+                for event in ({"choices": [{"text": "a"}]}, {"choices": [{"text": "b"}]},
+                              {"choices": [], "usage": {"completion_tokens": 2}}):
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+
+
+def test_bench_online_sends_the_key_from_the_flag_or_the_environment(keyed_server, monkeypatch):
+    from yarn_vllm.errors import UserError
+    from yarn_vllm.tools.bench.online import run_online
+
+    url, seen = keyed_server
+    for name in ("OPENAI_API_KEY", "VLLM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    common = dict(num_requests=2, concurrency=1, output_tokens=2, vocab_size=50, log=lambda *_: None)
+    assert run_online(url, [8], api_key="k3y", **common)["rows"][0]["requests"] == 2
+    monkeypatch.setenv("VLLM_API_KEY", "k3y")  # what `yarn-vllm serve` hands vLLM
+    assert run_online(url, [8], **common)["rows"][0]["requests"] == 2
+    monkeypatch.setenv("OPENAI_API_KEY", "wrong")  # read first, as OpenAI clients do
+    with pytest.raises(UserError, match=r"bench online: `--api-key` was refused by .* \(HTTP "
+                                        r"401\)\. Fix: give the key the server was started"):
+        run_online(url, [8], **common)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.delenv("VLLM_API_KEY")
+    with pytest.raises(UserError, match="`--api-key` is not set and .* answered HTTP 401"):
+        run_online(url, [8], **common)
+    assert set(seen) == {"Bearer k3y", "Bearer wrong", None}

@@ -6,6 +6,10 @@ at once. Per request:
   TTFT = time from sending the request to the first streamed token;
   TPOT = (time of the last token - time of the first) / (output tokens - 1),
 with the output token count taken from the server's usage report.
+
+A server started with an API key gets it as a Bearer token: `--api-key`, else the
+environment's OPENAI_API_KEY or VLLM_API_KEY (the variable `yarn-vllm serve` hands the key
+to vLLM in); a refused key is one line naming the fix, not a traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +17,28 @@ from __future__ import annotations
 import json
 import random
 import time
+import os
 from concurrent.futures import ThreadPoolExecutor
 
+from yarn_vllm.errors import UserError
+
 PERCENTILES = (50, 90, 99)
+KEY_VARIABLES = ("OPENAI_API_KEY", "VLLM_API_KEY")  # read in this order when no --api-key
+
+
+def api_key_of(given: str | None, env: dict | None = None) -> str | None:
+    """The key to send: `given`, else the first of KEY_VARIABLES set in `env` (os.environ)."""
+    env = os.environ if env is None else env
+    return given or next((env[k] for k in KEY_VARIABLES if env.get(k)), None)
+
+
+def _refused(status: int, sent_key: bool, url: str) -> UserError:
+    if not sent_key:
+        return UserError("--api-key", f"is not set and {url} answered HTTP {status}: the "
+                         "server wants a key", "pass --api-key KEY or set OPENAI_API_KEY / "
+                         "VLLM_API_KEY to the server's key", source="bench online")
+    return UserError("--api-key", f"was refused by {url} (HTTP {status})", "give the key the "
+                     "server was started with", source="bench online")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -32,6 +55,8 @@ def percentile(values: list[float], q: float) -> float:
 def server_model(url: str, client) -> dict:
     """The first model the server lists: {"id", "root", "max_model_len"}."""
     r = client.get(url.rstrip("/") + "/v1/models")
+    if r.status_code in (401, 403):
+        raise _refused(r.status_code, "Authorization" in client.headers, url)
     r.raise_for_status()
     return r.json()["data"][0]
 
@@ -82,15 +107,19 @@ def stream_one(client, url: str, model: str, prompt: list[int], output_tokens: i
 
 def run_online(url: str, contexts, *, num_requests: int = 8, concurrency: int = 4,
                output_tokens: int = 32, model: str | None = None, vocab_size: int | None = None,
-               seed: int = 0, timeout: float = 3600, log=print) -> dict:
-    """TTFT/TPOT percentiles per context length against the server at `url`."""
+               seed: int = 0, timeout: float = 3600, api_key: str | None = None,
+               log=print) -> dict:
+    """TTFT/TPOT percentiles per context length against the server at `url`; `api_key`
+    (else api_key_of's environment variables) goes as a Bearer token."""
     import httpx
 
     rng = random.Random(seed)
     out = {"settings": {"url": url, "contexts": list(contexts), "num_requests": num_requests,
                         "concurrency": concurrency, "output_tokens": output_tokens},
            "rows": []}
-    with httpx.Client(timeout=timeout) as client:
+    key = api_key_of(api_key)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(timeout=timeout, headers=headers) as client:
         info = server_model(url, client)
         model = model or info["id"]
         vocab = vocab_size or vocab_size_of(info.get("root"))

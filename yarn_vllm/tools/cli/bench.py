@@ -49,7 +49,8 @@ def cmd_online(args, unknown) -> int:
     output_paths(args.out, args.name, source="bench online")
     results = run_online(args.url, args.context_lengths, num_requests=args.num_requests,
                          concurrency=args.concurrency, output_tokens=args.output_tokens,
-                         model=args.served_model, vocab_size=args.vocab_size)
+                         model=args.served_model, vocab_size=args.vocab_size,
+                         api_key=args.api_key)
     write_online(results, args.out, args.name)
     return 0
 
@@ -112,6 +113,8 @@ def add_parser(sub) -> None:
     n.add_argument("--concurrency", type=int, default=4)
     n.add_argument("--output-tokens", type=int, default=32)
     n.add_argument("--served-model", help="model name (default: the server's first)")
+    n.add_argument("--api-key", help="the server's API key (default: OPENAI_API_KEY, else "
+                   "VLLM_API_KEY from the environment, which keeps it out of `ps`)")
     n.add_argument("--vocab-size", type=int,
                    help="range for random prompt tokens (default: read from the model)")
     n.add_argument("--out", default="bench_results")
