@@ -20,6 +20,7 @@ import traceback
 
 os.environ["VLLM_PLUGINS"] = ""
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def _owner_and_attr(path: str):
