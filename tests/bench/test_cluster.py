@@ -213,6 +213,16 @@ def test_the_plugin_is_checked_on_each_node(cluster):
 
 
 @two_nodes
+def test_every_node_checked_at_once_names_the_one_without_the_model(cluster):
+    from yarn_vllm.tools.ray_actors import check_every_node
+
+    _, model = cluster
+    assert len(check_every_node(os.path.dirname(model))) == 2
+    with pytest.raises(UserError, match=f"`model` {model} does not exist on Ray node"):
+        check_every_node(model)
+
+
+@two_nodes
 def test_replicas_spread_over_both_nodes_and_keep_input_order(cluster):
     from yarn_vllm.tools.replicas import generate_replicated
 

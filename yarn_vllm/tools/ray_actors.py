@@ -135,6 +135,25 @@ def check_node(model: str | None, plugin_version: str | None = None) -> dict:
             "pid": os.getpid()}
 
 
+def check_every_node(model: str | None = None) -> list[dict]:
+    """check_node on every alive node of the connected cluster (each a task pinned there);
+    the first node that lacks the model or the plugin raises its UserError."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    check = ray.remote(num_cpus=0)(check_node)
+    refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node["NodeID"], soft=False)).remote(model, plugin_version())
+        for node in ray.nodes() if node["Alive"]]
+    try:
+        return ray.get(refs, timeout=120)
+    except ray.exceptions.RayTaskError as e:
+        mistake = user_error_in(e)
+        if mistake is None:
+            raise
+        raise mistake from None
+
+
 def local_path(model: str) -> str | None:
     """`model` when it is a path on this machine (every node must have it too), else None
     (a hub name each node resolves for itself)."""
