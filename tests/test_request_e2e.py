@@ -134,8 +134,8 @@ def hf_reference(case, name: str, s: float, continuation: list[int]):
     `continuation` (the engine's tokens): the prompt's per-token logprobs [P - 1], the
     greedy token after each prefix, and each step's log-softmax [len(continuation), vocab].
 
-    Teacher forcing gives HF's greedy continuation wherever the engine's tokens agree with
-    it, which is all assert_steps_match compares (it stops where they part), in one pass.
+    Teacher forcing over the engine's own tokens scores every step the engine took, in one
+    pass (assert_steps_match).
     """
     from transformers import AutoConfig, LlamaForCausalLM
 
@@ -164,19 +164,36 @@ def prompt_logprob_gap(ours: dict, prompt: list[int], reference: torch.Tensor) -
     return (got - reference).abs().max().item()
 
 
+NEIGHBOURS = {1.0: (2.0,), 2.0: (1.0, 4.0), 3.0: (2.0, 4.0), 4.0: (2.0,)}
+
+
+def assert_far_from_neighbours(case, name: str, ours: dict, s: float | None = None) -> None:
+    """The contrast: at each neighbouring scale HF's prompt logprobs (or, without prompt
+    logprobs, its logprobs of the engine's tokens) are far outside the tolerance."""
+    prompt = case["prompts"][name][0]
+    s = case["prompts"][name][2] if s is None else s
+    for wrong in NEIGHBOURS[s]:
+        wrong_prompt, _, wrong_steps = hf_reference(case, name, wrong, ours["token_ids"])
+        if ours.get("prompt_logprobs"):
+            gap = prompt_logprob_gap(ours, prompt, wrong_prompt)
+        else:
+            gap = max(abs(step[str(t)] - wrong_steps[i][t].item())
+                      for i, (t, step) in enumerate(zip(ours["token_ids"], ours["logprobs"])))
+        assert gap > 100 * LOGPROB_TOL, (name, wrong, gap)
+
+
 def assert_steps_match(ours: dict, tokens: list[int], steps: torch.Tensor,
                        expected: int) -> None:
-    """The engine made all `expected` tokens; greedy tokens agree with the reference, and
-    each chosen token's logprob is within LOGPROB_TOL; should they part at an exact tie
-    (top two within TIE in the reference), the rest is not compared."""
+    """The engine made all `expected` tokens, and at every step its chosen token's logprob is
+    within LOGPROB_TOL of HF's for that token. `steps` is HF teacher-forced over the engine's
+    own tokens, so every step is comparable, past a near-tie too; where the engine's token is
+    not HF's greedy one (`tokens`), the two must be within TIE in HF."""
     assert len(ours["token_ids"]) == expected == len(tokens)
-    for step, token in enumerate(tokens):
-        mine = ours["token_ids"][step]
-        if mine != token:
-            assert steps[step][token] - steps[step][mine] < TIE, f"step {step}"
-            return
-        assert ours["logprobs"][step][str(token)] == pytest.approx(steps[step][token].item(),
-                                                                   abs=LOGPROB_TOL)
+    for step, mine in enumerate(ours["token_ids"]):
+        if mine != tokens[step]:
+            assert steps[step][tokens[step]] - steps[step][mine] < TIE, f"step {step}"
+        assert ours["logprobs"][step][str(mine)] == pytest.approx(steps[step][mine].item(),
+                                                                  abs=LOGPROB_TOL), f"step {step}"
 
 
 @pytest.mark.parametrize("name", ["short", "mid", "own"])
@@ -189,10 +206,7 @@ def test_each_request_equals_hf_at_its_admitted_scale(case, one_step, name):
     gap = prompt_logprob_gap(outputs[name], prompt, ref_prompt)
     assert gap < LOGPROB_TOL
     assert_steps_match(outputs[name], ref_tokens, ref_steps, NEW)
-    # the contrast: the neighbouring scale is far outside the tolerance
-    wrong = 2.0 if s == 1.0 else 1.0
-    wrong_prompt, _, _ = hf_reference(case, name, wrong, [])
-    assert prompt_logprob_gap(outputs[name], prompt, wrong_prompt) > 100 * LOGPROB_TOL
+    assert_far_from_neighbours(case, name, outputs[name])
 
 
 @pytest.mark.parametrize("name", ["long", "mid_other_scale"])
@@ -208,6 +222,7 @@ def test_long_requests_equal_vllms_static_yarn_at_their_scale(case, one_step, vl
         gaps = [abs(a[k] - b[k]) for a, b in zip(ours["prompt_logprobs"][1:],
                                                   ref["prompt_logprobs"][1:]) for k in a if k in b]
         assert len(gaps) >= 2999 and max(gaps) < LOGPROB_TOL
+    assert_far_from_neighbours(case, name, ours)
 
 
 def test_prefix_cache_hits_within_a_scale_and_never_across(one_step):
@@ -226,17 +241,19 @@ def test_cache_hits_change_nothing(case, one_step):
         _, tokens, steps = hf_reference(case, name, case["prompts"][name][2],
                                         outputs[name]["token_ids"])
         assert_steps_match(outputs[name], tokens, steps, NEW)
+        assert_far_from_neighbours(case, name, outputs[name])
     assert outputs["mid_other_scale_again"]["token_ids"] == outputs["mid_other_scale"]["token_ids"]
 
 
 @pytest.mark.parametrize("name", BATCH_1)
-def test_chunked_prefill_equals_one_step_prefill(one_step, chunked, name):
+def test_chunked_prefill_equals_one_step_prefill(case, one_step, chunked, name):
     """A 256-token budget prefills the 3,000-token prompt in 12 chunks, each at its scale."""
     a, b = one_step[0][name], chunked[0][name]
     assert a["token_ids"] == b["token_ids"]
     gaps = [abs(x[k] - y[k]) for x, y in zip(a["prompt_logprobs"][1:], b["prompt_logprobs"][1:])
             for k in x if k in y]
     assert max(gaps) < LOGPROB_TOL
+    assert_far_from_neighbours(case, name, b)  # the chunked run is at its own scale
 
 
 @pytest.mark.parametrize("name", GROW)
@@ -248,6 +265,9 @@ def test_preempted_requests_keep_their_scale(case, chunked, name):
     _, tokens, steps = hf_reference(case, name, case["prompts"][name][2],
                                     outputs[name]["token_ids"])
     assert_steps_match(outputs[name], tokens, steps, GROW_TOKENS)
+    assert_far_from_neighbours(case, name, outputs[name])
+    # which request vLLM preempted, and at which scale, is pinned in
+    # test_request_escalation.py::test_a_preempted_request_resumes_at_its_current_scale
 
 
 def test_served_by_our_layer_on_vllms_own_attention(one_step):

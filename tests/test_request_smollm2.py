@@ -37,9 +37,9 @@ def runs(smol_model):
 
     request = run([short, long_], YarnConfig(factor=2.0, mode="request").hf_overrides(hf), True)
     trained = run([short, long_], {"max_position_embeddings": 16384}, False)
-    static2 = run([long_], YarnConfig(factor=2.0).hf_overrides(hf), False)
-    return {"short": (request[0], trained[0]), "long": (request[1], static2[0]),
-            "long_as_trained": trained[1]}
+    static2 = run([short, long_], YarnConfig(factor=2.0).hf_overrides(hf), False)
+    return {"short": (request[0], trained[0]), "long": (request[1], static2[1]),
+            "long_as_trained": trained[1], "short_at_2": static2[0]}
 
 
 def _gaps(a, b, key):
@@ -54,7 +54,9 @@ def test_each_request_equals_vllm_at_its_scale(runs, name):
     assert max(_gaps(ours, reference, "logprobs")) < LOGPROB_TOL
 
 
-def test_the_long_request_is_not_served_as_trained(runs):
-    """The contrast: at s = 1 the long prompt's logprobs would be far outside the tolerance."""
-    ours, _ = runs["long"]
-    assert max(_gaps(ours, runs["long_as_trained"], "prompt_logprobs")) > 100 * LOGPROB_TOL
+@pytest.mark.parametrize("name,neighbour", [("long", "long_as_trained"), ("short", "short_at_2")])
+def test_each_request_is_far_from_the_neighbouring_scale(runs, name, neighbour):
+    """The contrast: the long prompt at s = 1, the short one at s = 2, would be far outside
+    the tolerance."""
+    ours, _ = runs[name]
+    assert max(_gaps(ours, runs[neighbour], "prompt_logprobs")) > 100 * LOGPROB_TOL

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from yarn_vllm.tools.bench.measure import Step, summarise
-from yarn_vllm.tools.bench.offline import bench_factor, method_spec
+from yarn_vllm.tools.bench.offline import method_spec
+from yarn_vllm.tools.methods import checked_factor
 from yarn_vllm.tools.bench.online import percentile, write_online
 from yarn_vllm.tools.bench.report import ratios, write_offline
 from yarn_vllm.tools.bench.sweep_config import config_id, load_sweep, parse_sweep
@@ -116,8 +117,8 @@ def test_method_engine_settings():
     ([4000, 8000], 32, 8.0),
 ])
 def test_default_factor_is_one_rule(contexts, output_tokens, factor):
-    assert bench_factor(HF, contexts, output_tokens, None) == factor
-    assert bench_factor(HF, contexts, output_tokens, 3.0) == 3.0  # a given factor wins
+    assert checked_factor(HF, max(contexts) + output_tokens, None) == factor
+    assert checked_factor(HF, max(contexts) + output_tokens, 3.0) == 3.0  # a given factor wins
 
 
 # ---- the sweep file ---------------------------------------------------------------------------

@@ -116,6 +116,25 @@ def method_overrides(name: str, hf_config: dict, factor: float, max_len: int = 0
     return overrides
 
 
+def hf_config_of(model: str) -> dict:
+    """A model folder's HF config as a dict (what the overrides are built from)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model).to_dict()
+
+
+def checked_factor(hf_config: dict, longest: int, factor: float | None) -> float:
+    """`factor`, or the default rule (default_factor) for `longest` tokens, prompt and output.
+
+    Checked as YarnConfig checks it (finite, >= 1, factor x trained length in bounds) for
+    every method: trained, pi and ntk would otherwise run a NaN or negative factor.
+    """
+    trained = int(hf_config["max_position_embeddings"])
+    factor = default_factor(trained, longest) if factor is None else factor
+    YarnConfig(factor=factor, original_max_position=trained)
+    return factor
+
+
 def default_factor(trained: int, longest: int) -> float:
     """The extension factor when none is given: the smallest power of two, at least 2, whose
     extended context (factor x trained) holds `longest` tokens (prompt and generated).

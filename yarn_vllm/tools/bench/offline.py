@@ -10,29 +10,10 @@ import time
 
 from yarn_vllm.tools.bench.engine import run_bench_engine
 from yarn_vllm.tools.redact import redact_kwargs
-from yarn_vllm.yarn.config import YarnConfig
-from yarn_vllm.tools.methods import default_factor, method, method_overrides
+from yarn_vllm.tools.methods import checked_factor, hf_config_of, method, method_overrides
 
 DEFAULT_CONTEXTS = (1024, 2048)
 DEFAULT_BATCHES = (1,)
-
-
-def hf_config_of(model: str) -> dict:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model).to_dict()
-
-
-def bench_factor(hf_config: dict, contexts, output_tokens: int, factor: float | None) -> float:
-    """`factor`, or the default rule (yarn_vllm.tools.methods.default_factor) for the longest case.
-
-    Checked as YarnConfig checks it (finite, >= 1, factor x trained length in bounds) for
-    every method: trained, pi and ntk would otherwise run a NaN or negative factor.
-    """
-    trained = int(hf_config["max_position_embeddings"])
-    factor = default_factor(trained, max(contexts) + output_tokens) if factor is None else factor
-    YarnConfig(factor=factor, original_max_position=trained)
-    return factor
 
 
 def method_spec(model: str, name: str, hf_config: dict, *, contexts, batches,
@@ -54,7 +35,7 @@ def run_offline(model: str, methods, contexts, batches, *, output_tokens: int = 
                 timeout: float | None = None, log=print) -> dict:
     """Benchmark every method; returns {"settings", "methods": {method: engine result}, "rows"}."""
     hf = hf_config_of(model)
-    factor = bench_factor(hf, contexts, output_tokens, factor)
+    factor = checked_factor(hf, max(contexts) + output_tokens, factor)
     out = {"settings": {"model": model, "methods": list(methods), "contexts": list(contexts),
                         "batches": list(batches), "output_tokens": output_tokens,
                         "factor": factor, "repeats": repeats,

@@ -34,12 +34,13 @@ from yarn_vllm.tools.redact import redact_kwargs
 def run_config(config: dict) -> dict:
     """The real work of one configuration: one engine timing every (context, batch) case."""
     from yarn_vllm.tools.bench.engine import run_bench_engine
-    from yarn_vllm.tools.bench.offline import bench_factor, hf_config_of, method_spec
+    from yarn_vllm.tools.bench.offline import method_spec
+    from yarn_vllm.tools.methods import checked_factor, hf_config_of
     from yarn_vllm.tools.models import resolve_model
 
     model = resolve_model(config["model"])
     hf = hf_config_of(model)
-    factor = bench_factor(hf, config["context_lengths"], config["output_tokens"],
+    factor = checked_factor(hf, max(config["context_lengths"]) + config["output_tokens"],
                           config["factor"])
     spec, plugins = method_spec(model, config["method"], hf, contexts=config["context_lengths"],
                                 batches=config["batch_sizes"],

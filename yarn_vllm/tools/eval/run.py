@@ -9,34 +9,15 @@ from __future__ import annotations
 import time
 from importlib import resources
 
-from yarn_vllm.yarn.config import YarnConfig
 from yarn_vllm.tools.engine_worker import escalation_counts, run_engine
 from yarn_vllm.errors import UserError
 from yarn_vllm.tools.eval.perplexity import aggregate, default_bucket_edges, sliding_windows, token_nll
-from yarn_vllm.tools.methods import default_factor, method, method_overrides
+from yarn_vllm.tools.methods import checked_factor, hf_config_of, method, method_overrides
 
 
 def default_text() -> str:
     """The shipped public-domain text (see yarn_vllm/data/SOURCES.md)."""
     return resources.files("yarn_vllm").joinpath("data/lcet10.txt").read_text(encoding="utf-8")
-
-
-def _hf_config(model: str) -> dict:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model).to_dict()
-
-
-def method_factor(hf_config: dict, longest: int, factor: float | None) -> float:
-    """`factor`, or the default rule (yarn_vllm.tools.methods.default_factor) for `longest` tokens.
-
-    Checked as YarnConfig checks it (finite, >= 1, factor x trained length in bounds) for
-    every method: trained, pi and ntk would otherwise run a NaN or negative factor.
-    """
-    trained = int(hf_config["max_position_embeddings"])
-    factor = default_factor(trained, longest) if factor is None else factor
-    YarnConfig(factor=factor, original_max_position=trained)
-    return factor
 
 
 def run_method(model: str, name: str, hf_config: dict, factor: float, prompts, sampling,
@@ -71,12 +52,12 @@ def eval_perplexity(model: str, methods: list[str], windows: list[int], *, strid
     """Perplexity per method and window size: {method: {window: aggregate(...)}}."""
     from transformers import AutoTokenizer
 
-    hf = _hf_config(model)
+    hf = hf_config_of(model)
     ids = AutoTokenizer.from_pretrained(model).encode(text or default_text(),
                                                       add_special_tokens=False)
     plan = {w: sliding_windows(len(ids), w, stride or w, max_windows) for w in windows}
     prompts = [ids[x.begin:x.end] for w in windows for x in plan[w]]
-    s = method_factor(hf, max(windows), factor)
+    s = checked_factor(hf, max(windows), factor)
     results = {"model": model, "factor": s, "text_tokens": len(ids), "windows": windows,
                "stride": stride, "methods": {}}
     for name in methods:
@@ -107,7 +88,7 @@ def eval_passkey(model: str, methods: list[str], lengths: list[int], depths: lis
 
     from yarn_vllm.tools.tasks.passkey import make_passkey_prompt
 
-    hf = _hf_config(model)
+    hf = hf_config_of(model)
     tok = AutoTokenizer.from_pretrained(model)
     try:
         cases = [(L, d, t, make_passkey_prompt(tok, L, d, seed=1000 * t + int(100 * d) + L))
@@ -115,7 +96,7 @@ def eval_passkey(model: str, methods: list[str], lengths: list[int], depths: lis
     except ValueError as e:  # a length too short for the task's text
         raise UserError("lengths", f"are {lengths}: {e}", "give longer lengths",
                         source="eval passkey") from None
-    s = method_factor(hf, max(lengths) + 16, factor)
+    s = checked_factor(hf, max(lengths) + 16, factor)
     results = {"model": model, "factor": s, "lengths": lengths, "depths": depths,
                "trials": trials, "methods": {}}
     for name in methods:
