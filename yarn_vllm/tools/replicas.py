@@ -80,9 +80,6 @@ def generate_replicated(model: str, llm_kwargs: dict, prompts: list, sampling: d
     gpus = cluster_has_gpus()
     base_env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
     base_env.update(ENGINE_IN_PROCESS, TOKENIZERS_PARALLELISM="false")
-    if "VLLM_CPU_KVCACHE_SPACE" in base_env:  # the node's KV budget, shared by the replicas
-        base_env["VLLM_CPU_KVCACHE_SPACE"] = str(
-            max(1, int(float(base_env["VLLM_CPU_KVCACHE_SPACE"])) // len(parts)))
     tp, pp = parallel_sizes(llm_kwargs, "generate")
     # too few cores for a group per replica (of TP x PP cores each): every replica binds
     # its ranks over all the cores, sharing them
@@ -97,6 +94,9 @@ def generate_replicated(model: str, llm_kwargs: dict, prompts: list, sampling: d
             env = dict(base_env)
             if not gpus:  # vLLM's CPU platform: this replica's cores and its ranks' binding
                 engine_setup(kwargs, cores=cores, cpu=True, env=os.environ).apply_env(env)
+            if "VLLM_CPU_KVCACHE_SPACE" in env:  # a node's KV budget, shared by its replicas
+                env["VLLM_CPU_KVCACHE_SPACE"] = str(
+                    max(1, int(float(env["VLLM_CPU_KVCACHE_SPACE"])) // len(parts)))
             # replicas spread over the nodes: an engine per node before two on one
             actors.append(start_actor(actor_cls, request, path or model, kwargs,
                                       plugin_version(), path is not None, env=env,
