@@ -43,12 +43,11 @@ def _text(n_words: int, seed: int) -> str:
     return " ".join(rng.choice(words) for _ in range(n_words))
 
 
-def _stream(client, url: str, model: str, content: str, *, first_only: bool) -> dict:
-    """One streamed chat completion without max_tokens: TTFT, tokens, latency (seconds)."""
-    body = {"model": model, "messages": [{"role": "user", "content": content}],
-            "stream": True, "temperature": 0, "stream_options": {"include_usage": True}}
-    if not first_only:
-        body["ignore_eos"] = True  # run to the end of the context
+def _stream(client, url: str, body: dict, on_token=None) -> dict:
+    """One streamed chat completion: TTFT, content chunks and latency (seconds), and the
+    usage. `on_token(n, usage)` after each content chunk returns True to hang up."""
+    body = dict(body, stream=True, temperature=0,
+                stream_options={"include_usage": True, "continuous_usage_stats": True})
     t0, ttft, n, usage = time.perf_counter(), None, 0, None
     with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
@@ -60,55 +59,45 @@ def _stream(client, url: str, model: str, content: str, *, first_only: bool) -> 
             if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                 n += 1
                 ttft = ttft or time.perf_counter() - t0
-                if first_only:
+                if on_token is not None and on_token(n, usage):
                     break  # the client hangs up: vLLM aborts the request
     return {"ttft_s": ttft, "chunks": n, "latency_s": time.perf_counter() - t0, "usage": usage}
+
+
+def _chat(model: str, content: str) -> dict:
+    """A chat request without max_tokens, as chat clients send it."""
+    return {"model": model, "messages": [{"role": "user", "content": content}]}
 
 
 def one_round(url: str, model: str, args, seed: int) -> dict:
     import httpx
 
     long_words = int(0.9 * args.trained / 1.3)  # ~1.3 tokens a word in SmolLM2's tokenizer
-    long_done, shorts, threads = {}, [], []
+    shorts, threads, fired = [], [], set()
 
     def short(i):
         with httpx.Client(timeout=None) as c:
-            shorts.append(_stream(c, url, model, _text(40, seed * 100 + i), first_only=True))
+            shorts.append(_stream(c, url, _chat(model, _text(40, seed * 100 + i)),
+                                  lambda n, usage: True))
 
-    def fire(k):
-        for i in range(args.shorts_per_crossing):
-            t = threading.Thread(target=short, args=(k * 10 + i,))
-            t.start()
-            threads.append(t)
+    def crossing(n, usage):
+        """Fire the shorts a few tokens before the long request crosses L and 2 L."""
+        prompt = (usage or {}).get("prompt_tokens")
+        for k in (1, 2):
+            if prompt and k not in fired and prompt + n >= k * args.trained - 4:
+                fired.add(k)
+                for i in range(args.shorts_per_crossing):
+                    threads.append(threading.Thread(target=short, args=(k * 10 + i,)))
+                    threads[-1].start()
+        return False
 
-    def long_request():
-        import httpx as h
-
-        body = {"model": model, "stream": True, "temperature": 0, "ignore_eos": True,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": _text(long_words, seed)}]}
-        t0, n, fired, usage, prompt = time.perf_counter(), 0, set(), None, None
-        with h.Client(timeout=None) as c, c.stream("POST", url + "/v1/chat/completions",
-                                                    json=body) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                usage = chunk.get("usage") or usage
-                prompt = prompt or (usage or {}).get("prompt_tokens")
-                n += sum(1 for ch in chunk.get("choices", []) if ch.get("delta", {}).get("content"))
-                for k in (1, 2):  # fire the shorts a few tokens before each crossing
-                    if prompt and k not in fired and prompt + n >= k * args.trained - 4:
-                        fired.add(k)
-                        fire(k)
-        long_done.update(latency_s=time.perf_counter() - t0, usage=usage)
-
-    long_request()
+    with httpx.Client(timeout=None) as c:  # ignore_eos: it runs to the end of the context
+        long_run = _stream(c, url, dict(_chat(model, _text(long_words, seed)), ignore_eos=True),
+                           crossing)
     for t in threads:
         t.join()
     ttfts = [s["ttft_s"] for s in shorts if s["ttft_s"] is not None]
-    return {"long_latency_s": long_done["latency_s"], "long_usage": long_done["usage"],
+    return {"long_latency_s": long_run["latency_s"], "long_usage": long_run["usage"],
             "short_ttft_s": ttfts, "short_ttft_p50_s": percentile(ttfts, 50),
             "short_ttft_p99_s": percentile(ttfts, 99)}
 
@@ -125,7 +114,7 @@ def bench(name: str, mode: str, args) -> dict:
 
         with httpx.Client(timeout=None) as c:
             served = c.get(server.url + "/v1/models").json()["data"][0]["id"]
-            _stream(c, server.url, served, "warm up", first_only=True)
+            _stream(c, server.url, _chat(served, "warm up"), lambda n, usage: True)
         rounds = []
         for r in range(args.repeats):
             row = one_round(server.url, served, args, seed=r + 1)

@@ -22,6 +22,7 @@ import os
 import pytest
 import torch
 
+import hf_reference as hf
 from conftest import run_engines
 from yarn_vllm.yarn.config import YarnConfig
 
@@ -126,9 +127,6 @@ def vllm_s4(engines):
     return dict(zip(VLLM_S4, out["outputs"]))
 
 
-_HF_MODELS: dict[float, object] = {}
-
-
 def hf_reference(case, name: str, s: float, continuation: list[int]):
     """HF transformers at scale s (plain RoPE at s = 1), one forward over the prompt and
     `continuation` (the engine's tokens): the prompt's per-token logprobs [P - 1], the
@@ -137,20 +135,9 @@ def hf_reference(case, name: str, s: float, continuation: list[int]):
     Teacher forcing over the engine's own tokens scores every step the engine took, in one
     pass (assert_steps_match).
     """
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    if s not in _HF_MODELS:
-        config = AutoConfig.from_pretrained(case["model"])
-        if s != 1.0:
-            config.max_position_embeddings = int(4 * L)
-            config.rope_parameters = {"rope_type": "yarn", "factor": s, "rope_theta": 10000.0,
-                                      "original_max_position_embeddings": L}
-        _HF_MODELS[s] = LlamaForCausalLM.from_pretrained(
-            case["model"], config=config, dtype=torch.float32).eval()
     prompt = case["prompts"][name][0]
     ids = torch.tensor([prompt + list(continuation)])
-    with torch.no_grad():
-        lp = torch.log_softmax(_HF_MODELS[s](ids).logits[0].float(), -1)
+    lp = hf.hf_logprobs(case["model"], ids[0].tolist(), s, L)
     p = len(prompt)
     prompt_lp = lp[:p - 1].gather(1, ids[0, 1:p, None])[:, 0]
     steps = lp[p - 1:p - 1 + len(continuation)]

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+import hf_reference
 from escalation_worker import MODULE, worker_env
 from yarn_vllm.yarn.config import YarnConfig
 
@@ -110,24 +111,8 @@ def runs(model):
         return {name: job.result() for name, job in jobs.items()}
 
 
-_HF: dict[float, object] = {}
-
-
 def hf_logprobs(model: str, sequence: list[int], s: float) -> torch.Tensor:
-    """HF transformers at scale s (plain RoPE at s = 1), teacher-forced over `sequence`:
-    log-softmax [len(sequence), vocab]; row p - 1 scores the token at index p."""
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    if s not in _HF:
-        config = AutoConfig.from_pretrained(model)
-        if s != 1.0:
-            config.max_position_embeddings = MAX_LEN
-            config.rope_parameters = {"rope_type": "yarn", "factor": s, "rope_theta": 10000.0,
-                                      "original_max_position_embeddings": L}
-        _HF[s] = LlamaForCausalLM.from_pretrained(model, config=config,
-                                                  dtype=torch.float32).eval()
-    with torch.no_grad():
-        return torch.log_softmax(_HF[s](torch.tensor([sequence])).logits[0].float(), -1)
+    return hf_reference.hf_logprobs(model, sequence, s, L)
 
 
 def step_gaps(model: str, out: dict, scale_of_index) -> tuple[list[float], list[float]]:

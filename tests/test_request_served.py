@@ -20,6 +20,7 @@ import openai
 import pytest
 import torch
 
+import hf_reference
 from yarn_vllm.tools.testing.server_process import LocalServer
 
 L, FACTOR = 1024, 4.0
@@ -52,23 +53,8 @@ def client(server):
     return openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
 
 
-_HF: dict[float, object] = {}
-
-
 def hf_logprobs(model: str, ids: list[int], s: float) -> torch.Tensor:
-    """HF transformers at scale s (plain RoPE at s = 1), teacher-forced: [len(ids), vocab]."""
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    if s not in _HF:
-        config = AutoConfig.from_pretrained(model)
-        if s != 1.0:
-            config.max_position_embeddings = int(FACTOR * L)
-            config.rope_parameters = {"rope_type": "yarn", "factor": s, "rope_theta": 10000.0,
-                                      "original_max_position_embeddings": L}
-        _HF[s] = LlamaForCausalLM.from_pretrained(model, config=config,
-                                                  dtype=torch.float32).eval()
-    with torch.no_grad():
-        return torch.log_softmax(_HF[s](torch.tensor([ids])).logits[0].float(), -1)
+    return hf_reference.hf_logprobs(model, ids, s, L)
 
 
 def _gaps(model, prompt: list[int], tokens: list[int], logprobs: list[float], s: float):
