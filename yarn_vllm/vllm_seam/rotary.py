@@ -102,7 +102,7 @@ class YarnRotaryEmbedding(YaRNScalingRotaryEmbedding):
         rows = len(scales)
         if self.yarn_mode == "request":
             # room for every running request's own override on top of the listed scales
-            rows += int(getattr(vllm_config.scheduler_config, "max_num_seqs", 0) or 256)
+            rows += int(vllm_config.scheduler_config.max_num_seqs)
         inv_freq = torch.empty(rows, rotary_dim // 2, dtype=torch.float32)
         mscales = torch.empty(rows, dtype=torch.float32)
         for row in range(rows):  # override rows start as copies of the first, until used
