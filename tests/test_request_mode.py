@@ -271,3 +271,21 @@ def test_request_layer_rotates_each_token_at_its_rows_scale(request_layer):
     wrong = rotary_reference(q[5:6].view(1, 4, 64), positions[5:6],
                              yarn_math.rope_inv_freq(64, 10000.0), 1.0)
     assert (q_out[5:6].view(1, 4, 64) - wrong).abs().max() > 0.1
+
+
+def test_a_request_that_skipped_admission_is_refused_in_the_engine_core():
+    """No silently recomputed scale: a request without admission's scale is a loud error."""
+    from yarn_vllm.vllm_seam.scheduler import _ScaleMixin
+
+    scheduler = SimpleNamespace(yarn_policy=policy())
+    skipped = SimpleNamespace(request_id="r1", num_tokens=300, num_prompt_tokens=300,
+                              sampling_params=SimpleNamespace(extra_args={"other": 1}))
+    with pytest.raises(RuntimeError, match="r1 reached the engine core without a YaRN scale"):
+        _ScaleMixin._initial_scale(scheduler, skipped)
+    admitted = SimpleNamespace(request_id="r2", num_tokens=300, num_prompt_tokens=300,
+                               sampling_params=SimpleNamespace(extra_args={"yarn_factor": 2.0}))
+    assert _ScaleMixin._initial_scale(scheduler, admitted) == 2.0
+    # an own scale whose window does not hold the prompt escalates at once
+    own = SimpleNamespace(request_id="r3", num_tokens=1500, num_prompt_tokens=1500,
+                          sampling_params=SimpleNamespace(extra_args={"yarn_factor": 1.0}))
+    assert _ScaleMixin._initial_scale(scheduler, own) == 2.0  # 1500 + reserve 512 <= 2 x 1024
