@@ -125,10 +125,12 @@ def run(args, unknown) -> int:
         dtype = ref_dtype  # the same engine arguments, so the same resolution
         policy = ScalePolicy.from_hf_config({**hf, **kwargs["hf_overrides"]}) if yarn else None
     else:
-        results, wall, dtype, policy = run_engine(model, kwargs, user_kwargs, prompts, sampling)
+        results, wall, dtype, policy, used = run_engine(model, kwargs, user_kwargs, prompts,
+                                                        sampling)
     rows = None
     if main_job:
-        rows = job_rows(prompts, results, policy, reference if dtype == ref_dtype else {})
+        rows = job_rows(prompts, results, policy, reference if dtype == ref_dtype else {},
+                        used if args.replicas == 1 else None)
     write_results(args.output, results, wall, rows)
     if rows:
         from yarn_vllm.tools.tasks.main_job import table
@@ -165,7 +167,8 @@ def describe(yarn: YarnConfig) -> str:
     factor = f"factor {yarn.factor:g}" if yarn.factor else f"target {yarn.target_context:,}"
     if yarn.mode == "request":
         return (f"request mode, {factor}: each request gets the smallest scale on offer whose "
-                "s x trained length holds its prompt and answer, fixed at admission")
+                "s x trained length holds its prompt and answer (or a reserve when it sets no "
+                "max_tokens), and moves up if it outgrows it")
     if yarn.mode == "dynamic":
         return f"dynamic mode, {factor}: s follows each sequence's length"
     return f"static mode, {factor}: every request at the same s, as vLLM serves YaRN"
@@ -173,8 +176,9 @@ def describe(yarn: YarnConfig) -> str:
 
 def run_engine(model: str, kwargs: dict, user_kwargs: dict, prompts: list[dict],
                sampling: dict):
-    """One engine in this process, stepped by hand with a progress line:
-    (outputs, generation seconds, dtype, the engine's ScalePolicy or None)."""
+    """One engine in this process, stepped by hand with a progress line: (outputs, generation
+    seconds, dtype, the engine's ScalePolicy or None, the scale each output's last token was
+    produced at as the engine's scheduler reports it, None where it does not say)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -198,20 +202,26 @@ def run_engine(model: str, kwargs: dict, user_kwargs: dict, prompts: list[dict],
         results = run_stepped(llm, inputs, params, line)
     finally:
         line.close()
+    from yarn_vllm.vllm_seam.scheduler import finished_scale_of
+
+    scheduler = in_process_scheduler(llm)
+    used = [finished_scale_of(scheduler, r.request_id) for r in results]
     return (results, time.perf_counter() - t0, dtype,
-            ScalePolicy.from_vllm_config(llm.llm_engine.vllm_config))
+            ScalePolicy.from_vllm_config(llm.llm_engine.vllm_config), used)
 
 
-def job_rows(prompts: list[dict], results, policy, reference: dict[int, list[int]]
-             ) -> list[dict]:
-    """The main job's per-prompt rows: length, scale served at, and each prompt's check."""
+def job_rows(prompts: list[dict], results, policy, reference: dict[int, list[int]],
+             used: list[float | None] | None = None) -> list[dict]:
+    """The main job's per-prompt rows: length, scale served at (the engine's, where its
+    scheduler says; else by the rule it applies), and each prompt's check."""
     from yarn_vllm.tools.tasks.main_job import check
 
     rows = []
     for i, (p, r) in enumerate(zip(prompts, results)):
         job, c = p["job"], r.outputs[0]
-        rows.append(check(job, served_scale(policy, job.length, job.max_tokens), c.text,
-                          list(c.token_ids), reference.get(i)))
+        scale = used[i] if used and used[i] is not None else served_scale(
+            policy, job.length, job.max_tokens)
+        rows.append(check(job, scale, c.text, list(c.token_ids), reference.get(i)))
     return rows
 
 
