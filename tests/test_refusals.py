@@ -101,6 +101,31 @@ def test_speculative_decoding_is_refused(tiny_llama, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_pooling_model_is_refused(tiny_llama, mode):
+    with pytest.raises(ValueError) as e:
+        _build(tiny_llama, mode, runner="pooling")
+    _assert_one_line(_refusal(e), "yarn_mode", "pooling (embedding) model", "yarn_mode 'static'")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_disaggregated_prefill_is_refused(tiny_llama, mode):
+    transfer = {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}
+    with pytest.raises(ValueError) as e:
+        _build(tiny_llama, mode, kv_transfer_config=transfer)
+    _assert_one_line(_refusal(e), "kv_transfer_config", "yarn_mode 'static'")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_another_scheduler_is_refused_and_ours_is_named(tiny_llama, mode):
+    with pytest.raises(ValueError) as e:
+        _build(tiny_llama, mode, scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler")
+    _assert_one_line(_refusal(e), "scheduler_cls", "yarn-vllm's scheduler")
+    config = _build(tiny_llama, mode)
+    assert config.scheduler_config.scheduler_cls == "yarn_vllm.vllm_seam.scheduler.YarnScheduler"
+    assert _build(tiny_llama, "static").scheduler_config.scheduler_cls is None
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_prefill_context_parallelism_is_refused(tiny_llama, mode):
     with pytest.raises(ValueError) as e:
         _build(tiny_llama, mode, prefill_context_parallel_size=2)
