@@ -145,6 +145,35 @@ def _attention(q, k, v, cos, sin, attention_scale: float, head_size: int):
     return torch.einsum("hqk,khd->qhd", logits.softmax(-1), v).reshape(t, -1)
 
 
+def _empty_cache(model) -> tuple[list, list]:
+    """Per layer, no keys and no values yet ([0, kv heads, head_dim] each)."""
+    cfg = model.config
+    empty = torch.empty(0, cfg.num_key_value_heads, cfg.head_dim)
+    n = len(model.model.layers)
+    return [empty] * n, [empty] * n
+
+
+def _step(model, ids: torch.Tensor, keys: list, values: list, length: int,
+          rope: PaperDynamicYarn, s: float) -> torch.Tensor:
+    """One forward of the tokens `ids`, the last of `length` positions, at scale s: appends
+    their pre-RoPE keys and values to each layer's `keys` and `values` (in place) and returns
+    the log-softmax [vocab] after the last of them."""
+    cfg = model.config
+    head = cfg.head_dim
+    cos, sin = _cos_sin(length, rope.inv_freq(s))
+    x = model.model.embed_tokens(ids).float()
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(-1, cfg.num_attention_heads, head)
+        keys[i] = torch.cat((keys[i], attn.k_proj(h).view(-1, cfg.num_key_value_heads, head)))
+        values[i] = torch.cat((values[i], attn.v_proj(h).view(-1, cfg.num_key_value_heads, head)))
+        x = x + attn.o_proj(_attention(q, keys[i], values[i], cos, sin,
+                                       rope.attention_scale(s), head))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return torch.log_softmax(model.lm_head(model.model.norm(x[-1:]))[0].float(), -1)
+
+
 @torch.no_grad()
 def generate(model, prompt: list[int], new_tokens: int, rope: PaperDynamicYarn,
              recompute_at=(), forced: list[int] | None = None
@@ -155,34 +184,17 @@ def generate(model, prompt: list[int], new_tokens: int, rope: PaperDynamicYarn,
     the whole sequence prefilled again in one step, as vLLM resumes a preempted sequence.
     forced: tokens to feed instead of the greedy ones (to follow an engine's continuation).
     """
-    cfg = model.config
-    head = cfg.head_dim
-    layers = model.model.layers
-    empty = torch.empty(0, cfg.num_key_value_heads, head)
-    keys, values = [empty] * len(layers), [empty] * len(layers)
+    keys, values = _empty_cache(model)
     tokens, logprobs = list(prompt), []
     step_ids = torch.tensor(prompt)
     for k in range(new_tokens):
         if k in recompute_at:
-            keys, values = [empty] * len(layers), [empty] * len(layers)
+            keys, values = _empty_cache(model)
             step_ids = torch.tensor(tokens)
         length = len(tokens)
-        s = rope.scale(length)
-        cos, sin = _cos_sin(length, rope.inv_freq(s))
-        x = model.model.embed_tokens(step_ids).float()
-        for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(-1, cfg.num_attention_heads, head)
-            keys[i] = torch.cat((keys[i], attn.k_proj(h).view(-1, cfg.num_key_value_heads, head)))
-            values[i] = torch.cat((values[i],
-                                   attn.v_proj(h).view(-1, cfg.num_key_value_heads, head)))
-            x = x + attn.o_proj(_attention(q, keys[i], values[i], cos, sin,
-                                           rope.attention_scale(s), head))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = model.lm_head(model.model.norm(x[-1:]))[0].float()
-        logprobs.append(torch.log_softmax(logits, -1))
-        token = int(logits.argmax()) if forced is None else forced[k]
+        lp = _step(model, step_ids, keys, values, length, rope, rope.scale(length))
+        logprobs.append(lp)
+        token = int(lp.argmax()) if forced is None else forced[k]
         tokens.append(token)
         step_ids = torch.tensor([token])
     return tokens[len(prompt):], logprobs
@@ -204,32 +216,17 @@ def replay(model, prompt: list[int], tokens: list[int], spans: list[tuple[int, i
     (contrasts). A step reaching the end of what is known (stop = P + tokens so far)
     samples the next token.
     """
-    cfg = model.config
-    head, layers, P = cfg.head_dim, model.model.layers, len(prompt)
-    sequence = list(prompt) + list(tokens)
-    empty = torch.empty(0, cfg.num_key_value_heads, head)
-    keys, values = [empty] * len(layers), [empty] * len(layers)
+    P, sequence = len(prompt), list(prompt) + list(tokens)
+    keys, values = _empty_cache(model)
     scale_of = chunk_scale or (lambda stop, p: rope.scale(p if stop <= p else stop))
     logprobs = []
     for start, stop in spans:
         assert keys[0].shape[0] >= start, f"positions {keys[0].shape[0]}..{start} never computed"
         keys, values = [k[:start] for k in keys], [v[:start] for v in values]
-        s = scale_of(stop, P)
-        cos, sin = _cos_sin(stop, rope.inv_freq(s))
-        x = model.model.embed_tokens(torch.tensor(sequence[start:stop])).float()
-        for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(-1, cfg.num_attention_heads, head)
-            keys[i] = torch.cat((keys[i], attn.k_proj(h).view(-1, cfg.num_key_value_heads, head)))
-            values[i] = torch.cat((values[i],
-                                   attn.v_proj(h).view(-1, cfg.num_key_value_heads, head)))
-            x = x + attn.o_proj(_attention(q, keys[i], values[i], cos, sin,
-                                           rope.attention_scale(s), head))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        lp = _step(model, torch.tensor(sequence[start:stop]), keys, values, stop, rope,
+                   scale_of(stop, P))
         if stop == P + len(logprobs):
-            logits = model.lm_head(model.model.norm(x[-1:]))[0].float()
-            logprobs.append(torch.log_softmax(logits, -1))
+            logprobs.append(lp)
     return logprobs
 
 
@@ -262,9 +259,13 @@ def logprob_gap(ours: dict, logprobs: list[torch.Tensor]) -> float:
                for step, (token, lp) in enumerate(zip(ours["token_ids"], logprobs)))
 
 
-def assert_follows(ours: dict, logprobs: list[torch.Tensor]) -> None:
-    """The engine's every token is the reference's greedy choice (or tied with it within
-    TIE), at a logprob within LOGPROB_TOL; the reference ran along the engine's tokens."""
+def assert_follows(ours: dict, logprobs) -> None:
+    """Every step, near-ties included: the engine's every token is the reference's greedy
+    choice (or tied with it within TIE), at a logprob within LOGPROB_TOL. The reference ran along
+    the engine's tokens (teacher forcing), so a tie the engine broke the other way does not
+    end the comparison: the next steps are compared on the engine's own continuation.
+    logprobs: the reference's log-softmax per step, [vocab] each (a list or a [steps, vocab]
+    tensor)."""
     assert len(logprobs) == len(ours["token_ids"])
     for step, (token, lp) in enumerate(zip(ours["token_ids"], logprobs)):
         assert lp.max().item() - lp[token].item() < TIE, f"step {step}: not the greedy token"

@@ -211,6 +211,9 @@ def test_a_preempted_sequence_is_recomputed_at_its_whole_length(stepped, hf_mode
     prompt = stepped["prompts"]["C"]
     _, kept = generate(hf_model, prompt, k + 1, stepped["rope"], forced=ours["token_ids"])
     assert logprob_gap(ours, kept) > CONTRAST
+    _, above = _replay(stepped, hf_model, "C",  # and the neighbouring scale, s(l) + 1/32
+                       dataclasses.replace(stepped["rope"], scale_offset=NEIGHBOUR), steps=k + 1)
+    assert logprob_gap(ours, above) > CONTRAST
     at_prompt = _ScaleOfPromptAt(**vars(stepped["rope"]), recompute_length=len(prompt) + k)
     _, stale = generate(hf_model, prompt, k + 1, at_prompt, recompute_at=[k],
                         forced=ours["token_ids"])

@@ -188,9 +188,9 @@ def _greedy(model_path: str, prompt: list[int], n: int, s: float) -> tuple[list[
     return tokens, steps
 
 
-def _long_prompt_as_the_engine_served_it(model_path: str, text: str):
-    """The long prompt's greedy answer at s = 2 and at its neighbouring scale s = 1 (HF), the
-    engine's text compared with both, and the key's check on the s = 2 answer."""
+def _long_prompt_answers(model_path: str):
+    """The long prompt, and its greedy answers (HF) at s = 2 and at its neighbouring scale
+    s = 1, which differ."""
     from transformers import AutoTokenizer
 
     from yarn_vllm.tools.tasks.main_job import LONG_MAX_TOKENS, make_job
@@ -204,6 +204,20 @@ def _long_prompt_as_the_engine_served_it(model_path: str, text: str):
     assert all(sorted(lp.tolist())[-1] - sorted(lp.tolist())[-2] > 1e-3 for lp in steps2)
     assert at1 != at2 and tokenizer.decode(at1) != tokenizer.decode(at2)
     return long, tokenizer.decode(at2), tokenizer.decode(at1)
+
+
+def _assert_short_prompt_ran_as_trained(model_path: str, text: str) -> None:
+    """The short prompt's text is HF's greedy answer as trained (s = 1), which its
+    neighbouring scale s = 2 would not give."""
+    from transformers import AutoTokenizer
+
+    from yarn_vllm.tools.tasks.main_job import SHORT_MAX_TOKENS, make_job
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    short = make_job(tokenizer, 1024)[0]
+    at1, _ = _greedy(model_path, short.task.token_ids, SHORT_MAX_TOKENS, 1.0)
+    at2, _ = _greedy(model_path, short.task.token_ids, SHORT_MAX_TOKENS, 2.0)
+    assert text == tokenizer.decode(at1) != tokenizer.decode(at2)
 
 
 def test_main_job_on_the_tiny_llama(tiny_with_tokenizer, tmp_path):
@@ -221,10 +235,10 @@ def test_main_job_on_the_tiny_llama(tiny_with_tokenizer, tmp_path):
     assert [(r["name"], r["prompt_tokens"], r["yarn_scale"]) for r in rows] == [
         ("short", 128, 1.0), ("long", 1536, 2.0)]
     assert rows[0]["equals_as_trained"] is True and rows[0]["output_tokens"] == 16
+    _assert_short_prompt_ran_as_trained(tiny_with_tokenizer, rows[0]["text"])
     assert "dtype float32, as --dtype asked" in proc.stdout
     assert re.search(r"short +128 +s=1 +equals the model as trained \(16/16", proc.stdout)
-    long, text_at2, text_at1 = _long_prompt_as_the_engine_served_it(tiny_with_tokenizer,
-                                                                    rows[1]["text"])
+    long, text_at2, text_at1 = _long_prompt_answers(tiny_with_tokenizer)
     assert rows[1]["text"] == text_at2 != text_at1  # what the engine ran: s = 2
     found = long.task.is_found(text_at2)
     assert rows[1]["found"] is found and rows[1]["key"] == long.task.key
