@@ -17,13 +17,38 @@ namespace yarn {
 namespace {
 
 constexpr int kSplitKeys = 2048;   // keys per split of a decode-like sequence
-constexpr int kTileRows = 64;      // query rows (tokens x group) per prefill tile
+constexpr int kTileRows = 128;     // query rows (tokens x group) per prefill tile: each
+                                   // tile streams its causal prefix once
 constexpr int kDecodeRows = 64;    // at most this many rows: split along keys
 
 struct WorkItem {
   int seq, kv_head, i0, i1, k0, k1;
   int64_t slot;  // index of its partial state, or -1: normalise straight into out
 };
+
+// Orders work items so that at::parallel_for, which hands each of `threads` threads one
+// contiguous run of them, gives every thread about the same work: a prefill's query tiles
+// cost in proportion to their causal prefixes (the last tile of a 16k prompt 256 times the
+// first), so in batch order the first thread would get the cheap half. Largest first, dealt
+// out in a snake (0, 1, .., T-1, T-1, .., 0), each thread's items then laid end to end.
+void balance(std::vector<WorkItem>& items, const std::vector<PagedSequence>& seqs, int threads) {
+  if (threads <= 1 || items.size() <= 1) return;
+  const auto cost = [&](const WorkItem& it) {
+    const PagedSequence& s = seqs[it.seq];
+    const int64_t last_key = std::min<int64_t>(it.k1, int64_t{s.seq_len} - s.q_len + it.i1);
+    return int64_t{it.i1 - it.i0} * std::max<int64_t>(1, last_key - it.k0);
+  };
+  std::vector<WorkItem> sorted = items;
+  std::stable_sort(sorted.begin(), sorted.end(),
+                   [&](const WorkItem& a, const WorkItem& b) { return cost(a) > cost(b); });
+  std::vector<std::vector<WorkItem>> dealt(threads);
+  for (size_t n = 0; n < sorted.size(); ++n) {
+    const size_t round = n / threads, k = n % threads;
+    dealt[round % 2 ? threads - 1 - k : k].push_back(sorted[n]);
+  }
+  items.clear();
+  for (const auto& run : dealt) items.insert(items.end(), run.begin(), run.end());
+}
 
 template <typename Scalar, typename Elem>
 void run(const PagedOp& op) {
@@ -96,6 +121,8 @@ void run(const PagedOp& op) {
       }
     }
   }
+
+  balance(items, seqs, at::get_num_threads());
 
   const auto* q = reinterpret_cast<const Elem*>(query.data_ptr<Scalar>());
   const auto* kc = reinterpret_cast<const Elem*>(key_cache.data_ptr<Scalar>());

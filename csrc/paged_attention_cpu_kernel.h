@@ -181,6 +181,7 @@ void tile_rows(const PagedShape& sh, const PagedSequence& seq, const T* cache, i
 
 #if YARN_PAGED_AVX2
 #include "paged_attention_cpu_simd.h"
+#include "paged_prefill_cpu_simd.h"
 #endif
 
 namespace yarn {
@@ -249,6 +250,19 @@ void paged_attend(const PagedShape& sh, const PagedSequence& seq, const T* query
   // Causality: no row sees past the last row's position.
   k1 = std::min(k1, first_pos + i1);
   if (k1 <= k0) return;
+
+  // Many rows (prefill, long extends): vectorised over rows, with bf16 dot products for
+  // bf16 data where the CPU has them.
+#if YARN_CPU_AVX512
+  if (rows_tile::fits(sh, rows, 16))
+    return rows_tile::attend<simd::F32x16, rows_tile::kBf16Dot && std::is_same_v<T, bf16>>(
+        sh, seq, query, key_cache, value_cache, kv_head, i0, i1, k0, k1, state, scratch);
+#endif
+#if YARN_PAGED_AVX2
+  if (rows_tile::fits(sh, rows, 8))
+    return rows_tile::attend<simd::F32x8, false>(sh, seq, query, key_cache, value_cache, kv_head,
+                                                 i0, i1, k0, k1, state, scratch);
+#endif
 
   float* q = scratch.q.get(static_cast<size_t>(rows) * D);
   float* cs = scratch.cs.get(2 * half);

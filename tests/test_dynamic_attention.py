@@ -165,12 +165,20 @@ def test_kernel_shapes_and_styles(kw):
     torch.testing.assert_close(_run_kernel(b), _reference(b), rtol=1e-4, atol=2e-5)
 
 
+# Half-precision kernel outputs against the float64 reference. bf16: where the CPU has
+# AVX512-BF16, the kernel's many-row (prefill) products are bf16 dot products: q and k after
+# RoPE and the probabilities round to bf16 (2^-9 each, as vLLM's bf16 kernels round its
+# post-RoPE q and k), so a logit of size ~3 moves by ~2^-7, the output by a few bf16 ulps.
+HALF_TOL = {torch.bfloat16: dict(rtol=2 ** -6, atol=8e-3),
+            torch.float16: dict(rtol=2 * TOL[torch.float16]["rtol"], atol=2e-3)}
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_half_precision(dtype):
     b = _batch([1200, 64], [1, 64], dtype=dtype)
     out = _run_kernel(b).float()
-    torch.testing.assert_close(out, _reference(b), rtol=2 * TOL[dtype]["rtol"], atol=2e-3)
+    torch.testing.assert_close(out, _reference(b), **HALF_TOL[dtype])
 
 
 @needs_kernel
@@ -204,15 +212,14 @@ def test_kernel_rejects_bad_arguments_by_name(field, mutate, message):
 @needs_kernel
 @pytest.mark.parametrize("headroom", [1.0, 2.0])
 def test_backend_writes_pre_rope_keys_and_attends_like_the_reference(headroom):
-    """do_kv_cache_update + forward over a mixed batch (kernel and SDPA paths together)."""
+    """do_kv_cache_update + forward over a mixed batch: a prefill, a decode, a tiny prompt
+    and a late chunk, in the op's one call (query tiles beside key splits)."""
     from types import SimpleNamespace
 
-    from yarn_vllm.attention.backend import (SDPA_MIN_QUERY, YarnDynamicAttentionImpl,
-                                             YarnDynamicMetadataBuilder)
+    from yarn_vllm.attention.backend import YarnDynamicAttentionImpl, YarnDynamicMetadataBuilder
 
     builder = YarnDynamicMetadataBuilder.detached(dynamic_policy(factor=4.0, headroom=headroom))
     seq_lens, q_lens = [400, 900, 5, 2100], [400, 1, 5, 150]  # prefill, decode, tiny, chunk
-    assert max(q_lens) > SDPA_MIN_QUERY
     b = _batch(seq_lens, q_lens)
     g = torch.Generator().manual_seed(1)
     new_k = torch.randn(sum(q_lens), 2, 64, generator=g)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import TOL
-from test_dynamic_attention import _batch, _reference, _run_kernel, dynamic_policy
+from test_dynamic_attention import HALF_TOL, _batch, _reference, _run_kernel, dynamic_policy
 from yarn_vllm.attention.angles import AngleTables, angle_table
 from yarn_vllm.ops import HAS_EXTENSION
 
@@ -57,8 +57,35 @@ def test_block_sizes_and_context_edges(block, with_table):
 @pytest.mark.parametrize("head", [64, 80])
 def test_half_precision_caches(dtype, head):
     b = _batch([1500, 300], [1, 9], dtype=dtype, head=head, rotary=head)
-    torch.testing.assert_close(_run_kernel(b).float(), _reference(b),
-                               rtol=2 * TOL[dtype]["rtol"], atol=2e-3)
+    torch.testing.assert_close(_run_kernel(b).float(), _reference(b), **HALF_TOL[dtype])
+
+
+# name: seq_lens, q_lens, (H_q, H_kv), head, rotary, block: prompts and chunks whose query
+# tiles run vectorised over rows (csrc/paged_prefill_cpu_simd.h)
+PREFILL = {
+    "gqa3_16_lanes_chunk": ([777, 301], [777, 150], (9, 3), 64, 64, 16),
+    "half40_8_lanes": ([333, 250], [333, 61], (4, 2), 80, 80, 48),
+    "partial_rotary_odd_block": ([517, 95], [517, 95], (2, 2), 128, 32, 24),
+    "group80_a_token_a_tile": ([150], [150], (80, 1), 64, 64, 32),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(PREFILL))
+def test_prefill_tiles_at_each_sequences_scale(name, dtype):
+    """Query tiles of a prompt and of a late chunk against the reference, each sequence at
+    its own scale; the contrast, every sequence one scale step off (its length plus the
+    trained length), lands far away."""
+    seq_lens, q_lens, (hq, hkv), head, rotary, block = PREFILL[name]
+    b = _batch(seq_lens, q_lens, q_heads=hq, kv_heads=hkv, head=head, rotary=rotary,
+               block=block, dtype=dtype)
+    out, ref = _run_kernel(b).float(), _reference(b)
+    torch.testing.assert_close(out, ref, **(FP32 if dtype == torch.float32 else HALF_TOL[dtype]))
+    inv_freq, mult = dynamic_policy(rotary_dim=rotary).per_sequence([n + 256 for n in seq_lens])
+    far = _reference({**b, "inv_freq": inv_freq, "logit_scale": mult * head ** -0.5})
+    # 100x fp32's tolerance away, and 10x farther than the kernel is from the reference
+    assert (out - far).abs().max() > max(100 * FP32["atol"], 10 * (out - ref).abs().max())
 
 
 def paged_attention_reference_fp32(b):

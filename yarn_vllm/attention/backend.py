@@ -10,9 +10,11 @@ attention scale mscale(s)^2 and angle table once for all layers. RoPE is
 NeoX-style (the rotary layer refuses the rest). Attention then rotates queries and cached
 keys with those angles:
 
-  * decode and short queries: the C++ kernel, rotating keys as it loads them;
-  * long queries (prefill chunks): keys gathered and rotated once, then
-    PyTorch's fused SDPA, which is quicker than a per-key kernel at O(n^2).
+  * on the CPU, every batch in one call of the C++ op per layer, straight on vLLM's
+    combined KV tensor (two views) into the flat output: keys rotated as they are
+    loaded, decode split along the keys, prefill tiled along the queries (vectorised
+    over query rows, with bf16 dot products where the CPU has AVX512-BF16); no
+    gathered or re-rotated prefix, no repeated K/V for GQA.
 
 On a GPU, all-decode batches go to the CUDA kernel (csrc/paged_attention_cuda*)
 and every other batch to the Triton kernel (triton_paged.py), through the one
@@ -37,10 +39,10 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 from yarn_vllm.attention.angles import AngleTables
 from yarn_vllm.attention.paged import cpu_op, paged_attention
 from yarn_vllm.errors import UserError
-from yarn_vllm.ops import rotary_embedding_
 from yarn_vllm.yarn.scale_policy import ScalePolicy
 
-# A query longer than this goes through gather + SDPA; shorter ones through the kernel.
+# Kept for tests/test_dynamic_engine_steps.py's scenario checks: queries up to this length
+# once took the kernel and longer ones gather + SDPA; every CPU query now takes the kernel.
 SDPA_MIN_QUERY = 64
 IS_NEOX = True  # dynamic mode's rotary layer refuses GPT-J-style RoPE
 FEW_TOKENS = 8  # do_kv_cache_update: up to this many, one token at a time
@@ -54,7 +56,8 @@ def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gather_tokens(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """One sequence's rows of a [num_blocks, H, block_size, D] cache: [seq_len, H, D]."""
+    """One sequence's rows of a [num_blocks, H, block_size, D] cache: [seq_len, H, D] (checks
+    of the cache's contents; attention never gathers)."""
     block_size = cache.shape[2]
     used = blocks[: (seq_len + block_size - 1) // block_size].long()
     return cache[used].transpose(1, 2).reshape(-1, cache.shape[1], cache.shape[3])[:seq_len]
@@ -100,8 +103,8 @@ class YarnDynamicMetadata:
     GPU). block_table [B, max_blocks] int32 and device_args (seq_lens,
     query_start_loc, inv_freq, attention_scale) are on the KV cache's device.
     logit_scale [B] fp32 is attention_scale x softmax_scale, where the builder knows the
-    layers' softmax scale (else None). cpu_op is the compiled CPU op when every query
-    of a CPU batch goes to it (all of a decode step's do), else None.
+    layers' softmax scale (else None). cpu_op is the compiled CPU op on a CPU batch (it
+    serves every query), else None.
     """
 
     num_actual_tokens: int
@@ -115,8 +118,6 @@ class YarnDynamicMetadata:
     attention_scale: torch.Tensor
     angles: torch.Tensor
     angle_start: torch.Tensor
-    long_queries: list[int]  # sequences served by gather + SDPA (CPU)
-    short_queries: list[int]  # sequences with queries served by the kernel (CPU)
     device_args: tuple
     softmax_scale: float | None = None
     logit_scale: torch.Tensor | None = None
@@ -181,18 +182,15 @@ class YarnDynamicMetadataBuilder(AttentionMetadataBuilder[YarnDynamicMetadata]):
         device_args = (seq_lens, qsl, inv_freq, attention_scale)
         if not on_cpu:
             device_args = tuple(t.to(device, non_blocking=True) for t in device_args)
-        long_queries = [b for b, n in enumerate(query_lens) if n > SDPA_MIN_QUERY]
         softmax_scale = self.softmax_scale
         return YarnDynamicMetadata(
             num_actual_tokens=m.num_actual_tokens, query_start_loc=qsl, seq_lens=seq_lens,
             block_table=_leading_int32(m.block_table_tensor, num_reqs),
             slot_mapping=m.slot_mapping, query_lens=query_lens, seq_lens_list=seq_list,
             inv_freq=inv_freq, attention_scale=attention_scale, angles=angles, angle_start=start,
-            long_queries=long_queries,
-            short_queries=[b for b, n in enumerate(query_lens) if 0 < n <= SDPA_MIN_QUERY],
             device_args=device_args, softmax_scale=softmax_scale,
             logit_scale=None if softmax_scale is None else attention_scale * softmax_scale,
-            cpu_op=cpu_op() if on_cpu and not long_queries else None)
+            cpu_op=cpu_op() if on_cpu else None)
 
 
 def _leading_int32(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -280,7 +278,7 @@ class YarnDynamicAttentionImpl(AttentionImpl):
             return output
         meta = attn_metadata
         key_cache, value_cache = split_kv_cache(kv_cache)
-        if meta.cpu_op is not None:  # a CPU batch of short queries only (every decode step)
+        if meta.cpu_op is not None:  # a CPU batch: one call, prefill and decode alike
             # padded rows past the batch's tokens are neither read nor written
             q = query if query.dim() == 3 else query.view(-1, self.num_heads, self.head_size)
             out = output if output.dim() == 3 else output.view(-1, self.num_heads, self.head_size)
@@ -291,15 +289,7 @@ class YarnDynamicAttentionImpl(AttentionImpl):
         n = meta.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        if key_cache.device.type != "cpu":
-            self._gpu(meta, q, out, key_cache, value_cache, IS_NEOX)
-            return output
-        logit_scale = self._logit_scale(meta)
-        if meta.short_queries:  # split once per step by the builder, not once per layer
-            self._kernel(meta.short_queries, meta, q, out, key_cache, value_cache, logit_scale,
-                         IS_NEOX)
-        for b in meta.long_queries:
-            self._sdpa(b, meta, q, out, key_cache, value_cache, float(logit_scale[b]))
+        self._gpu(meta, q, out, key_cache, value_cache, IS_NEOX)
         return output
 
     def _logit_scale(self, meta: YarnDynamicMetadata) -> torch.Tensor:
@@ -316,49 +306,3 @@ class YarnDynamicAttentionImpl(AttentionImpl):
         paged_attention(out, q, key_cache, value_cache, meta.block_table, seq_lens, qsl, inv_freq,
                         attention_scale * self.scale, is_neox,
                         max_query_len=max(meta.query_lens), kernel=kernel)
-
-    def _kernel(self, seqs: list[int], meta: YarnDynamicMetadata, q, out, key_cache,
-                value_cache, logit_scale, is_neox: bool) -> None:
-        """The C++ kernel over `seqs`; a sub-batch is gathered when others take the SDPA path."""
-        if len(seqs) == len(meta.query_lens):
-            paged_attention(out, q, key_cache, value_cache, meta.block_table, meta.seq_lens,
-                            meta.query_start_loc, meta.inv_freq, logit_scale, is_neox,
-                            angles=meta.angles, angle_start=meta.angle_start, kernel="cpu")
-            return
-        idx = torch.tensor(seqs)
-        starts = meta.query_start_loc
-        tokens = torch.cat([torch.arange(int(starts[b]), int(starts[b + 1])) for b in seqs])
-        lens = torch.tensor([meta.query_lens[b] for b in seqs])
-        sub_qsl = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-        sub_qsl[1:] = lens.cumsum(0)
-        sub_out = torch.empty((tokens.shape[0],) + tuple(q.shape[1:]), dtype=q.dtype)
-        paged_attention(sub_out, q[tokens].contiguous(), key_cache, value_cache,
-                        meta.block_table[idx].contiguous(), meta.seq_lens[idx].contiguous(),
-                        sub_qsl, meta.inv_freq[idx].contiguous(), logit_scale[idx].contiguous(),
-                        is_neox, angles=meta.angles, angle_start=meta.angle_start[idx].contiguous(),
-                        kernel="cpu")
-        out[tokens] = sub_out
-
-    def _sdpa(self, b: int, meta: YarnDynamicMetadata, q, out, key_cache, value_cache,
-              logit_scale: float) -> None:
-        """A long query: rotate it and its sequence's cached keys once, then fused SDPA."""
-        start, end = int(meta.query_start_loc[b]), int(meta.query_start_loc[b + 1])
-        seq_len = meta.seq_lens_list[b]
-        keys = gather_tokens(key_cache, meta.block_table[b], seq_len)
-        values = gather_tokens(value_cache, meta.block_table[b], seq_len)
-        query = q[start:end].clone()
-        positions = torch.arange(seq_len, dtype=torch.int64)
-        rotary_embedding_(positions[seq_len - (end - start):], query, None, meta.inv_freq[b],
-                          1.0, self.head_size, IS_NEOX)
-        rotary_embedding_(positions, keys, None, meta.inv_freq[b], 1.0, self.head_size, IS_NEOX)
-        group = self.num_heads // self.num_kv_heads
-        k = keys.repeat_interleave(group, dim=1).transpose(0, 1)[None]
-        v = values.repeat_interleave(group, dim=1).transpose(0, 1)[None]
-        mask = None
-        if end - start != seq_len:  # a later chunk: causal from the bottom-right corner
-            pos_q = positions[seq_len - (end - start):]
-            mask = positions[None, :] <= pos_q[:, None]
-        attended = torch.nn.functional.scaled_dot_product_attention(
-            query.transpose(0, 1)[None], k, v, attn_mask=mask, is_causal=mask is None,
-            scale=logit_scale)
-        out[start:end] = attended[0].transpose(0, 1)
