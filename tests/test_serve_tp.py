@@ -59,3 +59,57 @@ def test_tp2_mp_served_matches_tp1_offline(tiny_with_tokenizer):
     assert "world_size=2" in log  # two ranks really ran
     for s, r in zip(served, ref):
         assert s.token_ids == r["token_ids"]
+
+
+# ---- TP 2 outside serve: the offline engines of generate, eval, bench and sweeps --------------
+
+# fp32: the random tiny model's top logits lie within ~0.1 nat of each other (2,600-token
+# prompt: -5.79, -5.88, -5.94), so bf16 rounding of TP's all-reduce picks another token in
+# static and request mode while fp32 TP 2 matches TP 1 to 1e-6 in logprob (measured here)
+DTYPE = "float32"
+
+
+@pytest.mark.slow  # two or three tiny engines, TP 2 on both cores: ~3-5 min on 2 shared cores
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="TP 2 on CPU needs 2 cores")
+@pytest.mark.parametrize("mode", ["request", "dynamic"])
+def test_tp2_offline_matches_tp1(tiny_with_tokenizer, tmp_path, mode):
+    """The engine worker (eval, bench and sweeps run their engines through it) and, in
+    dynamic mode, `yarn-vllm generate` take --tensor-parallel-size 2 on the CPU: the one
+    engine builder binds a core per rank, as serve does, and the greedy tokens equal TP 1's."""
+    import subprocess
+    import sys
+
+    from yarn_vllm.tools.engine_worker import run_engine
+
+    model = tiny_with_tokenizer
+    hf = json.load(open(os.path.join(model, "config.json")))
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, hf["vocab_size"], n).tolist() for n in (900, 2600)]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
+    overrides = YarnConfig(factor=FACTOR, mode=mode).hf_overrides(hf)
+    outputs = {}
+    for tp in (1, 2):
+        outputs[tp] = run_engine(
+            {"model": model, "prompts": prompts, "introspect": False,
+             "llm_kwargs": {"hf_overrides": overrides, "tensor_parallel_size": tp,
+                            "max_model_len": overrides["max_position_embeddings"],
+                            "dtype": DTYPE},
+             # as `generate` samples: greedy, stopping at EOS
+             "sampling": {"max_tokens": MAX_TOKENS, "ignore_eos": False}},
+            in_process=True, env=env, timeout=1800)["outputs"]
+    assert [o["token_ids"] for o in outputs[2]] == [o["token_ids"] for o in outputs[1]]
+    if mode != "dynamic":
+        return
+    # the command line: `generate` with TP 2 writes TP 1's text
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "", "prompt_token_ids": prompts[1]}) + "\n")
+    out = tmp_path / "tp2.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "yarn_vllm.tools.cli", "generate", "--model",
+                           model, "--prompts-file", str(prompts_file), "--factor", str(FACTOR),
+                           "--yarn-mode", mode, "--max-tokens", str(MAX_TOKENS),
+                           "--tensor-parallel-size", "2", "--dtype", DTYPE, "--output",
+                           str(out)],
+                          capture_output=True, text=True, timeout=1800, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["text"] == outputs[1][1]["text"] and row["prompt_tokens"] == len(prompts[1])

@@ -40,6 +40,8 @@ class EngineReplica:
         node = check_node(model if model_is_path else None, version)["node"]
         from vllm import LLM
 
+        # this node's core binding for TP/PP ranks, unless the driver set one (one node)
+        engine_setup(llm_kwargs).apply_env()
         self.llm = LLM(model=model, **llm_kwargs)
         return node
 
@@ -81,9 +83,11 @@ def generate_replicated(model: str, llm_kwargs: dict, prompts: list, sampling: d
     base_env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
     base_env.update(ENGINE_IN_PROCESS, TOKENIZERS_PARALLELISM="false")
     tp, pp = parallel_sizes(llm_kwargs, "generate")
-    # too few cores for a group per replica (of TP x PP cores each): every replica binds
-    # its ranks over all the cores, sharing them
-    groups = [g if g is not None and len(g) >= tp * pp else None
+    # One node (this one): a share of its cores per replica, or, too few for TP x PP cores
+    # each, every replica's ranks over all of them. Several nodes: each replica binds its
+    # ranks on its own node (EngineReplica.start), whose cores this process cannot see.
+    one_node = len([n for n in ray.nodes() if n["Alive"]]) == 1
+    groups = [g if one_node and g is not None and len(g) >= tp * pp else None
               for g in (core_groups(len(parts)) or [None] * len(parts))]
     path = local_path(model)
     actors = []
