@@ -2,7 +2,8 @@
 with short open-ended chat requests arriving as it crosses L and 2 L, through `yarn-vllm
 serve` in request mode against static YaRN at `factor`, side by side.
 
-Request mode admits the long request at s = 1 and escalates it twice (to 2 at L + 1, to 3
+Request mode (its reserve scaled with L: 32 tokens at L = 512, as 512 is at SmolLM2's
+8,192) admits the long request at s = 1 and escalates it twice (to 2 at L + 1, to 3
 at 2 L + 1), recomputing everything so far each time; static YaRN runs it at s = factor
 throughout and recomputes nothing. The short requests (chat, no max_tokens, as chat
 clients send them) hang up after their first token, so each measures TTFT behind the long
@@ -107,6 +108,8 @@ def bench(name: str, mode: str, args) -> dict:
     factor = 3.0
     serve_args = ["--factor", str(factor), "--original-max-position", str(args.trained),
                   "--yarn-mode", mode, *args.vllm_args]
+    if mode == "request":  # the default 512 is a whole window at L = 512: scale it with L
+        serve_args += ["--request-reserve", str(args.trained * 512 // 8192)]
     log = os.path.join(args.log_dir, f"escalation_{name}.log")
     print(f"[{name}] yarn-vllm serve {' '.join(serve_args)} (log: {log})", flush=True)
     with LocalServer(model, serve_args, log_path=log) as server:
