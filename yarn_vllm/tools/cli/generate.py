@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import replace
 
 from yarn_vllm.tools.cli.args import add_model_flag, add_yarn_flags, check_numbers, depths, \
     passthrough_kwargs, yarn_config_from_args, yarn_flags_given
-from yarn_vllm.yarn.config import YarnConfig
 from yarn_vllm.tools.engine_args import engine_setup
 from yarn_vllm.tools.engine_worker import ENGINE_IN_PROCESS
 from yarn_vllm.errors import UserError
-from yarn_vllm.tools.tasks.main_job import LONG_MAX_TOKENS, job_lengths, make_job, served_scale
+from yarn_vllm.tools.tasks.main_job import (LONG_MAX_TOKENS, job_lengths, job_prompts,
+                                            job_reference, job_rows, main_job_yarn)
 
 
 def read_prompts(args) -> list[dict]:
@@ -39,21 +38,6 @@ def read_prompts(args) -> list[dict]:
             else:
                 prompts += [{"prompt": line.rstrip("\n")} for line in f if line.strip()]
     return prompts
-
-
-def main_job_yarn(yarn: YarnConfig | None, args, trained: int, longest: int) -> YarnConfig | None:
-    """The main job's YaRN: request mode unless a mode was chosen (--yarn-mode, --static,
-    --yarn-config), and the default factor unless a length was given."""
-    from yarn_vllm.tools.methods import default_factor
-
-    if args.no_yarn:
-        return None
-    yarn = yarn or YarnConfig()
-    if yarn.factor is None and yarn.target_context is None:
-        yarn = replace(yarn, factor=default_factor(trained, longest))
-    if not (args.yarn_mode or args.yarn_config):
-        yarn = replace(yarn, mode="request")
-    return yarn
 
 
 def dtype_reason(user_kwargs: dict, kwargs: dict, dtype: str) -> str:
@@ -141,39 +125,6 @@ def run(args, unknown) -> int:
     return 0
 
 
-def job_prompts(args, model: str, trained: int, yarn: YarnConfig | None,
-                limit: int) -> list[dict]:
-    """The main job's prompt rows (the ones vLLM's max_model_len `limit` admits), announced."""
-    from transformers import AutoTokenizer
-
-    job = make_job(AutoTokenizer.from_pretrained(model), trained, args.passkey_length,
-                   args.passkey_depths, args.max_tokens)
-    served = describe(yarn) if yarn else "off (--no-yarn): RoPE as trained"
-    print(f"yarn-vllm: the main job: one batch of {len(job)} prompts hiding a 5-digit key, "
-          f"{', '.join(f'{p.length:,}' for p in job)} tokens long; the model was trained "
-          f"to {trained:,}. YaRN: {served}", flush=True)
-    rows = []
-    for p in job:
-        if p.length + p.max_tokens <= limit:
-            rows.append({"prompt_token_ids": p.task.token_ids, "max_tokens": p.max_tokens,
-                         "job": p})
-        else:  # vLLM would refuse the whole batch
-            print(f"  the {p.name} prompt ({p.length:,} tokens) is left out: vLLM refuses a "
-                  f"prompt past max_model_len {limit:,} (YaRN raises it)")
-    return rows
-
-
-def describe(yarn: YarnConfig) -> str:
-    factor = f"factor {yarn.factor:g}" if yarn.factor else f"target {yarn.target_context:,}"
-    if yarn.mode == "request":
-        return (f"request mode, {factor}: each request gets the smallest scale on offer whose "
-                "s x trained length holds its prompt and answer (or a reserve when it sets no "
-                "max_tokens), and moves up if it outgrows it")
-    if yarn.mode == "dynamic":
-        return f"dynamic mode, {factor}: s follows each sequence's length"
-    return f"static mode, {factor}: every request at the same s, as vLLM serves YaRN"
-
-
 def run_engine(model: str, kwargs: dict, user_kwargs: dict, prompts: list[dict],
                sampling: dict):
     """One engine in this process, stepped by hand with a progress line: (outputs, generation
@@ -208,42 +159,6 @@ def run_engine(model: str, kwargs: dict, user_kwargs: dict, prompts: list[dict],
     used = [finished_scale_of(scheduler, r.request_id) for r in results]
     return (results, time.perf_counter() - t0, dtype,
             ScalePolicy.from_vllm_config(llm.llm_engine.vllm_config), used)
-
-
-def job_rows(prompts: list[dict], results, policy, reference: dict[int, list[int]],
-             used: list[float | None] | None = None) -> list[dict]:
-    """The main job's per-prompt rows: length, scale served at (the engine's, where its
-    scheduler says; else by the rule it applies), and each prompt's check."""
-    from yarn_vllm.tools.tasks.main_job import check
-
-    rows = []
-    for i, (p, r) in enumerate(zip(prompts, results)):
-        job, c = p["job"], r.outputs[0]
-        scale = used[i] if used and used[i] is not None else served_scale(
-            policy, job.length, job.max_tokens)
-        rows.append(check(job, scale, c.text, list(c.token_ids), reference.get(i)))
-    return rows
-
-
-def engine_dtype_before_start(model: str, kwargs: dict) -> str:
-    """The dtype vLLM will run `LLM(model, **kwargs)` in ("auto" resolved), without starting it."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    return str(EngineArgs(model=model, **kwargs).create_model_config().dtype).removeprefix(
-        "torch.")
-
-
-def job_reference(model: str, kwargs: dict, prompts: list[dict]) -> tuple[dict, str]:
-    """HF's as-trained greedy tokens for the main job's short prompts, made before the engine
-    starts (on one free thread, not beside vLLM's bound ones), in the engine's dtype."""
-    from yarn_vllm.tools.tasks.main_job import as_trained_reference
-
-    dtype = engine_dtype_before_start(model, kwargs)
-    t0 = time.perf_counter()
-    reference = as_trained_reference(model, [p["job"] for p in prompts], dtype)
-    print(f"yarn-vllm: the model as trained (HF transformers, {dtype}, greedy) answered the "
-          f"short prompt in {time.perf_counter() - t0:.0f} s, for the check below", flush=True)
-    return reference, dtype
 
 
 def write_results(path: str, results, wall: float, job_rows: list[dict] | None = None) -> None:
