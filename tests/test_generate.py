@@ -110,7 +110,7 @@ def _args(**kw):
 
 
 def test_main_job_serves_request_mode_unless_a_mode_is_chosen():
-    from yarn_vllm.tools.cli.generate import main_job_yarn
+    from yarn_vllm.tools.tasks.main_job import main_job_yarn
     from yarn_vllm.yarn.config import YarnConfig
 
     short, long = job_lengths(8192)
@@ -154,7 +154,7 @@ def test_check_compares_greedy_tokens_with_the_model_as_trained():
 
 
 def test_a_prompt_past_max_model_len_is_left_out_with_a_line(tiny_with_tokenizer, capsys):
-    from yarn_vllm.tools.cli.generate import job_prompts
+    from yarn_vllm.tools.tasks.main_job import job_prompts
 
     args = argparse.Namespace(passkey_length=None, passkey_depths=[0.5], max_tokens=64)
     rows = job_prompts(args, tiny_with_tokenizer, 1024, None, limit=1024)  # --no-yarn
