@@ -26,6 +26,15 @@ import time
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+def auth_env() -> dict:
+    """The nodes' authentication mode, the one a driver here picks for itself. Ray 2.60
+    turns token auth on for a head and a driver (not a joining node, which the head then
+    refuses: "InvalidAuthToken") when ~/.ray/auth_token exists and RAY_AUTH_MODE is unset."""
+    has_token = os.path.exists(os.path.expanduser("~/.ray/auth_token"))
+    return {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE") or
+            ("token" if has_token else "disabled")}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,7 +47,7 @@ def _start(args: list[str], log: str, hidden: str | None = None) -> subprocess.P
     if hidden is not None:  # node b: `hidden` is an empty tmpfs in its own mount namespace
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                f'mount -t tmpfs tmpfs "{hidden}" && exec "$@"', "sh", *cmd]
-    env = {**os.environ, **LOOPBACK_ENV, "RAY_memory_monitor_refresh_ms": "0",
+    env = {**os.environ, **LOOPBACK_ENV, **auth_env(), "RAY_memory_monitor_refresh_ms": "0",
            "RAY_raylet_start_wait_time_s": "300"}
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True, env=env)
@@ -47,7 +56,11 @@ def _start(args: list[str], log: str, hidden: str | None = None) -> subprocess.P
 @contextlib.contextmanager
 def two_nodes(hidden: str, cpus_per_node: int = 1, timeout_s: float = 180):
     """Yields the head's address once both nodes are alive; `hidden` must exist."""
+    os.environ.update(auth_env())  # this process, the driver, in the nodes' mode ...
     import ray
+    from ray._raylet import Config
+
+    Config.initialize("")  # ... read again if Ray was imported before (as Ray does itself)
 
     tmp = tempfile.mkdtemp(prefix="yvr", dir="/tmp")  # short: Ray's socket paths have a limit
     port = _free_port()

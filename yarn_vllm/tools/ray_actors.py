@@ -168,11 +168,13 @@ def plugin_version() -> str:
 
 # ---- failures and deadlines ---------------------------------------------------------------
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the actor's name in its errors
 _EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt)\b.*")
 
 
 def failure(exc: BaseException) -> dict:
-    """{"error": one line, "error_chain": [lines]} for a failed actor or task.
+    """{"error": one line, "error_chain": [lines]} for a failed actor or task; a UserError
+    in the chain is the one line.
 
     The chain keeps every exception on the way from the first cause to what we caught:
     each exception's first line, every line of its text that names an exception (a
@@ -184,7 +186,7 @@ def failure(exc: BaseException) -> dict:
     e = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
         head = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
         tail = lines[-1:] if len(lines) > 1 else []
         last = last or (tail[0] if tail else None)
@@ -192,18 +194,27 @@ def failure(exc: BaseException) -> dict:
             if line[:400] not in chain:
                 chain.append(line[:400])
         e = _cause_of(e)
+    mistake = user_error_in(exc)
+    if mistake is not None:  # a user's mistake (e.g. a path a node lacks): its one line
+        return {"error": str(mistake), "error_chain": chain}
     causes = [ln for ln in chain[1:] if _EXCEPTION_LINE.match(ln)]
     summary = [chain[0], *causes[:1], *([last] if last else [])]
     return {"error": " <- ".join(dict.fromkeys(summary)), "error_chain": chain}
 
 
 def user_error_in(exc: BaseException) -> UserError | None:
-    """The UserError a worker raised, found along `exc`'s causal chain, else None."""
-    seen = set()
-    while exc is not None and id(exc) not in seen and not isinstance(exc, UserError):
+    """The UserError a worker raised, found along `exc`'s causal chain, else None.
+
+    The deepest one: Ray's own error is an instance of the cause's class too
+    ("RayTaskError(UserError)"), but its text is the worker's whole traceback.
+    """
+    found, seen = None, set()
+    while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if isinstance(exc, UserError):
+            found = exc
         exc = _cause_of(exc)
-    return exc if isinstance(exc, UserError) else None
+    return found
 
 
 def _cause_of(e: BaseException) -> BaseException | None:
