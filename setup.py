@@ -39,7 +39,8 @@ def _extensions():
     # The soname matches torch's bundled libgomp, so one runtime serves both.
     # no -std: torch's extension builder picks the standard its headers need (C++20 for 2.13)
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", f"-march={cpu_arch}"]
-    sources = ["csrc/bindings.cpp", "csrc/rotary_cpu.cpp", "csrc/paged_attention_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/rotary_cpu.cpp", "csrc/paged_attention_cpu.cpp",
+               "csrc/cache_write_cpu.cpp"]
     # setuptools rebuilds only when a listed file is newer than the library: list the headers
     depends = sorted(glob.glob("csrc/*.h") + glob.glob("csrc/*.cuh"))
     with_cuda = _want_cuda(torch, cpp_extension)

@@ -3,7 +3,7 @@ on load) against vLLM's CPU_ATTN kernel on post-RoPE keys, same shapes, one run.
 
 Ours runs as the engine runs it: the backend's metadata builder once per step (scales,
 frequencies, angle table), then `--layers` calls of the backend's forward, which take
-the C++ kernel for decode and gather + rotate + SDPA for a prefill. vLLM's side is timed
+the C++ op for decode and prefill alike. vLLM's side is timed
 two ways, in the same rounds: as its engine runs it (`vllm`: CPU_ATTN's metadata builder
 once per step, then `--layers` calls of its backend's forward), and its bare kernel
 (`vllm_op`: `--layers` kernel calls on pre-split caches with the scheduler metadata made
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from types import SimpleNamespace
 
 import torch
@@ -35,6 +36,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackendImpl,  # noq
                                                  _get_attn_isa)
 from yarn_vllm.attention.backend import (YarnDynamicAttentionImpl,  # noqa: E402
                                          YarnDynamicMetadataBuilder)
+from yarn_vllm.tools.bench.report import cpu_platform, platform_line  # noqa: E402
 from yarn_vllm.yarn.config import YarnConfig  # noqa: E402
 from yarn_vllm.yarn.scale_policy import ScalePolicy  # noqa: E402
 
@@ -120,9 +122,10 @@ def one_case(ctx, q_len, args, dtype):
     reps = args.reps if q_len == 1 else max(2, args.reps // 5)
     # taking turns, so that load from other processes falls on both alike
     times = measure_interleaved({"vllm": vllm_step, "vllm_op": vllm_op_step, "ours": ours_step},
-                                reps=reps, warmup=1)
+                                reps=reps, warmup=1,
+                                clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
     vllm, vllm_op, ours = times["vllm"], times["vllm_op"], times["ours"]
-    row = {"context": ctx, "q_len": q_len, "dtype": str(dtype).split(".")[-1],
+    row = {"context": ctx, "q_len": q_len, "dtype": str(dtype).split(".")[-1], "vllm_isa": isa,
            "vllm_ms": vllm["median"], "vllm_op_ms": vllm_op["median"], "ours_ms": ours["median"],
            "ratio_ours_over_vllm": ours["median"] / vllm["median"],
            "ratio_ours_over_vllm_op": ours["median"] / vllm_op["median"],
@@ -165,10 +168,16 @@ def main(argv=None):
     p.add_argument("--original-max-position", type=int, default=8192)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this thread's CPU time (with --threads 1), steadier on a loaded machine")
     p.add_argument("--out", default="bench_results/dynamic_attention.json")
     args = p.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu times this thread alone: pass --threads 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    platform = cpu_platform(args.dtypes.split(","), args.block_size, args.head_size)
+    print(platform_line(platform), flush=True)
     rows = []
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
@@ -176,7 +185,10 @@ def main(argv=None):
             rows.append(one_case(ctx, 1, args, dtype))
         for n in (int(c) for c in args.prefill.split(",") if c):
             rows.append(one_case(n, n, args, dtype))
-    write_json(args.out, {"env": environment(), "args": vars(args), "rows": rows})
+    platform["loadavg_1m_after"] = os.getloadavg()[0]
+    write_json(args.out, {"env": environment(), "platform": platform, "args": vars(args),
+                          "rows": rows})
+    print(f"load after: {platform['loadavg_1m_after']:.2f}")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,15 @@ def measure(fn, *, reps: int, warmup: int = 3, setup=None, device: str = "cpu",
 
 
 def measure_interleaved(providers: dict, *, reps: int, warmup: int = 3, setup=None,
-                        device: str = "cpu", min_seconds: float = 0.0) -> dict:
+                        device: str = "cpu", min_seconds: float = 0.0,
+                        clock=time.perf_counter) -> dict:
     """Time each of `providers` (name -> fn) at least `reps` times and `min_seconds` in all,
     taking turns every repetition, so that load from other processes falls on all of them
     alike; the turn order rotates, so that none always runs after the same neighbour (whose
     traffic leaves the caches in its own state). Returns ms quantiles per name ({median,
-    p20, p80, n}); `setup()` runs untimed before every call."""
+    p20, p80, n}); `setup()` runs untimed before every call. `clock`: wall time by default;
+    time.thread_time counts only this thread's CPU time, which other processes' load on a
+    shared machine leaves far less disturbed (valid for work on this thread alone)."""
     times = {name: [] for name in providers}
     names = list(providers)
     start = time.perf_counter()
@@ -41,11 +44,11 @@ def measure_interleaved(providers: dict, *, reps: int, warmup: int = 3, setup=No
             if setup:
                 setup()
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync(device)
             if rep >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                times[name].append((clock() - t0) * 1e3)
         rep += 1
     return {name: _quantiles(t) for name, t in times.items()}
 

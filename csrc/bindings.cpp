@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cache_write_checks.h"
 #include "rotary_checks.h"
 #include "torch_args.h"
 
@@ -44,6 +45,11 @@ TORCH_LIBRARY(yarn_vllm, m) {
       "Tensor block_table, Tensor seq_lens, Tensor query_start_loc, Tensor inv_freq, "
       "Tensor logit_scale, Tensor? cos_sin, Tensor? cos_sin_start, bool is_neox) -> ()");
 
+  // Writes a step's keys and values (Dynamic YaRN: before RoPE) into vLLM's CPU paged
+  // cache: key, value (T, H_kv, D); kv_cache (num_blocks, H_kv, block_size, 2 * D)
+  // contiguous; slot_mapping (T',) int64, -1 skips a token. Contract: cache_write_checks.h.
+  m.def("kv_cache_write(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
+
   // paged_attention's argument checks alone, on any device: what the Triton wrapper
   // runs, so that it has the op's contract. Values are checked for CPU tensors, and
   // for others under YARN_VLLM_CHECK_ARGS=1.
@@ -58,6 +64,11 @@ namespace {
 
 void shapes_only(const RotaryCall&) {}  // the Meta twin: the contract's shapes, no kernel
 
+void kv_cache_write_meta(const at::Tensor& key, const at::Tensor& value, at::Tensor& kv_cache,
+                         const at::Tensor& slot_mapping) {
+  check_cache_write(key, value, kv_cache, slot_mapping);
+}
+
 void no_kernel(const PagedOp&) {}  // the Meta twin and the check op: the contract alone
 constexpr PagedValueChecks kShapesOnly{never, nullptr};
 // the check op for another implementation (Triton): values as that device's launcher would
@@ -68,6 +79,7 @@ constexpr PagedValueChecks kLikeALauncher{on_host_or_request, nullptr};
 TORCH_LIBRARY_IMPL(yarn_vllm, Meta, m) {
   m.impl("rotary_embedding", &rotary_embedding_op<shapes_only>);
   m.impl("paged_attention", &paged_attention_op<no_kernel, kShapesOnly>);
+  m.impl("kv_cache_write", &kv_cache_write_meta);
 }
 
 TORCH_LIBRARY_IMPL(yarn_vllm, CompositeExplicitAutograd, m) {

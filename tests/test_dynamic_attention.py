@@ -451,30 +451,64 @@ def test_every_yarn_config_vllm_is_given_is_validated(tiny_llama, params, field)
         _vllm_config(tiny_llama, overrides)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cache_write_of_a_few_tokens_equals_the_batched_write(dtype):
-    """do_kv_cache_update writes up to FEW_TOKENS tokens one by one (every decode step) and
-    more in one batched write: both put the same bytes where the slots say, skip -1 pads,
-    and leave every other row alone. The reference is a plain loop over vLLM's
-    [num_blocks, H, block_size, 2D] layout (K in the first D channels of a row's pair)."""
-    from yarn_vllm.attention.backend import FEW_TOKENS, YarnDynamicAttentionImpl
 
-    heads, head, block_size, blocks = 3, 16, 8, 6
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [1, 2, 13, 300])
+def test_cache_write_puts_each_token_where_its_slot_says(dtype, n):
+    """do_kv_cache_update (the kv_cache_write op on the CPU) against a plain loop over vLLM's
+    [num_blocks, H, block_size, 2D] layout (a block's keys, then its values, per head): odd
+    sizes, keys and values sliced out of a fused qkv row, -1 pads skipped, rows past the
+    slots ignored, every other cache row left alone."""
+    from yarn_vllm.attention.backend import YarnDynamicAttentionImpl
+
+    heads, head, block_size, blocks = 3, 80, 24, 20
     impl = YarnDynamicAttentionImpl(heads, head, head ** -0.5, heads, None, None, "auto")
-    g = torch.Generator().manual_seed(3)
-    for n in (1, FEW_TOKENS, FEW_TOKENS + 5):
-        slots = torch.randperm(blocks * block_size, generator=g)[:n]
-        if n > 1:
-            slots[n // 2] = -1  # a pad
-        key = torch.randn(n + 2, heads, head, generator=g)  # more rows than slots: ignored
-        value = torch.randn(n + 2, heads, head, generator=g)
-        start = torch.randn(blocks, heads, block_size, 2 * head, generator=g).to(dtype)
-        got = start.clone()
-        impl.do_kv_cache_update(None, key[:n], value[:n], got, slots)
-        expected = start.view(blocks, heads, 2, block_size, head).clone()
-        for t, slot in enumerate(slots.tolist()):
-            if slot >= 0:
-                expected[slot // block_size, :, 0, slot % block_size] = key[t].to(dtype)
-                expected[slot // block_size, :, 1, slot % block_size] = value[t].to(dtype)
-        assert torch.equal(got.view_as(expected), expected)
-        assert not torch.equal(got, start)
+    g = torch.Generator().manual_seed(n)
+    slots = torch.randperm(blocks * block_size, generator=g)[:n]
+    if n > 1:
+        slots[n // 2] = -1  # a pad
+    qkv = torch.randn(n + 2, 3 * heads * head, generator=g).to(dtype)  # rows past the slots too
+    key = qkv[:, heads * head:2 * heads * head].view(n + 2, heads, head)
+    value = qkv[:, 2 * heads * head:].view(n + 2, heads, head)
+    start = torch.randn(blocks, heads, block_size, 2 * head, generator=g).to(dtype)
+    got = start.clone()
+    impl.do_kv_cache_update(None, key, value, got, slots)
+    expected = start.view(blocks, heads, 2, block_size, head).clone()
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            expected[slot // block_size, :, 0, slot % block_size] = key[t]
+            expected[slot // block_size, :, 1, slot % block_size] = value[t]
+    assert torch.equal(got.view_as(expected), expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mutate,message", [
+    (lambda a: a["slots"].__setitem__(1, 20 * 24), "slot_mapping: token 1 has slot 480, outside"),
+    (lambda a: a["slots"].__setitem__(0, -2), "slot_mapping: token 0 has slot -2"),
+    (lambda a: a.update(slots=a["slots"].int()), "slot_mapping: expected a contiguous int64"),
+    (lambda a: a.update(key=a["key"].double()), "key: dtype Double differs"),
+    (lambda a: a.update(value=a["value"][:, :2]), r"value: expected \(T, H_kv=3, D=80\)"),
+    (lambda a: a.update(key=a["key"][..., ::2]), r"key: expected \(T, H_kv=3, D=80\)"),
+    (lambda a: a.update(cache=a["cache"].transpose(1, 2)), "kv_cache: expected a contiguous"),
+    (lambda a: a.update(cache=a["cache"][..., :-1].contiguous()), "kv_cache: expected H_kv > 0"),
+], ids=["slot_past_cache", "slot_below_pad", "slots_int32", "key_fp64", "value_heads",
+        "key_strided_channels", "cache_strided", "cache_odd_width"])
+def test_cache_write_refuses_bad_arguments_by_name(mutate, message):
+    """The op and its Meta twin (what torch.compile traces) refuse alike; values (slots)
+    only where they can be read."""
+    g = torch.Generator().manual_seed(0)
+    a = {"key": torch.randn(4, 3, 80, generator=g), "value": torch.randn(4, 3, 80, generator=g),
+         "cache": torch.zeros(20, 3, 24, 160), "slots": torch.tensor([0, 5, -1, 479])}
+    torch.ops.yarn_vllm.kv_cache_write(a["key"], a["value"], a["cache"], a["slots"])
+    mutate(a)
+    args = (a["key"], a["value"], a["cache"], a["slots"])
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.yarn_vllm.kv_cache_write(*args)
+    if "slot_mapping: token" not in message:
+        meta = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in args]
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.yarn_vllm.kv_cache_write(*meta)
+    torch.library.opcheck(torch.ops.yarn_vllm.kv_cache_write.default,
+                          (torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.zeros(4, 3, 8, 16),
+                           torch.tensor([3, -1])), test_utils=("test_schema", "test_faketensor"))

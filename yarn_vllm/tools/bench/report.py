@@ -97,6 +97,47 @@ def plot(rows: list[dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+# x86 ISA extensions that decide which attention kernels run: /proc/cpuinfo flag -> name
+ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+             ("amx_tile", "AMX"))
+
+
+def cpu_platform(dtypes=("float32", "bfloat16"), block_size: int = 128,
+                 head_size: int | None = None) -> dict:
+    """What CPU numbers were measured on: the CPU, its ISA, the kernel path vLLM's CPU_ATTN
+    takes for each dtype (its _get_attn_isa: "amx", "vec", "vec16", ...; an engine's
+    default block size is 128), the 1-minute load. Which of these a machine has decides
+    whether our kernels or vLLM's are faster, so every CPU benchmark records it."""
+    info = {"cpu": "", "isa": [], "vllm_cpu_attn": {}, "loadavg_1m": os.getloadavg()[0]}
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["cpu"] = fields.get("model name", "")
+    flags = set(fields.get("flags", "").split())
+    info["isa"] = [name for flag, name in ISA_FLAGS if flag in flags]
+    try:
+        import torch
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        info["vllm_cpu_attn"] = {d: _get_attn_isa(getattr(torch, d), block_size, head_size)
+                                 for d in dtypes}
+    except Exception as e:  # noqa: BLE001 - a record, not a requirement
+        info["vllm_cpu_attn"] = {"unknown": f"{type(e).__name__}: {e}"}
+    return info
+
+
+def platform_line(info: dict) -> str:
+    """One line of cpu_platform's record, for a benchmark's log."""
+    attn = ", ".join(f"{k} {v}" for k, v in info["vllm_cpu_attn"].items())
+    isa = ", ".join(info["isa"]) or "none of " + "/".join(name for _, name in ISA_FLAGS)
+    return (f"CPU: {info['cpu'] or 'unknown'}; ISA: {isa}; vLLM CPU_ATTN path: {attn}; "
+            f"load {info['loadavg_1m']:.2f}")
+
+
 def output_paths(out_dir: str, name: str, exts=("json", "csv", "png"), *,
                  source: str = "bench") -> dict[str, str]:
     """{ext: out_dir/name.ext}. `name` must be a plain file name, so that `--name ../x`
@@ -115,16 +156,18 @@ def write_offline(results: dict, out_dir: str, name: str = "offline", log=print)
     os.makedirs(out_dir, exist_ok=True)
     rows = results["rows"]
     results["ratios"] = ratios(rows)
+    dtypes = sorted({r["dtype"] for r in results.get("methods", {}).values() if "dtype" in r})
+    results.setdefault("platform", cpu_platform(dtypes or ("float32", "bfloat16")))
     with open(paths["json"], "w") as f:
         json.dump(results, f, indent=2)
     write_csv(rows, paths["csv"])
     s = results["settings"]
-    dtypes = sorted({r["dtype"] for r in results.get("methods", {}).values() if "dtype" in r})
     plot(rows, paths["png"], f"{os.path.basename(s['model'].rstrip('/'))}, "
                              f"YaRN s={s['factor']:g}, {s['output_tokens']} output tokens"
                              + "".join(f", {d}" for d in dtypes))
     for metric in METRICS:
         log(f"\n{metric.replace('_tok_s', '')} tokens/s:\n" + markdown_table(rows, metric))
     log(f"\nratios against vLLM's own YaRN ({BASELINE}; above 1 = faster):\n" + ratio_table(rows))
+    log(platform_line(results["platform"]))
     log(f"\nwrote {paths['json']}, {paths['csv']}, {paths['png']}")
     return paths
