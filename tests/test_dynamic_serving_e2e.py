@@ -22,10 +22,16 @@ from conftest import run_engines
 from yarn_vllm.yarn.config import YarnConfig
 
 L, NEW = 1024, 8
-LOGPROB_TOL = 1e-4  # fp32 engine against fp32 references
+LOGPROB_TOL = 1e-4  # fp32 engine against itself (chunked or cached) and short prompts
+# The engine against HF over every position of a 2,000-2,500-token prompt: both fp32 but
+# not the same arithmetic (our CPU prefill kernel reads exact angles and sums in tiles, HF
+# forms pos x inv_freq in fp32, 8e-5 rad off at 2,500), so each carries its own rounding:
+# on the 2,500-token prompt HF is 9.1e-4 from an fp64 forward, the engine 3.8e-4, the two
+# 5.3e-4 apart (measured).
+HF_TOL = 1e-3
 # Dynamic mode's neighbouring scales: a length one 32-token block away, s +- 1/32
 # (tests/dynamic_reference.py); a contrast must land 100 tolerances away.
-NEIGHBOUR, CONTRAST = 1 / 32, 100 * LOGPROB_TOL
+NEIGHBOUR, CONTRAST, HF_CONTRAST = 1 / 32, 100 * LOGPROB_TOL, 100 * HF_TOL
 QUESTIONS = 5
 
 
@@ -114,9 +120,9 @@ def test_chunked_prefill_equals_one_step_prefill(case, one_step, chunked, name):
     assert max(prompt_gaps) < LOGPROB_TOL and max(_gaps(a, b, "logprobs")) < LOGPROB_TOL
     s = len(case["prompts"][name]) / L
     got = _prompt_logprobs(case, b, name)
-    assert (got - _hf(case, name, s)[0]).abs().max().item() < LOGPROB_TOL
+    assert (got - _hf(case, name, s)[0]).abs().max().item() < HF_TOL
     for neighbour in (s - NEIGHBOUR, s + NEIGHBOUR):
-        assert (got - _hf(case, name, neighbour)[0]).abs().max().item() > CONTRAST, neighbour
+        assert (got - _hf(case, name, neighbour)[0]).abs().max().item() > HF_CONTRAST, neighbour
 
 
 def _prompt_logprobs(case, ours: dict, name: str) -> torch.Tensor:
@@ -168,9 +174,9 @@ def test_a_long_prompt_never_reuses_a_short_ones_blocks(case, one_step, chunked)
     s = len(case["prompts"]["long_shared"]) / L
     ref, _ = _hf(case, "long_shared", s)
     got = _prompt_logprobs(case, ours, "long_shared")
-    assert (got - ref).abs().max().item() < LOGPROB_TOL
+    assert (got - ref).abs().max().item() < HF_TOL
     for neighbour in (s - NEIGHBOUR, s + NEIGHBOUR):  # the contrasts
-        assert (got - _hf(case, "long_shared", neighbour)[0]).abs().max().item() > CONTRAST
+        assert (got - _hf(case, "long_shared", neighbour)[0]).abs().max().item() > HF_CONTRAST
 
 
 def test_scale_step_lets_questions_over_one_document_share_it(case, one_step, stepped):

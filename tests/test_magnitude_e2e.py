@@ -37,6 +37,10 @@ SWAPPED = {"mscale": 0.3, "mscale_all_dim": 0.8, "truncate": False}
 # request mode: name -> (prompt tokens, its own yarn_factor, the listed neighbours)
 REQUESTS = {"at2": (1500, 2.0, (1.0, 4.0)), "at3": (1500, 3.0, (2.0, 4.0))}
 DYNAMIC_PROMPT = 2000
+# Dynamic mode's prefill against HF over 2,000 positions: both fp32 but not the same
+# arithmetic (our prefill kernel reads exact angles, HF forms them in fp32), so the
+# tolerance of tests/test_dynamic_serving_e2e.py (HF_TOL), with its contrast 100 times it.
+HF_TOL = 1e-3
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +139,7 @@ def test_dynamic_mode_carries_mscale_and_mscale_all_dim(case, engines, hf_model)
     s = DYNAMIC_PROMPT / L
     first = {"token_ids": ours["token_ids"][:1], "logprobs": ours["logprobs"][:1],
              "prompt_logprobs": ours["prompt_logprobs"]}
-    assert _gap(case, "dynamic", first, s, MAGNITUDE) < LOGPROB_TOL
+    assert _gap(case, "dynamic", first, s, MAGNITUDE) < HF_TOL
     rope = dataclasses.replace(rope_of(case["hf"], L), **MAGNITUDE)
     _, logprobs = generate(hf_model, prompt, NEW, rope, forced=ours["token_ids"])
     assert_follows(ours, logprobs)
@@ -147,7 +151,7 @@ def test_dynamic_mode_carries_mscale_and_mscale_all_dim(case, engines, hf_model)
         _, wrong = generate(hf_model, prompt, NEW, other, forced=ours["token_ids"])
         assert logprob_gap(ours, wrong) > CONTRAST, what
     for what, magnitude in {"swapped": SWAPPED, "Eq. 22": {"truncate": False}}.items():
-        assert _gap(case, "dynamic", first, s, magnitude) > CONTRAST, what
+        assert _gap(case, "dynamic", first, s, magnitude) > 100 * HF_TOL, what
 
 
 @pytest.fixture(scope="session")
