@@ -226,18 +226,22 @@ def _cause_of(e: BaseException) -> BaseException | None:
 
 def unschedulable(request: dict, waited_s: float, timeout_s: float) -> str:
     """Why an actor that never started is given up on, with what the cluster had free."""
-    import ray
-
     asked = dict(request["options"].get("resources", {}),
                  CPU=request["options"].get("num_cpus", 1))
     if request["options"].get("num_gpus"):
         asked["GPU"] = request["options"]["num_gpus"]
     if request["bundles"]:
         asked = {"placement group": request["bundles"]}
-    free = {k: v for k, v in ray.available_resources().items()
-            if not k.startswith(("node:", "memory", "object_store"))}
     return (f"never started: no worker came up within timeout_s={timeout_s:g} s of submission "
-            f"({waited_s:.1f} s); it asks for {asked}, the cluster has {free} free")
+            f"({waited_s:.1f} s); it asks for {asked}, the cluster has {free_resources()} free")
+
+
+def free_resources() -> dict:
+    """The cluster's free CPUs, GPUs and custom resources (not memory or node markers)."""
+    import ray
+
+    return {k: v for k, v in ray.available_resources().items()
+            if not k.startswith(("node:", "memory", "object_store"))}
 
 
 class Deadline:

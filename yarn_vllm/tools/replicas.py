@@ -21,8 +21,8 @@ from yarn_vllm.tools.cpu import core_groups, parallel_sizes, shards
 from yarn_vllm.tools.engine_args import engine_setup
 from yarn_vllm.tools.engine_worker import ENGINE_IN_PROCESS
 from yarn_vllm.tools.ray_actors import Deadline, check_node, cluster_has_gpus, connect, \
-    engine_resources, failure, local_path, plugin_version, start_actor, stop_actor, \
-    user_error_in
+    engine_resources, failure, free_resources, local_path, plugin_version, start_actor, \
+    stop_actor, user_error_in
 
 
 class EngineReplica:
@@ -150,15 +150,9 @@ def _wait(actors: list, refs: list, deadline: Deadline, what: str) -> list:
             raise TimeoutError(f"replica(s) {', '.join(late)} did not {what} within "
                                f"{deadline.timeout_s:g} s of submission (--replica-timeout); "
                                f"a replica that never starts is one no node has room for "
-                               f"(the cluster has {_free()} free)")
+                               f"(the cluster has {free_resources()} free)")
     return ray.get(refs)
 
-
-def _free() -> dict:
-    import ray
-
-    return {k: v for k, v in ray.available_resources().items()
-            if not k.startswith(("node:", "memory", "object_store"))}
 
 
 def generate_replicated_outputs(model: str, llm_kwargs: dict, prompts: list[dict], sampling: dict,
