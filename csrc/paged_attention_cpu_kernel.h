@@ -175,6 +175,47 @@ void tile_rows(const PagedShape& sh, const PagedSequence& seq, const T* cache, i
   }
 }
 
+// Key and value row pointers of one kv head's tiles of N keys: this tile's (k, v) and the
+// next one's (k_next, v_next), filled a tile ahead so that they can be prefetched while
+// this one computes. Not copyable: its pointers point into itself.
+template <typename T, int N>
+class KvRows {
+ public:
+  KvRows(const PagedShape& sh, const PagedSequence& seq, const T* key_cache,
+         const T* value_cache, int kv_head)
+      : sh_(sh), seq_(seq), key_cache_(key_cache), value_cache_(value_cache), kv_head_(kv_head) {}
+  KvRows(const KvRows&) = delete;
+  KvRows& operator=(const KvRows&) = delete;
+
+  // rows of keys [kt, kt + n) into k_next, v_next
+  void load_next(int kt, int n) {
+    tile_rows(sh_, seq_, key_cache_, sh_.k_block_stride, sh_.k_head_stride, sh_.k_row_stride,
+              kv_head_, kt, n, k_next);
+    tile_rows(sh_, seq_, value_cache_, sh_.v_block_stride, sh_.v_head_stride, sh_.v_row_stride,
+              kv_head_, kt, n, v_next);
+  }
+  void advance() {
+    std::swap(k, k_next);
+    std::swap(v, v_next);
+  }
+
+ private:
+  const T* rows_[4][N];
+
+ public:
+  const T** k = rows_[0];
+  const T** v = rows_[1];
+  const T** k_next = rows_[2];
+  const T** v_next = rows_[3];
+
+ private:
+  const PagedShape& sh_;
+  const PagedSequence& seq_;
+  const T* key_cache_;
+  const T* value_cache_;
+  int kv_head_;
+};
+
 }  // namespace detail
 
 }  // namespace yarn

@@ -224,22 +224,17 @@ void attend_nv(const PagedShape& sh, const PagedSequence& seq, const float* q, i
   float* scores = scratch.scores.get(static_cast<size_t>(rows) * kSpan);
   float* corr = scratch.corr.get(rows);
   float* cs = scratch.cs.get(sh.rotary_dim);
-  const T* rows_a[4][kSpan];  // key and value rows of this span and of the next
-  const T** krows = rows_a[0];
-  const T** vrows = rows_a[1];
-  const T** knext = rows_a[2];
-  const T** vnext = rows_a[3];
-  auto span_rows = [&](int kt, int n, const T** k, const T** v) {
-    detail::tile_rows(sh, seq, key_cache, sh.k_block_stride, sh.k_head_stride, sh.k_row_stride,
-                      kv_head, kt, n, k);
-    detail::tile_rows(sh, seq, value_cache, sh.v_block_stride, sh.v_head_stride,
-                      sh.v_row_stride, kv_head, kt, n, v);
-  };
-  span_rows(k0, std::min(kSpan, k1 - k0), krows, vrows);
+  detail::KvRows<T, kSpan> kv(sh, seq, key_cache, value_cache, kv_head);
+  kv.load_next(k0, std::min(kSpan, k1 - k0));
+  kv.advance();
   for (int kt = k0; kt < k1; kt += kSpan) {
     const int n = std::min(kSpan, k1 - kt);
     const int n_next = std::max(0, std::min(kSpan, k1 - kt - kSpan));
-    span_rows(kt + kSpan, n_next, knext, vnext);
+    kv.load_next(kt + kSpan, n_next);
+    const T* const* krows = kv.k;
+    const T* const* vrows = kv.v;
+    const T* const* knext = kv.k_next;
+    const T* const* vnext = kv.v_next;
     for (int a = 0; a < n; a += kAngleStride) {  // one coarse angle row at a time
       const int m = std::min(kAngleStride, n - a);
       const float* qa = q;
@@ -262,8 +257,7 @@ void attend_nv(const PagedShape& sh, const PagedSequence& seq, const float* q, i
       add_values<S, NV>(scores, corr, rows, vrows, n, state.acc.data());
     else
       add_values_any<S>(D, scores, corr, rows, vrows, n, state.acc.data());
-    std::swap(krows, knext);
-    std::swap(vrows, vnext);
+    kv.advance();
   }
 }
 

@@ -247,29 +247,22 @@ void attend(const PagedShape& sh, const PagedSequence& seq, const T* query, cons
                                        _mm512_loadu_ps(qt + static_cast<size_t>(c + 1) * Mp + v * 16)));
   }
 #endif
-  const T* rows_a[4][kKeys];  // key and value rows of this tile and of the next
-  const T** krows = rows_a[0];
-  const T** vrows = rows_a[1];
-  const T** knext = rows_a[2];
-  const T** vnext = rows_a[3];
-  const auto tile_rows = [&](int kt, int n, const T** k, const T** v) {
-    detail::tile_rows(sh, seq, key_cache, sh.k_block_stride, sh.k_head_stride, sh.k_row_stride,
-                      kv_head, kt, n, k);
-    detail::tile_rows(sh, seq, value_cache, sh.v_block_stride, sh.v_head_stride,
-                      sh.v_row_stride, kv_head, kt, n, v);
-  };
-  tile_rows(k0, std::min(kKeys, k1 - k0), krows, vrows);
+  detail::KvRows<T, kKeys> kv(sh, seq, key_cache, value_cache, kv_head);
+  kv.load_next(k0, std::min(kKeys, k1 - k0));
+  kv.advance();
   for (int kt = k0; kt < k1; kt += kKeys) {
     const int n = std::min(kKeys, k1 - kt);
     // the next tile's rows, fetched while this one computes: each item streams its whole
     // causal prefix, which other cores' work evicts from L2 between items
     const int n_next = std::max(0, std::min(kKeys, k1 - kt - kKeys));
-    tile_rows(kt + kKeys, n_next, knext, vnext);
+    kv.load_next(kt + kKeys, n_next);
     for (int j = 0; j < n_next; ++j)
       for (int b = 0; b < D * static_cast<int>(sizeof(T)); b += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(knext[j]) + b, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(vnext[j]) + b, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(kv.k_next[j]) + b, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(kv.v_next[j]) + b, _MM_HINT_T0);
       }
+    const T* const* krows = kv.k;
+    const T* const* vrows = kv.v;
     // keys rotated at their positions, values in fp32; past-the-end rows zero (a zero
     // probability times a zero value: no junk reaches a row)
     for (int j = 0; j < kKeys; ++j) {
@@ -354,8 +347,7 @@ void attend(const PagedShape& sh, const PagedSequence& seq, const T* query, cons
     {
       outer_all<S, false, KB, RV>(vals, 1, D, D, st, Mp, kKeys, vecs, ot, Mp, corr);
     }
-    std::swap(krows, knext);
-    std::swap(vrows, vnext);
+    kv.advance();
   }
 
   // the item's state, row-major as the launcher merges and writes it

@@ -11,17 +11,15 @@ prefill tiles (rows vectorised) and decode (keys vectorised), per-sequence scale
 from __future__ import annotations
 
 import ctypes
-import os
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 from test_dynamic_attention import _batch, _reference
+from test_rotary_isa import build_isas
 from yarn_vllm.attention.angles import angle_table
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISAS = {"avx512_no_bf16": "-march=x86-64-v4", "avx2": "-march=x86-64-v3", "scalar": "-march=x86-64"}
 # fp32 products in every build here: the reference's rounding plus fp32 sums
 FP32 = dict(rtol=1e-4, atol=2e-5)
@@ -66,17 +64,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on 
 
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("paged_isa")
-    (tmp / "shim.cpp").write_text(SHIM)
-    libs = {}
-    for isa, flag in ISAS.items():
-        lib = tmp / f"paged_{isa}.so"
-        out = subprocess.run(["g++", "-std=c++20", "-O2", "-fno-math-errno", flag, "-shared",
-                              "-fPIC", "-I", os.path.join(REPO, "csrc"), str(tmp / "shim.cpp"),
-                              "-o", str(lib)], capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        libs[isa] = ctypes.CDLL(str(lib))
-    return libs
+    return build_isas(tmp_path_factory.mktemp("paged_isa"), SHIM, ISAS, std="c++20")
 
 
 def attend(lib, b, seq: int) -> torch.Tensor:

@@ -43,19 +43,24 @@ extern "C" void rope_bf16(int64_t t, const int64_t* p, const int32_t* i, void* q
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
 
 
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rotary_isa")
-    (tmp / "shim.cpp").write_text(SHIM)
+def build_isas(tmp, source: str, isas: dict, std: str = "c++17") -> dict:
+    """{isa: ctypes.CDLL}: `source` (a shim over csrc/ headers) compiled once per -march
+    flag of `isas` ({name: flag}) into the folder `tmp`."""
+    (tmp / "shim.cpp").write_text(source)
     libs = {}
-    for isa, flag in ISAS.items():
-        lib = tmp / f"rope_{isa}.so"
-        out = subprocess.run(["g++", "-std=c++17", "-O3", "-fno-math-errno", flag, "-shared",
+    for isa, flag in isas.items():
+        lib = tmp / f"shim_{isa}.so"
+        out = subprocess.run(["g++", f"-std={std}", "-O3", "-fno-math-errno", flag, "-shared",
                               "-fPIC", "-I", os.path.join(REPO, "csrc"), str(tmp / "shim.cpp"),
                               "-o", str(lib)], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         libs[isa] = ctypes.CDLL(str(lib))
     return libs
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    return build_isas(tmp_path_factory.mktemp("rotary_isa"), SHIM, ISAS)
 
 
 def rotate(lib, positions, x, inv_freq, mscale, index, head_size, is_neox):
