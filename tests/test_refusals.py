@@ -91,28 +91,26 @@ def _assert_one_line(err: Exception, field: str, *phrases: str) -> None:
 
 # ---- the model-level refusals, shared by dynamic and request mode ----------------------
 
-@pytest.mark.parametrize("mode", MODES)
-def test_speculative_decoding_is_refused(tiny_llama, mode):
-    ngram = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3,
-             "prompt_lookup_min": 1}
-    with pytest.raises(ValueError) as e:
-        _build(tiny_llama, mode, speculative_config=ngram)
-    _assert_one_line(_refusal(e), "speculative_config", "yarn_mode 'static'")
+# engine argument -> (the field the refusal names, a phrase it must hold)
+ENGINE_REFUSALS = {
+    "speculative_config": ({"method": "ngram", "num_speculative_tokens": 2,
+                            "prompt_lookup_max": 3, "prompt_lookup_min": 1},
+                           "speculative_config", "yarn_mode 'static'"),
+    "runner": ("pooling", "yarn_mode", "pooling (embedding) model"),
+    "kv_transfer_config": ({"kv_connector": "ExampleConnector", "kv_role": "kv_both"},
+                           "kv_transfer_config", "yarn_mode 'static'"),
+    "prefill_context_parallel_size": (2, "prefill_context_parallel_size", "yarn_mode 'static'"),
+}
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_pooling_model_is_refused(tiny_llama, mode):
+@pytest.mark.parametrize("argument", ENGINE_REFUSALS)
+def test_engine_settings_the_per_sequence_modes_cannot_serve_are_refused(tiny_llama, mode,
+                                                                          argument):
+    value, field, phrase = ENGINE_REFUSALS[argument]
     with pytest.raises(ValueError) as e:
-        _build(tiny_llama, mode, runner="pooling")
-    _assert_one_line(_refusal(e), "yarn_mode", "pooling (embedding) model", "yarn_mode 'static'")
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_disaggregated_prefill_is_refused(tiny_llama, mode):
-    transfer = {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}
-    with pytest.raises(ValueError) as e:
-        _build(tiny_llama, mode, kv_transfer_config=transfer)
-    _assert_one_line(_refusal(e), "kv_transfer_config", "yarn_mode 'static'")
+        _build(tiny_llama, mode, **{argument: value})
+    _assert_one_line(_refusal(e), field, phrase)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -123,13 +121,6 @@ def test_another_scheduler_is_refused_and_ours_is_named(tiny_llama, mode):
     config = _build(tiny_llama, mode)
     assert config.scheduler_config.scheduler_cls == "yarn_vllm.vllm_seam.scheduler.YarnScheduler"
     assert _build(tiny_llama, "static").scheduler_config.scheduler_cls is None
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_prefill_context_parallelism_is_refused(tiny_llama, mode):
-    with pytest.raises(ValueError) as e:
-        _build(tiny_llama, mode, prefill_context_parallel_size=2)
-    _assert_one_line(_refusal(e), "prefill_context_parallel_size", "yarn_mode 'static'")
 
 
 @pytest.mark.parametrize("mode", MODES)
