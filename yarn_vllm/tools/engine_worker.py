@@ -262,13 +262,14 @@ def main(spec_path: str, out_path: str) -> None:
            "num_preemptions": metric_counter(llm, "vllm:num_preemptions"), "outputs": []}
     index = {r.request_id: i for i, r in enumerate(results)}
     out.update(scheduler_record(llm, index))
+    scheduler = engine_scheduler(llm)
     for r in results:
         c = r.outputs[0]
         out["outputs"].append({"token_ids": list(c.token_ids), "text": c.text,
                                "logprobs": logprob_steps(c.logprobs),
                                "prompt_logprobs": logprob_steps(r.prompt_logprobs),
                                "num_cached_tokens": r.num_cached_tokens,
-                               "scale": finished_scale_of(engine_scheduler(llm), r.request_id)})
+                               "scale": finished_scale_of(scheduler, r.request_id)})
     with open(out_path, "w") as f:
         json.dump(out, f)
 

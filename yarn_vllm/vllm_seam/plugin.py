@@ -49,9 +49,8 @@ def register() -> None:
     openai_hooks.install()
 
 
-def _refuse_yarn_models(line: str) -> None:
-    """Refuse YaRN models at config time through whichever door this vLLM still has."""
-    from yarn_vllm.errors import UserError
+def _refuse_yarn_models(error: Exception) -> None:
+    """Refuse YaRN models at config time (raise `error`) through the platform's config hook."""
     from yarn_vllm.vllm_seam.patching import MARK
 
     def refuse_if_yarn(vllm_config) -> None:
@@ -59,8 +58,7 @@ def _refuse_yarn_models(line: str) -> None:
 
         hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
         if hf_config is not None and rope_type_of(rope_parameters_of(hf_config)) == "yarn":
-            raise UserError("vllm", line.split(": ", 1)[1].split(". Fix: ")[0],
-                            line.split(". Fix: ", 1)[1], source="yarn-vllm")
+            raise error
 
     try:
         from vllm.platforms import current_platform

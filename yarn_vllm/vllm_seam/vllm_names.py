@@ -19,6 +19,8 @@ import dataclasses
 import importlib
 import inspect
 
+from yarn_vllm.errors import UserError
+
 # The vLLM releases this code was written and tested against (lowest allowed, first refused).
 SUPPORTED_VLLM = ("0.32.0", "0.33.0")
 
@@ -182,10 +184,11 @@ def problems() -> list[str]:
     return found
 
 
-def refusal(found: list[str]) -> str:
-    """The one line a YaRN model is refused with."""
+def refusal(found: list[str]) -> UserError:
+    """The one-line error a YaRN model is refused with."""
     low, high = SUPPORTED_VLLM
-    return (f"yarn-vllm: {found[0]}{f' (and {len(found) - 1} more)' if len(found) > 1 else ''};"
-            f" it supports vLLM >= {low}, < {high} (this is {vllm_version()}). Fix: install a "
-            "supported vLLM, or serve without the plugin (VLLM_PLUGINS='') to use vLLM's own "
-            "static YaRN")
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return UserError("vllm", f"{found[0]}{more}; it supports vLLM >= {low}, < {high} (this is "
+                     f"{vllm_version()})", "install a supported vLLM, or serve without the "
+                     "plugin (VLLM_PLUGINS='') to use vLLM's own static YaRN",
+                     source="yarn-vllm")
