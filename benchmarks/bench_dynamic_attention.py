@@ -12,7 +12,9 @@ engine-path rows each layer also writes the step's new keys and values through i
 backend's `do_kv_cache_update`, and vLLM's side rotates q and k with its rotary op first
 (ours caches keys before RoPE and rotates inside attention; its rotary layer returns q
 and k untouched). Decode: one sequence, one new token, at each context length. Prefill:
-one prompt in one step.
+one prompt in one step. Each layer reads its own KV cache, as in an engine step
+(`--caches shared` gives every layer the same one, which then stays in the CPU's caches
+up to several thousand keys: the kernels' compute alone).
 
     .venv/bin/python benchmarks/bench_dynamic_attention.py --contexts 4096,16384,32768
 """
@@ -52,7 +54,10 @@ def one_case(ctx, q_len, args, dtype):
 
     hq, hkv, head, bs = args.q_heads, args.kv_heads, args.head_size, args.block_size
     nblocks = (ctx + bs - 1) // bs
-    cache, _, _ = _paged_cache(nblocks, hkv, bs, head, dtype)
+    # one KV cache per layer, as an engine has (`--caches shared`: one for all layers, which
+    # then stays in L3 up to a few thousand keys and leaves the kernels compute-bound)
+    caches = args.layers if args.caches == "per-layer" else 1
+    ours_caches = [_paged_cache(nblocks, hkv, bs, head, dtype)[0] for _ in range(caches)]
     block_table = torch.arange(nblocks, dtype=torch.int32)[None]
     seq_lens = torch.tensor([ctx], dtype=torch.int32)
     qsl = torch.tensor([0, q_len], dtype=torch.int32)
@@ -68,16 +73,18 @@ def one_case(ctx, q_len, args, dtype):
     # vLLM's kernel wants its own packed cache, for the ISA its engine would pick: fill it
     # through its own writer.
     isa = _get_attn_isa(dtype, bs, head)
-    vcache, vkc, vvc = _paged_cache(nblocks, hkv, bs, head, dtype)
+    vllm_caches = [_paged_cache(nblocks, hkv, bs, head, dtype) for _ in range(caches)]
     keys = torch.randn(ctx, hkv, head).to(dtype)
-    vops.cpu_attn_reshape_and_cache(keys, keys, vkc, vvc, torch.arange(ctx), isa)
+    for _, vkc, vvc in vllm_caches:
+        vops.cpu_attn_reshape_and_cache(keys, keys, vkc, vvc, torch.arange(ctx), isa)
     meta = vops.cpu_attn_get_scheduler_metadata(
         num_reqs=1, num_heads=hq, num_kv_heads=hkv, head_dim=head, seq_lens=seq_lens,
         dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa,
         enable_kv_split=True)
 
     def vllm_op_step():
-        for _ in range(args.layers):
+        for i in range(args.layers):
+            _, vkc, vvc = vllm_caches[i % caches]
             vops.cpu_attention_with_kv_cache(
                 query=query, key_cache=vkc, value_cache=vvc, output=out, query_start_loc=qsl,
                 seq_lens=seq_lens, scale=head ** -0.5, causal=True, alibi_slopes=None,
@@ -90,7 +97,7 @@ def one_case(ctx, q_len, args, dtype):
                              max_seq_len=ctx, block_table_tensor=block_table, causal=True,
                              slot_mapping=torch.arange(ctx - q_len, ctx))
     vllm_builder, vllm_impl, vllm_layer = _vllm_backend(hq, hkv, head, bs, dtype, isa)
-    vllm_kv_cache = vcache.view(nblocks, hkv, bs, 2 * head)
+    vllm_kv_caches = [c.view(nblocks, hkv, bs, 2 * head) for c, _, _ in vllm_caches]
     # the step's new tokens: their keys and values, positions and cache slots
     new_k, new_v = torch.randn(q_len, hkv, head).to(dtype), torch.randn(q_len, hkv, head).to(dtype)
     positions = torch.arange(ctx - q_len, ctx)
@@ -104,18 +111,19 @@ def one_case(ctx, q_len, args, dtype):
 
     def vllm_step():
         meta = CPUAttentionMetadataBuilder.build(vllm_builder, 0, common)
-        for _ in range(args.layers):
+        for i in range(args.layers):
+            kv_cache = vllm_kv_caches[i % caches]
             vops.rotary_embedding(positions, flat_q, flat_k, head, cos_sin_cache, True)
             CPUAttentionBackendImpl.do_kv_cache_update(vllm_impl, vllm_layer, vllm_k, new_v,
-                                                       vllm_kv_cache, common.slot_mapping)
+                                                       kv_cache, common.slot_mapping)
             CPUAttentionBackendImpl.forward(vllm_impl, vllm_layer, vllm_query, None, None,
-                                            vllm_kv_cache, meta, out)
+                                            kv_cache, meta, out)
     flat_out = out.view(q_len, hq * head)
 
     def ours_step():
         meta = builder.build(0, common)
-        for _ in range(args.layers):
-            kv_cache = cache.view(nblocks, hkv, bs, 2 * head)
+        for i in range(args.layers):
+            kv_cache = ours_caches[i % caches].view(nblocks, hkv, bs, 2 * head)
             impl.do_kv_cache_update(None, new_k, new_v, kv_cache, common.slot_mapping)
             impl.forward(None, query, None, None, kv_cache, meta, flat_out)
 
@@ -126,6 +134,7 @@ def one_case(ctx, q_len, args, dtype):
                                 clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
     vllm, vllm_op, ours = times["vllm"], times["vllm_op"], times["ours"]
     row = {"context": ctx, "q_len": q_len, "dtype": str(dtype).split(".")[-1], "vllm_isa": isa,
+           "caches": args.caches,
            "vllm_ms": vllm["median"], "vllm_op_ms": vllm_op["median"], "ours_ms": ours["median"],
            "ratio_ours_over_vllm": ours["median"] / vllm["median"],
            "ratio_ours_over_vllm_op": ours["median"] / vllm_op["median"],
@@ -166,6 +175,9 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--rope-theta", type=float, default=100000.0)
     p.add_argument("--original-max-position", type=int, default=8192)
+    p.add_argument("--caches", choices=("per-layer", "shared"), default="per-layer",
+                   help="per-layer: a KV cache per layer, as an engine step reads them; shared: "
+                        "one for every layer (it stays in cache: the kernels' compute alone)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
