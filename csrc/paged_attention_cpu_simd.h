@@ -7,7 +7,9 @@
 //      composed from the table: the tile's one coarse row (tiles start at multiples
 //      of kAngleStride == kKeyTile) times the fine row of the key's offset in the tile;
 //   2. each row scores W keys at once in W accumulators, finished together by
-//      sum_lanes (one transpose-add in place of W horizontal sums);
+//      sum_lanes (one transpose-add in place of W horizontal sums). A decode's few rows
+//      (rotate_score) instead take each key rotated in registers against all rows at
+//      once, and sum_lanes finishes their partial products;
 //   3. the online softmax of each row, vectorised over the tile;
 //   4. values: rows' accumulators stay in registers over the tile's keys (NV = D / W
 //      vectors a row, fixed at compile time), not loaded and stored once per key.
@@ -206,6 +208,62 @@ void add_values_any(int D, const float* p, const float* corr, int rows, const T*
     }
 }
 
+// Rows whose q stays in registers through rotate_score (R x NV in half the registers; at 8
+// lanes, 16 registers leave no room for a row of D = 64 and the rotated key beside it).
+template <class S, int NV>
+constexpr int kFusedRows =
+    NV > 0 && NV % 2 == 0 && S::kRegisters >= 32 ? std::min(4, S::kRegisters / 2 / NV) : 0;
+
+// scores[r * kSpan + j] = q_r . (key j turned by fine angle j) for j < m <= kAngleStride and
+// exactly R rows, the keys at rows[j] and the table's fine rows, every channel rotary
+// (half = D / 2: the vector pairs known at compile time, so the rotated key stays in
+// registers): each key is rotated once and scored against every row at once, where
+// rotate_keys + score_keys store it and load it back once per row (decode is bound by
+// loads). Each row's W-lane partial products go to `part` [R][kAngleStride][W], summed W
+// keys at a time by sum_lanes.
+template <class S, int NV, int R, typename T>
+void rotate_score(const PagedSequence& seq, const float* q, const T* const* rows, int m,
+                  float* part, float* scores) {
+  using V = typename S::V;
+  constexpr int W = S::W, D = NV * W, H = NV / 2, half = D / 2;
+  V qv[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) qv[i][v] = S::load(q + static_cast<size_t>(i) * D + v * W);
+  for (int j = 0; j < m; ++j) {
+    const float* angle = seq.cos_sin + static_cast<int64_t>(j) * 2 * half;  // fine row j
+    const T* kp = rows[j];
+    V r[NV];
+    for (int c = 0; c < H; ++c) {
+      const V co = S::load(angle + c * W), si = S::load(angle + half + c * W);
+      const V x1 = S::load(kp + c * W), x2 = S::load(kp + half + c * W);
+      r[c] = S::fmsub(x1, co, S::mul(x2, si));
+      r[H + c] = S::fmadd(x2, co, S::mul(x1, si));
+    }
+    for (int i = 0; i < R; ++i) {
+      V acc = S::mul(qv[i][0], r[0]);
+      for (int v = 1; v < NV; ++v) acc = S::fmadd(qv[i][v], r[v], acc);
+      S::store(part + (static_cast<size_t>(i) * kAngleStride + j) * W, acc);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int g = 0; g < m; g += W) {
+      V acc[W];
+      for (int k = 0; k < W; ++k)
+        acc[k] = S::load(part + (static_cast<size_t>(i) * kAngleStride + g + k) * W);
+      S::store(scores + static_cast<size_t>(i) * kSpan + g, S::sum_lanes(acc));
+    }
+}
+
+// rotate_score for any `rows` <= R, picked at run time.
+template <class S, int NV, int R, typename T>
+void rotate_score_few(int rows, const PagedSequence& seq, const float* q, const T* const* krows,
+                      int m, float* part, float* scores) {
+  if constexpr (R > 0) {
+    if (rows == R) return rotate_score<S, NV, R>(seq, q, krows, m, part, scores);
+    rotate_score_few<S, NV, R - 1>(rows, seq, q, krows, m, part, scores);
+  }
+}
+
 // True if the vectorised loop of width W serves this shape from key k0 on.
 inline bool fits(const PagedShape& sh, int k0, int W) {
   const int half = sh.rotary_dim / 2;
@@ -219,7 +277,12 @@ void attend_nv(const PagedShape& sh, const PagedSequence& seq, const float* q, i
                int k0, int k1, SoftmaxState& state, Scratch& scratch) {
   constexpr int W = S::W;
   const int D = NV > 0 ? NV * W : sh.head_size;
-  float* rotated = scratch.rotated.get(static_cast<size_t>(kAngleStride) * D);
+  // a decode's few rows (a group) with the step's angle table, all channels rotary: keys
+  // rotated in registers
+  const bool fused = seq.cos_sin != nullptr && rows <= kFusedRows<S, NV> && sh.rotary_dim == D;
+  // rotate_keys' [kAngleStride][D] keys, or rotate_score's [rows][kAngleStride][W] partials
+  float* rotated = scratch.rotated.get(static_cast<size_t>(kAngleStride) *
+                                       std::max(D, kFusedRows<S, NV> * W));
   float* turned = scratch.turned.get(static_cast<size_t>(rows) * D);
   float* scores = scratch.scores.get(static_cast<size_t>(rows) * kSpan);
   float* corr = scratch.corr.get(rows);
@@ -243,6 +306,11 @@ void attend_nv(const PagedShape& sh, const PagedSequence& seq, const float* q, i
         qa = turned;
       }
       prefetch_rows(knext + a, std::max(0, std::min(m, n_next - a)), D);
+      if (fused) {
+        rotate_score_few<S, NV, kFusedRows<S, NV>>(rows, seq, qa, krows + a, m, rotated,
+                                                   scores + a);
+        continue;
+      }
       rotate_keys<S>(sh, seq, krows + a, kt + a, m, rotated, cs);
       for (int g = 0; g < m; g += W)
         score_keys<S, NV>(qa, rows, D, rotated + static_cast<size_t>(g) * D, scores + a + g);

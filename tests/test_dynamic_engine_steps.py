@@ -7,13 +7,12 @@ Two engines (a random tiny Llama trained to L = 1024, dynamic mode, fp32), stepp
 tokens (69, one held back by vLLM as its null block):
 
   step 0  A, 1000 tokens + 40 new: crosses L at its 25th new token;
-  step 3  B, 40 tokens + 20 new, while A decodes: its prompt (<= 64 tokens) and A's decode
-          go through the C++ kernel together;
-  step 6  D, 24 tokens + 8 new, and C, 1050 tokens + 30 new, while A and B decode: C's
-          prefill takes the SDPA path, D's prompt and A's and B's decodes the kernel as a
-          sub-batch. The cache is then full: C is preempted when it needs another block
-          (at its 7th new token), and resumed, beside A's and B's decodes (the sub-batch
-          path again), once D has finished.
+  step 3  B, 40 tokens + 20 new, while A decodes: its prompt (on the kernel's query-row
+          tiles) and A's decode (on its key-split loop) in one call of the C++ kernel;
+  step 6  D, 24 tokens + 8 new, and C, 1050 tokens + 30 new, while A and B decode: both
+          prompts and both decodes in one call. The cache is then full: C is preempted
+          when it needs another block (at its 7th new token), and resumed, beside A's and
+          B's decodes, once D has finished.
 
 Recompute semantics (what vLLM does, and what the reference loop replays): a preempted
 sequence loses its KV cache; when it is scheduled again, its prompt and the k tokens it
@@ -53,7 +52,6 @@ import torch
 from dynamic_reference import (CONTRAST, NEIGHBOUR, PaperDynamicYarn, assert_follows, generate,
                                logprob_gap, replay, rope_of)
 from stepped_engine_worker import MODULE, stepped_env
-from yarn_vllm.attention.backend import SDPA_MIN_QUERY
 from yarn_vllm.yarn.config import YarnConfig
 from yarn_vllm.tools.engine_worker import run_worker
 
@@ -162,15 +160,16 @@ def test_the_scheduler_ran_the_scenario(stepped):
         "yarn_vllm.attention.backend.YarnDynamicAttentionBackend"]
     assert result["dtype"] == "float32" and result["chunked_prefill"] is False
     schedule = _schedule(stepped)
-    assert schedule[3][0] == {"A": 1, "B": 40}  # B arrives while A decodes
-    assert max(schedule[3][0].values()) <= SDPA_MIN_QUERY  # ... and runs through the kernel
-    assert schedule[6][0] == {"A": 1, "B": 1, "D": 24, "C": 1050}  # sub-batch beside SDPA
+    # B arrives while A decodes: one kernel call runs B's rows on the query-row tiles and
+    # A's on the key-split decode loop
+    assert schedule[3][0] == {"A": 1, "B": 40}
+    assert schedule[6][0] == {"A": 1, "B": 1, "D": 24, "C": 1050}  # decodes beside prefills
     preempted = [name for _, names in schedule for name in names]
     assert preempted == ["C"] and result["num_preemptions"] == 1
     (k,) = _recomputes(stepped, "C")
     assert 0 < k < REQUESTS["C"][1] and (REQUESTS["C"][0] + k) / L > 1
     resumed = next(s for s, _ in schedule if s.get("C", 0) > 1 and s["C"] != 1050)
-    assert resumed.get("A") == 1  # the recompute ran beside a decode: the sub-batch again
+    assert resumed.get("A") == 1  # the recompute ran beside a decode
     for name, (_, new, _) in REQUESTS.items():
         assert len(result["outputs"][name]["token_ids"]) == new
 

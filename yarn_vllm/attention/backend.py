@@ -41,9 +41,6 @@ from yarn_vllm.attention.paged import cpu_op, paged_attention
 from yarn_vllm.errors import UserError
 from yarn_vllm.yarn.scale_policy import ScalePolicy
 
-# Kept for tests/test_dynamic_engine_steps.py's scenario checks: queries up to this length
-# once took the kernel and longer ones gather + SDPA; every CPU query now takes the kernel.
-SDPA_MIN_QUERY = 64
 IS_NEOX = True  # dynamic mode's rotary layer refuses GPT-J-style RoPE
 
 
