@@ -39,15 +39,24 @@ inline void prefetch_rows(const T* const* rows, int n, int D) {
 
 // out[0, D) = x turned by the angle row [cos | sin] of `half` NeoX pairs (Back: by minus
 // that angle), the channels past the rotary dims copied; half and D multiples of S::W.
+// One vector of NeoX pairs (x1, x2) turned by the angle whose cos and sin are co and si
+// (Back: by minus it), into (y1, y2): the rotation, written once for turn and rotate_score.
+template <class S, bool Back>
+inline void turn_pair(typename S::V x1, typename S::V x2, typename S::V co, typename S::V si,
+                      typename S::V& y1, typename S::V& y2) {
+  y1 = Back ? S::fmadd(x1, co, S::mul(x2, si)) : S::fmsub(x1, co, S::mul(x2, si));
+  y2 = Back ? S::fmsub(x2, co, S::mul(x1, si)) : S::fmadd(x2, co, S::mul(x1, si));
+}
+
 template <class S, bool Back, typename T>
 inline void turn(const T* x, const float* angle, int half, int D, float* out) {
   using V = typename S::V;
   for (int c = 0; c < half; c += S::W) {
-    const V co = S::load(angle + c), si = S::load(angle + half + c);
-    const V x1 = S::load(x + c), x2 = S::load(x + half + c);
-    S::store(out + c, Back ? S::fmadd(x1, co, S::mul(x2, si)) : S::fmsub(x1, co, S::mul(x2, si)));
-    S::store(out + half + c,
-             Back ? S::fmsub(x2, co, S::mul(x1, si)) : S::fmadd(x2, co, S::mul(x1, si)));
+    V y1, y2;
+    turn_pair<S, Back>(S::load(x + c), S::load(x + half + c), S::load(angle + c),
+                       S::load(angle + half + c), y1, y2);
+    S::store(out + c, y1);
+    S::store(out + half + c, y2);
   }
   for (int c = 2 * half; c < D; c += S::W) S::store(out + c, S::load(x + c));
 }
@@ -233,12 +242,9 @@ void rotate_score(const PagedSequence& seq, const float* q, const T* const* rows
     const float* angle = seq.cos_sin + static_cast<int64_t>(j) * 2 * half;  // fine row j
     const T* kp = rows[j];
     V r[NV];
-    for (int c = 0; c < H; ++c) {
-      const V co = S::load(angle + c * W), si = S::load(angle + half + c * W);
-      const V x1 = S::load(kp + c * W), x2 = S::load(kp + half + c * W);
-      r[c] = S::fmsub(x1, co, S::mul(x2, si));
-      r[H + c] = S::fmadd(x2, co, S::mul(x1, si));
-    }
+    for (int c = 0; c < H; ++c)
+      turn_pair<S, false>(S::load(kp + c * W), S::load(kp + half + c * W),
+                          S::load(angle + c * W), S::load(angle + half + c * W), r[c], r[H + c]);
     for (int i = 0; i < R; ++i) {
       V acc = S::mul(qv[i][0], r[0]);
       for (int v = 1; v < NV; ++v) acc = S::fmadd(qv[i][v], r[v], acc);

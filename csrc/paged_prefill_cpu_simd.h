@@ -337,7 +337,7 @@ void attend(const PagedShape& sh, const PagedSequence& seq, const T* query, cons
       outer_all<S, false, KB, RV>(keys, D, 1, nk, qt, Mp, D, vecs, st, Mp, nullptr, causal);
     }
     // the causal mask and the keys past the end, where this tile has any
-    if (kt + kKeys - 1 > pos0 || n < kKeys)
+    if (causal != nullptr || n < kKeys)
       for (int j = 0; j < nk; ++j) {
         float* s = st + static_cast<size_t>(j) * Mp;
         // row r sees key kt + j iff kt + j <= pos0 + r / group: rows before `seen` do not
