@@ -37,3 +37,13 @@ def run_probes(module: str, function: str, names: list[str], *args, timeout: flo
     assert died == 0, (f"the child process ended ({died}; a negative code is a signal) while "
                        f"running probe {running!r}:\n{stderr[-3000:]}")
     return results
+
+
+def refusal(call) -> str:
+    """The first line of the RuntimeError `call()` raises, or "accepted": what a probe
+    records of one implementation's answer to a bad argument."""
+    try:
+        call()
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    return "accepted"

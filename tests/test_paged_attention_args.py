@@ -211,15 +211,13 @@ def crash_probe(name: str, emulator_lib: str) -> dict:
     spec, mutate, _ = CRASHES[name]
     impls = {"cpu": run_cpu, "meta": run_meta, "check_op": run_check_op,
              "cuda_emulated": lambda c: Emulator(ctypes.CDLL(emulator_lib))(*_args(c, new_out(c)))}
+    from isolated import refusal
+
     messages = {}
     for impl, fn in impls.items():
         case = make_case(BASE if spec is None else "probe", spec=spec)
         mutate(case)
-        try:
-            fn(case)
-            messages[impl] = "accepted"
-        except RuntimeError as e:
-            messages[impl] = str(e).splitlines()[0]
+        messages[impl] = refusal(lambda: fn(case))
     return messages
 
 
